@@ -1,0 +1,134 @@
+r"""Train-step throughput of ResNet-18 on 28² images: medjax vs PyTorch + MONAI, same process.
+
+Also measures the Grain input pipeline (real PneumoniaMNIST, the config's train transforms) in
+batches/s against the rate at which the train step consumes them.
+
+  pip install -e ".[bench]"   # torch (2.13 CPU here) and monai
+  MEDJAX_DATA_DIR=../shared/data python benchmarks/train_step_vs_torch.py [--batch 128 --steps 10]
+
+Both frameworks use every core: PyTorch with ``torch.set_num_threads(os.cpu_count())``, JAX with
+one host device per core (as ``launch.py`` sets up) and the batch split over them. Prints one JSON
+line with both rates and the ratios; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS",
+                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
+                mesh_devices: int) -> float:
+  from medjax import registry
+  from medjax.train import loop, optim, sharding, tasks
+  from medjax.train.state import TrainState
+  from configs import common
+
+  cfg = common.get_base_config()
+  mesh = sharding.make_mesh(mesh_devices)
+  model = registry.lookup(f"models.{model_name}")(num_classes=2)
+  tx = optim.make_optimizer(cfg.optim, 1000)
+  repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+  def init():
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *spatial, 1)), train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
+                      rng=jax.random.PRNGKey(1), apply_fn=model.apply, tx=tx)
+
+  state = jax.jit(init, out_shardings=repl)()
+  step = jax.jit(loop.make_train_step(tasks.classification()), in_shardings=(repl, data),
+                 out_shardings=(repl, repl), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch = sharding.to_global({
+      "image": rng.standard_normal((batch_size, *spatial, 1), np.float32),
+      "label": rng.integers(0, 2, batch_size)}, mesh)
+  for _ in range(2):  # compile + warm-up
+    state, out = step(state, batch)
+  jax.block_until_ready(out)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, out = step(state, batch)
+    float(out["loss"])  # the loop fetches the loss every step too
+  return batch_size * steps / (time.perf_counter() - t)
+
+
+def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...]) -> float:
+  import torch
+  from monai.networks.nets import resnet18
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = resnet18(spatial_dims=len(spatial), n_input_channels=1, num_classes=2,
+                   conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+  x = torch.randn(batch_size, 1, *spatial)
+  y = torch.randint(0, 2, (batch_size,))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  for _ in range(2):
+    step()
+  t = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return batch_size * steps / (time.perf_counter() - t)
+
+
+def time_pipeline(batch_size: int, batches: int) -> float:
+  from configs import pneumoniamnist_resnet18
+  from medjax.data import pipeline, sources, transforms
+
+  cfg = pneumoniamnist_resnet18.get_config()
+  src, _ = sources.medmnist_source("pneumoniamnist", "train")
+  it = iter(pipeline.train_dataset(src, transforms.parse(cfg.data.train_transforms),
+                                   global_batch_size=batch_size, seed=0,
+                                   num_threads=cfg.data.num_threads,
+                                   prefetch=cfg.data.prefetch))
+  next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches / (time.perf_counter() - t)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--size", type=int, default=28)
+  p.add_argument("--dims", type=int, default=2, choices=(2, 3))
+  p.add_argument("--mesh_devices", type=int, default=-1)
+  p.add_argument("--skip_pipeline", action="store_true")
+  a = p.parse_args()
+  spatial = (a.size,) * a.dims
+  jax_ips = time_medjax(a.batch, a.steps, spatial, "resnet18", a.mesh_devices)
+  torch_ips = time_torch(a.batch, a.steps, spatial)
+  result = {"shape": list(spatial), "batch": a.batch, "cores": os.cpu_count(),
+            "jax_devices": jax.device_count(), "medjax_images_per_s": round(jax_ips, 1),
+            "torch_monai_images_per_s": round(torch_ips, 1),
+            "ratio_medjax_over_torch": round(jax_ips / torch_ips, 3)}
+  if not a.skip_pipeline and a.dims == 2 and a.size == 28:
+    bps = time_pipeline(a.batch, 4 * a.steps)
+    result["pipeline_batches_per_s"] = round(bps, 2)
+    result["pipeline_over_step_consumption"] = round(bps / (jax_ips / a.batch), 2)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

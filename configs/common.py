@@ -1,0 +1,73 @@
+"""The base config every experiment starts from; each field is documented where it is set.
+
+Experiments import ``get_base_config()`` and override what differs, so every default lives here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # initialisation, dropout and data order all derive from it.
+  c.task = "classification"  # a name in medjax.train.tasks.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "medmnist"  # a name in medjax.train.loop's source builders.
+  c.data.name = ""  # e.g. "pneumoniamnist".
+  c.data.size = 28  # MedMNIST image size (28, 64, 128, 224).
+  c.data.dir = ""  # empty: $MEDJAX_DATA_DIR/medmnist.
+  c.data.download = False  # fetch the official file (md5-checked) when it is absent.
+  c.data.train_split = "train"
+  c.data.train_transforms = "to_float|normalize(0.5, 0.5)"
+  c.data.eval_transforms = "to_float|normalize(0.5, 0.5)"
+  c.data.num_threads = 4  # Grain read threads per process.
+  c.data.prefetch = 16  # records buffered ahead per process.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet18"  # a name in the models registry.
+  c.model.kwargs = ml_collections.ConfigDict({"stem": "small", "dropout": 0.0})
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128  # global batch, split over processes and devices.
+  # Duration: exactly one of steps / epochs is set (the other None).
+  c.train.steps = ml_collections.FieldReference(None, field_type=int)
+  c.train.epochs = ml_collections.FieldReference(None, field_type=float)
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 0  # 0: checkpoint at each evaluation only.
+  c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
+  c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
+  c.train.label_smoothing = 0.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # adamw | sgd
+  c.optim.lr = 1e-3  # peak learning rate.
+  c.optim.weight_decay = 1e-4
+  c.optim.momentum = 0.9  # sgd only.
+  c.optim.warmup_fraction = 0.05  # of total steps, linear from 0.
+  c.optim.end_lr_factor = 0.0  # cosine decays to lr * this.
+  c.optim.grad_clip_norm = 0.0  # 0: no clipping.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "val"  # never select models on test; `test` evaluates a file that has one.
+  c.eval.every_steps = 0  # 0: once per epoch.
+  c.eval.batch_size = 256
+  c.eval.best_metric = "auc"  # checkpoint retained as best; higher is better.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the batch axis; -1: all.
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long smoke run (``--config=configs/x.py:runlocal``)."""
+  c.train.steps = 4
+  c.train.epochs = None
+  c.train.batch_size = 16
+  c.train.log_every_steps = 1
+  c.eval.every_steps = 2
+  c.eval.batch_size = 64
+  c.model.name = "resnet_tiny"
+  return c

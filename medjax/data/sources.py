@@ -1,0 +1,40 @@
+"""Grain random-access data sources: index → ``{"image", "label", "index"}`` records."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medjax.io.medmnist import MedMNISTSplit, load_medmnist
+
+
+class ArraySource:
+  """A ``grain.RandomAccessDataSource`` over in-memory image and label arrays.
+
+  Records are ``{"image": [*spatial, C] (source dtype), "label": int64 or [K] int64,
+  "index": int64}``; ``index`` is the position in the split, kept so predictions can be traced
+  back to their case.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
+    if len(images) != len(labels):
+      raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+    self.images = images
+    self.labels = labels
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": self.images[index], "label": self.labels[index],
+            "index": np.int64(index)}
+
+  def __repr__(self) -> str:
+    return f"ArraySource({self.name}, n={len(self)}, image={self.images.shape[1:]})"
+
+
+def medmnist_source(flag: str, split: str, *, size: int = 28, data_dir: str | None = None,
+                    download: bool = False) -> tuple[ArraySource, MedMNISTSplit]:
+  """Loads one MedMNIST split as an ``ArraySource`` (and returns the split's metadata too)."""
+  data = load_medmnist(flag, split, size=size, data_dir=data_dir, download=download)
+  return ArraySource(data.images, data.labels, name=f"{flag}_{size}:{split}"), data

@@ -1,0 +1,39 @@
+"""Classification metrics on host arrays (scikit-learn where it has them).
+
+A leaf module (numpy/sklearn only), so the training loop can select checkpoints with the same
+functions the evaluation reports use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+  """ACC, AUC and mean NLL of single-label predictions.
+
+  Args:
+    labels: ``[N]`` integer class indices.
+    probs: ``[N, K]`` class probabilities (rows sum to 1).
+
+  Returns:
+    ``{"acc", "auc", "nll"}``. AUC is the positive-class ROC AUC for ``K == 2`` and the
+    macro one-vs-rest AUC otherwise; NaN when only one class is present in ``labels``.
+  """
+  labels = np.asarray(labels).astype(np.int64).reshape(-1)
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim != 2 or len(probs) != len(labels):
+    raise ValueError(f"probs {probs.shape} do not match labels {labels.shape}")
+  k = probs.shape[1]
+  acc = float(np.mean(np.argmax(probs, axis=1) == labels))
+  nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))
+  present = np.unique(labels)
+  if len(present) < 2:
+    auc = float("nan")
+  elif k == 2:
+    auc = float(skm.roc_auc_score(labels, probs[:, 1]))
+  else:
+    auc = float(skm.roc_auc_score(labels, probs / probs.sum(1, keepdims=True),
+                                  multi_class="ovr", average="macro", labels=np.arange(k)))
+  return {"acc": acc, "auc": auc, "nll": nll}

@@ -1,0 +1,19 @@
+"""The one error type of medjax's readers: it names the file and the cause."""
+
+from __future__ import annotations
+
+import os
+
+
+class MedjaxIOError(Exception):
+  """A file could not be read as what it claims to be.
+
+  Attributes:
+    path: the offending file or folder.
+    cause: a short human reason.
+  """
+
+  def __init__(self, path: str | os.PathLike, cause: str):
+    self.path = os.fspath(path)
+    self.cause = cause
+    super().__init__(f"{self.path}: {cause}")

@@ -1,0 +1,71 @@
+"""Shared linen building blocks, rank-agnostic (2-D and 3-D): convolution, conv-norm-act."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medjax.models import conv_lowering
+
+Dtype = Any
+
+
+class Conv(nn.Module):
+  """N-D convolution (channels-last), the one conv every medjax model uses.
+
+  It owns its kernel like ``nn.Conv`` (same parameter name, shape and init) but routes the
+  computation through ``conv_lowering.conv``, which picks the fastest correct lowering for the
+  backend (see that module): on CPU XLA's filter-gradient convolution is several times slower
+  than PyTorch's, on GPU/TPU the native convolution is used unchanged.
+
+  Attributes:
+    features: output channels.
+    kernel_size: one size per spatial dim, or an int used for every dim of the input.
+    strides: int or one per spatial dim.
+    use_bias: add a bias (off before a norm layer).
+    padding: ``"SAME"`` or ``"VALID"``.
+  """
+
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  use_bias: bool = False
+  padding: str = "SAME"
+  dtype: Dtype | None = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: ``[B, *spatial, C]``. Returns: ``[B, *spatial', features]``."""
+    nd = x.ndim - 2
+    ks = (self.kernel_size,) * nd if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    st = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
+    kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = conv_lowering.conv(x.astype(dtype), kernel.astype(dtype), st, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+    return y
+
+
+class ConvNormAct(nn.Module):
+  """Conv → BatchNorm → activation (``act=None`` skips the activation)."""
+
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  act: Callable[[jax.Array], jax.Array] | None = nn.relu
+  zero_init_scale: bool = False
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.strides, dtype=self.dtype)(x)
+    scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
+        dtype=self.dtype)(x)
+    return self.act(x) if self.act is not None else x

@@ -1,0 +1,83 @@
+"""Orbax checkpoints holding the train state and the Grain iterator state of the same step.
+
+Keeps the last ``keep`` checkpoints plus the best one by an evaluation metric. Orbax writes each
+step into a temporary folder and renames it when complete, so a process killed mid-save leaves
+the previous checkpoints restorable; leftover temporary folders are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from medjax.train.state import TrainState
+
+_SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+  return {k: getattr(state, k) for k in _SAVED_FIELDS}
+
+
+class Checkpointer:
+  """Saves and restores ``(TrainState, data iterator)`` pairs under ``directory``.
+
+  Args:
+    directory: the workdir's ``checkpoints/`` folder.
+    keep: how many of the most recent checkpoints to keep.
+    best_metric: name of the metric (higher is better) whose best checkpoint is also kept.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: str = "auc"):
+    self.best_metric = best_metric
+    policy = pp.AnyPreservationPolicy([
+        pp.LatestN(n=keep),
+        pp.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=False, create=True,
+            cleanup_tmp_directories=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_iter: Any | None,
+           metrics: dict[str, float] | None = None) -> None:
+    """Writes ``state`` (and the iterator position) as checkpoint ``step``; blocks until done."""
+    items = {"state": ocp.args.StandardSave(_arrays(state))}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if metrics is not None and self.best_metric not in metrics:
+      raise KeyError(f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}")
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, state: TrainState, data_iter: Any | None = None) -> TrainState:
+    """Restores checkpoint ``step`` into the structure and shardings of ``state``.
+
+    ``data_iter`` (when given) is moved to the saved position in place.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(state))
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return state.replace(**restored["state"])
+
+  def close(self) -> None:
+    self._manager.close()

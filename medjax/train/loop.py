@@ -1,0 +1,295 @@
+"""``train_and_evaluate(config, workdir)``: the one training loop for every medjax task.
+
+Sections: workdir → mesh → input → model/optimiser/state → jitted steps → checkpoint restore →
+loop (train, log, evaluate, checkpoint) → final report. Only this module, ``launch.py`` and the
+builders below read the ConfigDict; everything they call takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from medjax import models, registry  # noqa: F401  (models: registers the zoo)
+from medjax.data import pipeline, sources, transforms
+from medjax.evaluate import report
+from medjax.train import optim, sharding, tasks
+from medjax.train.checkpoint import Checkpointer
+from medjax.train.state import TrainState
+from medjax.train.writers import MetricWriter, read_jsonl
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir belongs to a run with a different config."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss or gradient."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders (config → plain objects).
+# ---------------------------------------------------------------------------------------------
+
+def resolve_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Total optimiser steps: ``train.steps`` when set, else ``train.epochs`` × steps per epoch."""
+  if train_cfg.steps is not None:
+    if train_cfg.steps <= 0:
+      raise ValueError(f"train.steps must be positive, got {train_cfg.steps}")
+    return int(train_cfg.steps)
+  if train_cfg.epochs is not None:
+    return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)))
+  raise ValueError("set train.steps or train.epochs")
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+  """True every ``every`` steps and at the last step (``every <= 0``: only the last)."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def build_sources(data_cfg: ml_collections.ConfigDict, eval_split: str):
+  """Returns ``(train_source, eval_source, num_classes)`` for ``config.data``."""
+  if data_cfg.source != "medmnist":
+    raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist)")
+  kw = dict(size=data_cfg.size, data_dir=data_cfg.dir or None, download=data_cfg.download)
+  train, info = sources.medmnist_source(data_cfg.name, data_cfg.train_split, **kw)
+  evals, _ = sources.medmnist_source(data_cfg.name, eval_split, **kw)
+  if info.info.multi_label:
+    raise NotImplementedError(f"{data_cfg.name} is multi-label; only single-label tasks so far")
+  return train, evals, info.info.n_classes
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **model_cfg.kwargs)
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes ``config.json``, or checks that an existing one matches ``config``.
+
+  Raises:
+    ConfigMismatchError: the workdir holds another experiment; names the differing keys.
+  """
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    diffs = _dict_diff(saved, current)
+    if diffs:
+      raise ConfigMismatchError(
+          f"{workdir} holds a run with a different config ({', '.join(diffs[:8])}); use a new "
+          "--workdir, or the same config to resume")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _dict_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} → {b!r}"]
+
+
+def _batch_digest(batch: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha1()
+  for k in sorted(batch):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(batch[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------------
+
+def make_train_step(task: tasks.Task):
+  """``(state, batch) -> (state, {"loss", "finite"})``: one optimiser update on a global batch."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      outputs, updates = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+      return jnp.mean(task.loss_fn(outputs, batch)), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads))
+    return state.apply_gradients(grads, batch_stats), {"loss": loss, "finite": finite}
+
+  return train_step
+
+
+def make_eval_step(task: tasks.Task):
+  """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch."""
+
+  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+    outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                             batch["image"], train=False)
+    return task.predict_fn(outputs), batch["label"], batch["mask"]
+
+  return eval_step
+
+
+def evaluate(state, eval_step, source, eval_tf, batch_size: int, mesh, task: tasks.Task):
+  """Runs ``eval_step`` over the whole split; returns ``(metrics, labels, predictions)``."""
+  preds, labels = [], []
+  for batch in pipeline.eval_batches(source, eval_tf, global_batch_size=batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    p, y, m = jax.device_get(eval_step(state, sharding.to_global(batch, mesh)))
+    keep = np.asarray(m) > 0
+    preds.append(np.asarray(p)[keep])
+    labels.append(np.asarray(y)[keep])
+  labels_np, preds_np = np.concatenate(labels), np.concatenate(preds)
+  return task.metrics_fn(labels_np, preds_np), labels_np, preds_np
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config``'s model in ``workdir``, resuming from its latest checkpoint if any.
+
+  Returns:
+    A summary dict: ``{"steps", "best_step", "best": {metric: value}, "final": {...},
+    "train_seconds"}``.
+  """
+  workdir = os.path.abspath(workdir)
+  check_workdir_config(workdir, config)
+
+  # Mesh: the global batch is split over every device of every process.
+  mesh = sharding.make_mesh(config.mesh.data)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  for name, bs in (("train.batch_size", config.train.batch_size),
+                   ("eval.batch_size", config.eval.batch_size)):
+    if bs % mesh.size:
+      raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
+
+  # Input.
+  train_src, eval_src, num_classes = build_sources(config.data, config.eval.split)
+  train_tf = transforms.parse(config.data.train_transforms)
+  eval_tf = transforms.parse(config.data.eval_transforms)
+  steps_per_epoch = len(train_src) // config.train.batch_size
+  total_steps = resolve_steps(config.train, steps_per_epoch)
+  eval_every = config.eval.every_steps or steps_per_epoch
+  train_iter = iter(pipeline.train_dataset(
+      train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
+      process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch))
+
+  # Model, optimiser and state, created directly with replicated shardings.
+  task = tasks.get_task(config.task, label_smoothing=config.train.label_smoothing)
+  model = build_model(config.model, num_classes)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  sample = pipeline.eval_batches(eval_src, eval_tf, global_batch_size=pcount,
+                                 process_index=pindex, process_count=pcount)
+  input_shape = next(sample)["image"].shape[1:]
+  rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
+  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+  def init_state():
+    variables = model.init(rng_init, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=rng_train, apply_fn=model.apply, tx=tx)
+
+  state = jax.jit(init_state, out_shardings=repl)()
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
+               config.model.name, num_params / 1e6, input_shape, mesh.size, pcount)
+
+  train_step = jax.jit(make_train_step(task), in_shardings=(repl, data_sharding),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task), in_shardings=(repl, data_sharding),
+                      out_shardings=repl)
+
+  # Restore.
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                      best_metric=config.eval.best_metric)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore(start_step, state, train_iter)
+    logging.info("resumed from step %d", start_step)
+  writer = MetricWriter(workdir, resume_step=start_step)
+  record_path = os.path.join(workdir, "batches.jsonl")
+
+  # Loop.
+  last_metrics: dict[str, float] = {}
+  t0 = time.perf_counter()
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                  disable=pindex != 0, dynamic_ncols=True)
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(train_iter)
+    if config.train.record_batches and pindex == 0:
+      with open(record_path, "a") as f:
+        f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
+    state, out = train_step(state, sharding.to_global(batch, mesh))
+    out = jax.device_get(out)
+    loss = float(out["loss"])
+    if not bool(out["finite"]):
+      bar.close()
+      last_good = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"step {step}: loss is {loss} or a gradient is not finite; stopped without saving. "
+          f"Last good checkpoint: step {last_good} in {os.path.join(workdir, 'checkpoints')}")
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if itstime(step, config.train.log_every_steps, total_steps):
+      writer.write(step, {"train/loss": loss,
+                          "train/lr": float(optim.learning_rate_schedule(config.optim,
+                                                                         total_steps)(step - 1)),
+                          "train/epoch": step / steps_per_epoch})
+    eval_now = itstime(step, eval_every, total_steps)
+    if eval_now:
+      last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf, config.eval.batch_size,
+                                    mesh, task)
+      writer.write(step, {f"{config.eval.split}/{k}": v for k, v in last_metrics.items()})
+      bar.write(f"step {step}: " + " ".join(f"{config.eval.split}_{k}={v:.4f}"
+                                            for k, v in last_metrics.items()))
+    if eval_now or itstime(step, config.train.checkpoint_every_steps, total_steps):
+      metric = last_metrics.get(config.eval.best_metric) if eval_now else None
+      ok_metric = metric is not None and math.isfinite(metric)
+      ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
+  bar.close()
+  train_seconds = time.perf_counter() - t0
+  writer.write(total_steps, {"time/train_seconds": train_seconds})
+  writer.close()
+
+  # Report: the best checkpoint (chosen on the eval split) is re-evaluated for the ROC plot.
+  best_step = ckpt.best_step() or total_steps
+  if best_step != total_steps:
+    state = ckpt.restore(best_step, state)
+  best_metrics, labels, preds = evaluate(state, eval_step, eval_src, eval_tf,
+                                         config.eval.batch_size, mesh, task)
+  ckpt.close()
+  summary = {"experiment": f"{config.data.name} / {config.model.name}",
+             "split": config.eval.split, "steps": total_steps, "best_step": best_step,
+             "best": best_metrics, "final": last_metrics, "train_seconds": train_seconds,
+             "workdir": workdir}
+  if pindex == 0:
+    report.write_report(workdir, summary, read_jsonl(os.path.join(workdir, "metrics.jsonl")),
+                        labels, preds)
+  return summary

@@ -1,0 +1,38 @@
+"""Optax optimiser and learning-rate schedule from ``config.optim``."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to ``cfg.lr`` then cosine decay to ``cfg.lr * cfg.end_lr_factor``."""
+  warmup = int(round(cfg.warmup_fraction * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.end_lr_factor)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+  """Builds the optimiser named by ``cfg.name`` (adamw | sgd), with optional grad clipping.
+
+  Weight decay applies to kernels only (rank ≥ 2), not to biases or norm scales.
+  """
+  schedule = learning_rate_schedule(cfg, total_steps)
+  if cfg.name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_kernel_mask)
+  elif cfg.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_kernel_mask),
+                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=True))
+  else:
+    raise ValueError(f"unknown optimiser {cfg.name!r} (adamw|sgd)")
+  if cfg.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx
+
+
+def _kernel_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)

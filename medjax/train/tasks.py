@@ -1,0 +1,54 @@
+"""Tasks: what a model's outputs mean — the loss to train on and the metrics to select with.
+
+The one training loop (``loop.py``) is generic over a ``Task``; adding a task means adding an
+entry here, never copying the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax.evaluate import metrics as metrics_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A model-output contract.
+
+  Attributes:
+    name: registry name.
+    loss_fn: ``(outputs, batch) -> per-example loss [B]`` (jnp, inside jit).
+    predict_fn: ``outputs -> predictions`` kept for evaluation (jnp, inside jit).
+    metrics_fn: ``(labels, predictions) -> {name: float}`` over a whole split (numpy, on host).
+  """
+
+  name: str
+  loss_fn: Callable[[jax.Array, dict], jax.Array]
+  predict_fn: Callable[[jax.Array], jax.Array]
+  metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+def classification(label_smoothing: float = 0.0) -> Task:
+  """Single-label classification: softmax cross-entropy; ACC/AUC on class probabilities."""
+
+  def loss_fn(logits: jax.Array, batch: dict) -> jax.Array:
+    k = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], k), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+  return Task("classification", loss_fn, jax.nn.softmax, metrics_lib.classification_metrics)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"classification": classification}
+
+
+def get_task(name: str, **kwargs) -> Task:
+  if name not in TASKS:
+    raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+  return TASKS[name](**kwargs)
