@@ -6,6 +6,10 @@ not have, or a value of the wrong type, stops here with a message that names it.
 
 Several processes (one per host, or several on one machine for testing):
   python launch.py ... --coordinator=127.0.0.1:1234 --num_processes=2 --process_id=0
+
+Exit status: 0 done; 2 an expected error (bad data file, bad setting, a workdir of another
+experiment, a diverged run), printed as one ``error: ...`` line on stderr; 1 anything else
+(bad flags, or a bug, which keeps its traceback).
 """
 
 from __future__ import annotations
@@ -32,6 +36,29 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _is_expected_error(e: BaseException) -> bool:
+  """Whether ``e`` is the user's to fix (input, settings, workdir), not a bug in the code.
+
+  Those get a one-line message: the exception text already names the file, key or step, and a
+  traceback through the loop would bury it. medjax checks settings by raising ValueError itself,
+  so a ValueError counts only when raised from medjax code; one from inside JAX, Flax or numpy
+  is a bug and keeps its traceback.
+  """
+  import medjax
+  from medjax.io.errors import MedjaxIOError
+  from medjax.train.loop import ConfigMismatchError, NonFiniteLossError
+
+  if isinstance(e, (MedjaxIOError, ConfigMismatchError, NonFiniteLossError)):
+    return True
+  if not isinstance(e, ValueError) or e.__traceback__ is None:
+    return False
+  tb = e.__traceback__
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  package = os.path.dirname(os.path.realpath(medjax.__file__))
+  return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,7 +78,13 @@ def main(argv):
 
   from medjax.train import loop
 
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Exception as e:
+    if not _is_expected_error(e):
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if jax.process_index() == 0:
     best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())
     print(f"done: {summary['experiment']} best step {summary['best_step']}: "

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 
 def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
-                mesh_devices: int) -> float:
+                mesh_devices: int, stem_stride: int = 1) -> float:
   from medjax import registry
   from medjax.train import loop, optim, sharding, tasks
   from medjax.train.state import TrainState
@@ -37,7 +37,7 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
 
   cfg = common.get_base_config()
   mesh = sharding.make_mesh(mesh_devices)
-  model = registry.lookup(f"models.{model_name}")(num_classes=2)
+  model = registry.lookup(f"models.{model_name}")(num_classes=2, stem_stride=stem_stride)
   tx = optim.make_optimizer(cfg.optim, 1000)
   repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
@@ -45,7 +45,7 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *spatial, 1)), train=False)
     return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                       batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
-                      rng=jax.random.PRNGKey(1), apply_fn=model.apply, tx=tx)
+                      rng=jax.random.PRNGKey(1), ema={}, apply_fn=model.apply, tx=tx)
 
   state = jax.jit(init, out_shardings=repl)()
   step = jax.jit(loop.make_train_step(tasks.classification()), in_shardings=(repl, data),
@@ -64,13 +64,14 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
   return batch_size * steps / (time.perf_counter() - t)
 
 
-def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...]) -> float:
+def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...],
+               stem_stride: int = 1) -> float:
   import torch
   from monai.networks.nets import resnet18
 
   torch.set_num_threads(os.cpu_count() or 1)
   model = resnet18(spatial_dims=len(spatial), n_input_channels=1, num_classes=2,
-                   conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+                   conv1_t_size=3, conv1_t_stride=stem_stride, no_max_pool=True)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
   x = torch.randn(batch_size, 1, *spatial)
   y = torch.randint(0, 2, (batch_size,))
@@ -80,7 +81,7 @@ def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...]) -> float:
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
   for _ in range(2):
     step()
@@ -113,14 +114,17 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--size", type=int, default=28)
   p.add_argument("--dims", type=int, default=2, choices=(2, 3))
-  p.add_argument("--mesh_devices", type=int, default=-1)
+  p.add_argument("--mesh_devices", type=int, default=-1,
+                 help="devices on the data axis (-1: one per core; 1: the single-device baseline)")
+  p.add_argument("--stem_stride", type=int, default=1)
   p.add_argument("--skip_pipeline", action="store_true")
   a = p.parse_args()
   spatial = (a.size,) * a.dims
-  jax_ips = time_medjax(a.batch, a.steps, spatial, "resnet18", a.mesh_devices)
-  torch_ips = time_torch(a.batch, a.steps, spatial)
-  result = {"shape": list(spatial), "batch": a.batch, "cores": os.cpu_count(),
-            "jax_devices": jax.device_count(), "medjax_images_per_s": round(jax_ips, 1),
+  jax_ips = time_medjax(a.batch, a.steps, spatial, "resnet18", a.mesh_devices, a.stem_stride)
+  torch_ips = time_torch(a.batch, a.steps, spatial, a.stem_stride)
+  result = {"shape": list(spatial), "batch": a.batch, "stem_stride": a.stem_stride,
+            "cores": os.cpu_count(), "mesh_devices": a.mesh_devices if a.mesh_devices > 0 else
+            jax.device_count(), "medjax_images_per_s": round(jax_ips, 1),
             "torch_monai_images_per_s": round(torch_ips, 1),
             "ratio_medjax_over_torch": round(jax_ips / torch_ips, 3)}
   if not a.skip_pipeline and a.dims == 2 and a.size == 28:

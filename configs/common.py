@@ -28,7 +28,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet18"  # a name in the models registry.
-  c.model.kwargs = ml_collections.ConfigDict({"stem": "small", "dropout": 0.0})
+  # Module fields (see the model's docstring); the ResNet default stem is 3×3/1 without pooling.
+  c.model.kwargs = ml_collections.ConfigDict({"dropout": 0.0})
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # global batch, split over processes and devices.
@@ -40,6 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
   c.train.label_smoothing = 0.0
+  c.train.ema_decay = 0.0  # > 0: evaluate (and select checkpoints on) an EMA of the weights.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | sgd

@@ -32,12 +32,14 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> None:
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str, title: str) -> None:
-  """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise."""
+  """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise, one
+  per label for multi-label ``[N, K]`` labels."""
   fig, ax = plt.subplots(figsize=(4.2, 4))
   k = probs.shape[1]
-  classes = [1] if k == 2 else list(range(k))
+  multi_label = labels.ndim == 2
+  classes = [1] if (k == 2 and not multi_label) else list(range(k))
   for c in classes:
-    y = (labels == c).astype(int)
+    y = labels[:, c] if multi_label else (labels == c).astype(int)
     if y.min() == y.max():
       continue
     fpr, tpr, _ = skm.roc_curve(y, probs[:, c])

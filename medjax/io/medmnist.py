@@ -467,13 +467,15 @@ def load_medmnist(
     if not download:
       raise MedjaxIOError(f"${DATA_DIR_ENV}/{SUBDIR}/{info.filename(size)}",
                           f"${DATA_DIR_ENV} is not set and no data_dir was given; set it, pass "
-                          "data_dir, or pass download=True")
+                          "data_dir (--config.data.dir), or download=True "
+                          "(--config.data.download=True)")
     folder = default_cache_dir()
   path = folder / info.filename(size)
   if not path.exists():
     if not download:
-      raise MedjaxIOError(path, "no such file; load_medmnist(..., download=True) or the config's "
-                          f"download flag fetches it from {_source_url(info, size, None, None)}")
+      raise MedjaxIOError(path, "no such file; download=True (launch.py: "
+                          "--config.data.download=True) fetches it from "
+                          f"{_source_url(info, size, None, None)}")
     download_medmnist(flag, size, folder)
   if not path.is_file():
     raise MedjaxIOError(path, "is not a regular file")

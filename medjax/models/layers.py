@@ -12,14 +12,15 @@ from medjax.models import conv_lowering
 
 Dtype = Any
 
+# He-normal over fan-out: the conv init of torchvision's and MONAI's ResNets (convs feed a norm).
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
 
 class Conv(nn.Module):
   """N-D convolution (channels-last), the one conv every medjax model uses.
 
-  It owns its kernel like ``nn.Conv`` (same parameter name, shape and init) but routes the
-  computation through ``conv_lowering.conv``, which picks the fastest correct lowering for the
-  backend (see that module): on CPU XLA's filter-gradient convolution is several times slower
-  than PyTorch's, on GPU/TPU the native convolution is used unchanged.
+  It owns its kernel like ``nn.Conv`` (same parameter name, shape and init) and computes through
+  ``conv_lowering.conv``, the one place where the backend's lowering is chosen.
 
   Attributes:
     features: output channels.
@@ -52,7 +53,11 @@ class Conv(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-  """Conv → BatchNorm → activation (``act=None`` skips the activation)."""
+  """Conv → BatchNorm → activation (``act=None`` skips the activation).
+
+  ``zero_init_scale`` starts the norm's scale at 0, so a residual branch ending here starts as
+  the identity (Goyal et al. 2017).
+  """
 
   features: int
   kernel_size: int | Sequence[int] = 3
@@ -63,7 +68,8 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.strides, dtype=self.dtype)(x)
+    x = Conv(self.features, self.kernel_size, self.strides, dtype=self.dtype,
+             kernel_init=he_normal_fan_out)(x)
     scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
     x = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=scale_init,

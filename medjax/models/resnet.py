@@ -1,9 +1,9 @@
 """ResNet classifiers (18/34/50) for 2-D and 3-D images from one linen module.
 
 The spatial rank comes from the input (``[B, H, W, C]`` or ``[B, D, H, W, C]``), so the same
-parameters names serve both; the kernel shapes differ. ``stem="small"`` is the 3×3, stride-1,
-no-max-pool stem used for MedMNIST's 28-pixel images (as MedMNIST's and MONAI's small-input
-ResNets do); ``stem="imagenet"`` is the classic 7×7/2 conv plus 3×3/2 max-pool.
+parameter names serve both; the kernel shapes differ. The default stem (3×3, stride 1, no
+max-pool) suits MedMNIST's 28-pixel images, as in MedMNIST's and MONAI's small-input ResNets;
+``stem_kernel=7, stem_stride=2, stem_pool=True`` is the classic ImageNet stem.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = None
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = ConvNormAct(self.features, 3, self.strides, dtype=self.dtype)(x, train)
-    y = ConvNormAct(self.features, 3, 1, act=None, zero_init_scale=True, dtype=self.dtype)(y, train)
+    y = ConvNormAct(self.features, 3, 1, act=None, zero_init_scale=self.zero_init_residual,
+                    dtype=self.dtype)(y, train)
     if x.shape[-1] != self.features or self.strides != 1:
       x = ConvNormAct(self.features, 1, self.strides, act=None, dtype=self.dtype)(x, train)
     return nn.relu(x + y)
@@ -41,6 +43,7 @@ class Bottleneck(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = None
+  zero_init_residual: bool = False
   expansion: int = 4
 
   @nn.compact
@@ -48,7 +51,8 @@ class Bottleneck(nn.Module):
     out = self.features * self.expansion
     y = ConvNormAct(self.features, 1, 1, dtype=self.dtype)(x, train)
     y = ConvNormAct(self.features, 3, self.strides, dtype=self.dtype)(y, train)
-    y = ConvNormAct(out, 1, 1, act=None, zero_init_scale=True, dtype=self.dtype)(y, train)
+    y = ConvNormAct(out, 1, 1, act=None, zero_init_scale=self.zero_init_residual,
+                    dtype=self.dtype)(y, train)
     if x.shape[-1] != out or self.strides != 1:
       x = ConvNormAct(out, 1, self.strides, act=None, dtype=self.dtype)(x, train)
     return nn.relu(x + y)
@@ -62,8 +66,10 @@ class ResNet(nn.Module):
     block: ``"basic"`` or ``"bottleneck"``.
     num_classes: width of the logits.
     width: channels of the first stage (doubled at each later stage).
-    stem: ``"small"`` (3×3/1, no pool) or ``"imagenet"`` (7×7/2 + max-pool 3×3/2).
+    stem_kernel, stem_stride: the first convolution's size and stride.
+    stem_pool: a 3×3 (×3) stride-2 max-pool after the stem.
     dropout: dropout rate before the head.
+    zero_init_residual: start each block's last norm scale at 0 (blocks start as identities).
     dtype: compute dtype (``None`` keeps the input's); parameters stay float32.
   """
 
@@ -71,8 +77,11 @@ class ResNet(nn.Module):
   block: str = "basic"
   num_classes: int = 2
   width: int = 64
-  stem: str = "small"
+  stem_kernel: int = 3
+  stem_stride: int = 1
+  stem_pool: bool = False
   dropout: float = 0.0
+  zero_init_residual: bool = False
   dtype: Any = None
 
   @nn.compact
@@ -82,18 +91,14 @@ class ResNet(nn.Module):
     if x.ndim not in (4, 5):
       raise ValueError(f"ResNet expects [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}")
     nd = x.ndim - 2
-    if self.stem == "small":
-      x = ConvNormAct(self.width, 3, 1, dtype=self.dtype)(x, train)
-    elif self.stem == "imagenet":
-      x = ConvNormAct(self.width, 7, 2, dtype=self.dtype)(x, train)
+    x = ConvNormAct(self.width, self.stem_kernel, self.stem_stride, dtype=self.dtype)(x, train)
+    if self.stem_pool:
       x = nn.max_pool(x, (3,) * nd, (2,) * nd, padding="SAME")
-    else:
-      raise ValueError(f"unknown stem {self.stem!r} (small|imagenet)")
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         x = block_cls(self.width * 2**i, strides=2 if (i > 0 and j == 0) else 1,
-                      dtype=self.dtype)(x, train)
+                      dtype=self.dtype, zero_init_residual=self.zero_init_residual)(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, nd + 1)))
     h = nn.Dropout(self.dropout, deterministic=not train)(features)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32)(h)

@@ -7,6 +7,8 @@ the previous checkpoints restorable; leftover temporary folders are removed on t
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
 from typing import Any
 
@@ -17,7 +19,19 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from medjax.train.state import TrainState
 
-_SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
+_SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "ema")
+
+
+@contextlib.contextmanager
+def _drop_absl_warning(text: str):
+  """Drops absl log records containing ``text`` while the block runs (Orbax logs through absl)."""
+  drop = lambda record: text not in record.getMessage()
+  logger = std_logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -35,16 +49,20 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: str = "auc"):
     self.best_metric = best_metric
+    metric_fn = lambda m: m[best_metric]
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
-                 keep_checkpoints_without_metrics=False),
+        pp.BestN(get_metric_fn=metric_fn, n=1, keep_checkpoints_without_metrics=False),
     ])
     self._manager = ocp.CheckpointManager(
         os.path.abspath(os.fspath(directory)),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=False, create=True,
-            cleanup_tmp_directories=True),
+            cleanup_tmp_directories=True,
+            # Without best_fn Orbax neither writes the metrics to disk nor ranks by them:
+            # best_step() is then the latest step, and after a restart BestN sees no metrics
+            # and deletes the best checkpoint at the next save.
+            best_fn=metric_fn, best_mode="max"),
     )
 
   def latest_step(self) -> int | None:
@@ -64,7 +82,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if metrics is not None and self.best_metric not in metrics:
       raise KeyError(f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}")
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    # A save between evaluations has no metrics by design; Orbax would warn about each one.
+    with _drop_absl_warning("did not provide metrics"):
+      self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self._manager.wait_until_finished()
 
   def restore(self, step: int, state: TrainState, data_iter: Any | None = None) -> TrainState:

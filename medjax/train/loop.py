@@ -50,6 +50,8 @@ def resolve_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) ->
       raise ValueError(f"train.steps must be positive, got {train_cfg.steps}")
     return int(train_cfg.steps)
   if train_cfg.epochs is not None:
+    if train_cfg.epochs <= 0:
+      raise ValueError(f"train.epochs must be positive, got {train_cfg.epochs}")
     return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)))
   raise ValueError("set train.steps or train.epochs")
 
@@ -60,15 +62,13 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 
 def build_sources(data_cfg: ml_collections.ConfigDict, eval_split: str):
-  """Returns ``(train_source, eval_source, num_classes)`` for ``config.data``."""
+  """Returns ``(train_source, eval_source, num_classes, multi_label)`` for ``config.data``."""
   if data_cfg.source != "medmnist":
     raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist)")
   kw = dict(size=data_cfg.size, data_dir=data_cfg.dir or None, download=data_cfg.download)
   train, info = sources.medmnist_source(data_cfg.name, data_cfg.train_split, **kw)
   evals, _ = sources.medmnist_source(data_cfg.name, eval_split, **kw)
-  if info.info.multi_label:
-    raise NotImplementedError(f"{data_cfg.name} is multi-label; only single-label tasks so far")
-  return train, evals, info.info.n_classes
+  return train, evals, info.info.n_classes, info.info.multi_label
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -144,8 +144,7 @@ def make_eval_step(task: tasks.Task):
   """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                             batch["image"], train=False)
+    outputs = state.apply_fn(state.eval_variables(), batch["image"], train=False)
     return task.predict_fn(outputs), batch["label"], batch["mask"]
 
   return eval_step
@@ -177,7 +176,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "train_seconds"}``.
   """
   workdir = os.path.abspath(workdir)
-  check_workdir_config(workdir, config)
 
   # Mesh: the global batch is split over every device of every process.
   mesh = sharding.make_mesh(config.mesh.data)
@@ -188,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
 
   # Input.
-  train_src, eval_src, num_classes = build_sources(config.data, config.eval.split)
+  train_src, eval_src, num_classes, multi_label = build_sources(config.data, config.eval.split)
   train_tf = transforms.parse(config.data.train_transforms)
   eval_tf = transforms.parse(config.data.eval_transforms)
   steps_per_epoch = len(train_src) // config.train.batch_size
@@ -200,21 +198,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       prefetch=config.data.prefetch))
 
   # Model, optimiser and state, created directly with replicated shardings.
-  task = tasks.get_task(config.task, label_smoothing=config.train.label_smoothing)
+  task_name = config.task
+  if multi_label and task_name == "classification":
+    task_name = "multilabel_classification"  # the data decides: one sigmoid per label
+  task = tasks.get_task(task_name, label_smoothing=config.train.label_smoothing)
   model = build_model(config.model, num_classes)
   tx = optim.make_optimizer(config.optim, total_steps)
-  sample = pipeline.eval_batches(eval_src, eval_tf, global_batch_size=pcount,
-                                 process_index=pindex, process_count=pcount)
-  input_shape = next(sample)["image"].shape[1:]
+  # Only now, with the config and data known good: a refused run must not leave a config.json
+  # that then refuses the corrected command as "another experiment".
+  check_workdir_config(workdir, config)
+  first = next(pipeline.eval_batches(eval_src, eval_tf, global_batch_size=1))
+  input_shape = first["image"].shape[1:]  # after the transforms, which may crop or resample
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def init_state():
     variables = model.init(rng_init, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=rng_train, apply_fn=model.apply, tx=tx)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    ema = {"params": params, "batch_stats": batch_stats} if config.train.ema_decay else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=rng_train, ema=ema, apply_fn=model.apply,
+                      tx=tx, ema_decay=config.train.ema_decay)
 
   state = jax.jit(init_state, out_shardings=repl)()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -267,8 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf, config.eval.batch_size,
                                     mesh, task)
       writer.write(step, {f"{config.eval.split}/{k}": v for k, v in last_metrics.items()})
-      bar.write(f"step {step}: " + " ".join(f"{config.eval.split}_{k}={v:.4f}"
-                                            for k, v in last_metrics.items()))
+      if pindex == 0:  # tqdm.write prints even when the bar is disabled
+        bar.write(f"step {step}: " + " ".join(f"{config.eval.split}_{k}={v:.4f}"
+                                              for k, v in last_metrics.items()))
     if eval_now or itstime(step, config.train.checkpoint_every_steps, total_steps):
       metric = last_metrics.get(config.eval.best_metric) if eval_now else None
       ok_metric = metric is not None and math.isfinite(metric)

@@ -45,7 +45,22 @@ def classification(label_smoothing: float = 0.0) -> Task:
   return Task("classification", loss_fn, jax.nn.softmax, metrics_lib.classification_metrics)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"classification": classification}
+def multilabel_classification(label_smoothing: float = 0.0) -> Task:
+  """Independent binary labels (e.g. ChestMNIST): sigmoid cross-entropy per label."""
+
+  def loss_fn(logits: jax.Array, batch: dict) -> jax.Array:
+    targets = batch["label"].astype(jnp.float32)
+    targets = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets), -1)
+
+  return Task("multilabel_classification", loss_fn, jax.nn.sigmoid,
+              metrics_lib.multilabel_metrics)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "classification": classification,
+    "multilabel_classification": multilabel_classification,
+}
 
 
 def get_task(name: str, **kwargs) -> Task:

@@ -32,7 +32,8 @@ def test_parameter_counts_2d(name, expected):
 
 
 def test_imagenet_stem_and_rank_check():
-  model = registry.lookup("models.resnet_tiny")(num_classes=2, stem="imagenet")
+  model = registry.lookup("models.resnet_tiny")(num_classes=2, stem_kernel=7, stem_stride=2,
+                                                  stem_pool=True)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
   assert model.apply(v, jnp.zeros((1, 32, 32, 1))).shape == (1, 2)
   with pytest.raises(ValueError, match="expects"):

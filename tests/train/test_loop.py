@@ -3,49 +3,19 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from configs import pneumoniamnist_resnet18
 from medjax.train import loop
 
-from conftest import REPO, write_synthetic_medmnist
-
-
-def _config(data_dir, steps=6, **overrides):
-  c = pneumoniamnist_resnet18.get_config("runlocal")
-  c.data.dir = data_dir
-  c.train.steps = steps
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def _final_params(workdir, step=None):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = step or mngr.latest_step()
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, "checkpoints", str(step), "state"))
-  mngr.close()
-  return restored
-
-
-def _rel_diff(a, b):
-  """||a - b|| / ||b|| over all leaves: per-leaf ratios blow up on near-zero leaves, where Adam
-  turns summation-order noise in a ~0 gradient into an lr-sized step."""
-  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)])
-  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from conftest import write_synthetic_medmnist
+from helpers import config as _config
+from helpers import final_params as _final_params
+from helpers import launch
+from helpers import rel_diff as _rel_diff
 
 
 def test_train_and_evaluate_writes_a_complete_workdir(synthetic_medmnist, tmp_path):
@@ -103,14 +73,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(synthetic_me
 
 
 def _launch(workdir, data_dir, steps, extra=(), **popen):
-  cmd = [sys.executable, os.path.join(REPO, "launch.py"),
-         "--config", os.path.join(REPO, "configs/pneumoniamnist_resnet18.py:runlocal"),
-         "--workdir", workdir, f"--config.data.dir={data_dir}", f"--config.train.steps={steps}",
-         "--config.train.record_batches=True", "--config.eval.every_steps=0",
-         "--config.train.checkpoint_every_steps=1", *extra]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen)
+  flags = [f"--config.data.dir={data_dir}", f"--config.train.steps={steps}",
+           "--config.train.record_batches=True", "--config.eval.every_steps=0",
+           "--config.train.checkpoint_every_steps=1", *extra]
+  return launch(workdir, flags, devices=2, **popen)
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(synthetic_medmnist, tmp_path):
@@ -151,3 +117,26 @@ def test_unknown_key_and_wrong_type_name_the_key(synthetic_medmnist, tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0
     assert needle in out, out[-2000:]
+
+
+def test_multilabel_data_trains_with_one_sigmoid_per_label(tmp_path):
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "medmnist"
+  folder.mkdir()
+  arrays = {}
+  for split, n in (("train", 64), ("val", 32)):
+    arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
+    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14)).astype(np.uint8)
+  np.savez(folder / "chestmnist.npz", **arrays)
+  c = _config(str(folder), steps=2, **{"data.name": "chestmnist", "eval.every_steps": 2})
+  summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert set(summary["best"]) == {"acc", "auc", "nll"}
+  assert os.path.exists(tmp_path / "run" / "plots" / "roc_val.png")
+
+
+def test_eval_split_test_is_used_when_the_file_has_one(tmp_path):
+  data = write_synthetic_medmnist(str(tmp_path), with_test=True)
+  summary = loop.train_and_evaluate(_config(data, steps=2, **{"eval.split": "test"}),
+                                    str(tmp_path / "run"))
+  assert summary["split"] == "test"
+  assert "| test |" in open(tmp_path / "run" / "results.md").read()

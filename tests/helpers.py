@@ -1,0 +1,141 @@
+"""Helpers shared by the tests: configs, checkpoint reading and ``launch.py`` subprocesses.
+
+Imported after ``conftest.py`` has set up the fake CPU devices (pytest loads conftest first).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from conftest import REPO
+
+from configs import pneumoniamnist_resnet18
+
+LAUNCH = os.path.join(REPO, "launch.py")
+RUNLOCAL = os.path.join(REPO, "configs/pneumoniamnist_resnet18.py:runlocal")
+
+
+def config(data_dir, steps=6, **overrides):
+  """The ``runlocal`` PneumoniaMNIST config on ``data_dir``; ``overrides`` are dotted keys."""
+  c = pneumoniamnist_resnet18.get_config("runlocal")
+  c.data.dir = data_dir
+  c.train.steps = steps
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def override_flags(overrides: dict[str, Any]) -> list[str]:
+  """``--config.k=v`` flags for launch.py, the CLI twin of ``config(**overrides)``."""
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def final_params(workdir, step=None):
+  """The saved state (numpy-backed, on one local device) of checkpoint ``step`` (default: last).
+
+  The target is built from the checkpoint's own metadata on this process's first device, so a
+  checkpoint written by any topology (other device counts, several processes) reads back here.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  step = step or mngr.latest_step()
+  mngr.close()
+  path = os.path.join(directory, str(step), "state")
+  ckptr = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        ckptr.metadata(path).item_metadata)
+  return ckptr.restore(path, target)
+
+
+def rel_diff(a, b):
+  """||a - b|| / ||b|| over all leaves: per-leaf ratios blow up on near-zero leaves, where Adam
+  turns summation-order noise in a ~0 gradient into an lr-sized step."""
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def launch_cmd(workdir, flags: Sequence[str] = (), config_file=RUNLOCAL) -> list[str]:
+  return [sys.executable, LAUNCH, "--config", config_file, "--workdir", workdir, *flags]
+
+
+def launch_env(devices=2) -> dict[str, str]:
+  """The test process's environment with ``devices`` host devices (replacing conftest's 4)."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def launch(workdir, flags: Sequence[str] = (), devices=2, **popen) -> subprocess.Popen:
+  """Starts ``python launch.py`` on the runlocal config; stdout and stderr merged into one pipe."""
+  return subprocess.Popen(launch_cmd(workdir, flags), env=launch_env(devices), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run_launch(workdir, flags: Sequence[str] = (), devices=2, timeout=300):
+  """Runs launch.py to completion; returns ``(returncode, merged output)``."""
+  p = launch(workdir, flags, devices)
+  try:
+    out, _ = p.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    p.kill()
+    out, _ = p.communicate()
+    raise AssertionError(f"launch.py ran past {timeout} s:\n{tail(out)}") from None
+  return p.returncode, out
+
+
+def tail(text: str, lines=25) -> str:
+  return "\n".join(text.splitlines()[-lines:])
+
+
+def run_together(cmds: Sequence[Sequence[str]], envs: Sequence[dict[str, str]], timeout=300,
+                 grace=30) -> list[tuple[int | None, str]]:
+  """Runs the commands as concurrent processes and returns each one's ``(returncode, output)``.
+
+  Never hangs the caller: every process still running at ``timeout``, or ``grace`` seconds after
+  another one failed (a peer blocked in a collective waits for the dead one forever), is killed
+  and reports returncode None. Output goes to files, not pipes, so a chatty process cannot block
+  on a full pipe while we wait on another.
+  """
+  logs = [tempfile.TemporaryFile("w+") for _ in cmds]
+  procs = [subprocess.Popen(list(c), env=e, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                            text=True) for c, e, f in zip(cmds, envs, logs)]
+  deadline = time.monotonic() + timeout
+  killed = set()
+  try:
+    while any(p.poll() is None for p in procs):
+      now = time.monotonic()
+      if any(p.returncode not in (None, 0) for p in procs):
+        deadline = min(deadline, now + grace)
+      if now > deadline:
+        break
+      time.sleep(0.2)
+  finally:
+    for i, p in enumerate(procs):
+      if p.poll() is None:
+        p.kill()
+        killed.add(i)
+      p.wait()
+  results = []
+  for i, f in enumerate(logs):
+    f.seek(0)
+    results.append((None if i in killed else procs[i].returncode, f.read()))
+    f.close()
+  return results
+
+
+def outputs_message(results: Sequence[tuple[int | None, str]], lines=25) -> str:
+  """Each process's exit status and output tail, for assertion messages."""
+  return "\n".join(f"--- process {i}: returncode {rc} (None: killed) ---\n{tail(out, lines)}"
+                   for i, (rc, out) in enumerate(results))
