@@ -1,21 +1,35 @@
 """N-D convolution (channels-last) for every medjax model, with its lowering chosen in one place.
 
-Measured on the 2-core CPU (jax 0.10.2; 3×3 conv, 64→64 channels, 28², batch 64, one core):
-XLA's own convolution takes 17 ms forward and 37 ms for the filter gradient; the alternatives
-tried — im2col patches + one matmul, nine shifted matmuls, flattened-row shifts, bf16 — all
-took 2-4× longer for the filter gradient (XLA:CPU packs a large-K, small-M/N contraction
-poorly), and XLA's oneDNN/XNNPACK flags changed nothing. XLA:CPU runs each convolution on one
-thread, so the win on CPU is to give the data-parallel mesh one host device per core
-(``launch.py`` does) rather than to rewrite the convolution. The native lowering therefore
-serves every backend; a faster CPU kernel, when one exists, belongs in ``conv`` below.
+Measured on the 2-core CPU (jax 0.10.2, one core, forward + both gradients):
+- 2-D: XLA's own convolution is the fastest form found (3×3, 64→64, 28², batch 64: 85 ms).
+  im2col patches + one matmul, nine shifted matmuls, flattened-row shifts, bf16, and rows-as-1-D
+  convolutions were all slower (XLA:CPU packs the filter gradient's large-K, small-M/N
+  contraction poorly); XLA's oneDNN/XNNPACK flags changed nothing.
+- 3-D: XLA:CPU's 3-D convolution is far slower than its 2-D one (3×3×3, 64→64, 14³, batch 16:
+  588 ms). Written as a sum over the kernel's depth taps of 2-D convolutions on depth slices
+  folded into the batch, the same result takes 248 ms (2.4× faster); ``_conv3d_by_depth_taps``.
+- Tiny outputs (≤ ``SMALL_OUTPUT_PIXELS`` per slice, e.g. ResNet stage 4 at 2×2): XLA:CPU sends
+  some of their gradients to a generic loop, 400 ms for a 300-MFLOP conv; im2col + one matmul
+  (``_conv_by_patches``) is cheap at that size. Together: 3-D ResNet-18 train step at 28³, batch
+  32, 2.7 → 11.7 images/s (``benchmarks/train_step_vs_torch.py --dims 3 --stem_stride 2``).
+- XLA:CPU runs each convolution on one thread, so ``launch.py`` also gives the data-parallel
+  mesh one host device per core.
+GPUs and TPUs keep the native convolution for every rank.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import itertools
+
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+# Below this many output pixels per image, XLA:CPU lowers some convolution gradients to a slow
+# generic loop (3-D ResNet stage 4 at 2×2: 400 ms for a 300-MFLOP conv); im2col is cheap there.
+SMALL_OUTPUT_PIXELS = 16
 
 
 def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
@@ -28,8 +42,76 @@ def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
       ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
 
 
-def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
-  """Convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]``; returns ``[B, *s', O]``."""
-  nd = x.ndim - 2
+def native_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                padding: str) -> jax.Array:
+  """XLA's convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]``."""
   return lax.conv_general_dilated(x, kernel, tuple(strides), padding,
-                                  dimension_numbers=dimension_numbers(nd))
+                                  dimension_numbers=dimension_numbers(x.ndim - 2))
+
+
+def _pads(size: int, k: int, stride: int, padding: str) -> tuple[int, int]:
+  """Low/high padding of one spatial dim, by lax's rules."""
+  if padding == "VALID":
+    return 0, 0
+  if padding == "SAME":  # output ceil(size / stride); the odd pixel of padding goes at the end
+    total = max((-(-size // stride) - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+  raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+
+
+def _conv_by_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                     padding: str) -> jax.Array:
+  """im2col + one matmul: the patches of every kernel offset side by side, times the kernel."""
+  ks = kernel.shape[:-2]
+  pads = [_pads(n, k, s, padding) for n, k, s in zip(x.shape[1:-1], ks, strides)]
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], ks, strides)]
+  cols = []
+  for offset in itertools.product(*(range(k) for k in ks)):
+    start = (0, *offset, 0)
+    limit = (x.shape[0], *(o + (m - 1) * s + 1 for o, m, s in zip(offset, out, strides)),
+             x.shape[-1])
+    cols.append(lax.slice(x, start, limit, (1, *strides, 1)))
+  patches = jnp.concatenate(cols, axis=-1)
+  return patches @ kernel.reshape(-1, kernel.shape[-1])
+
+
+def _conv3d_by_depth_taps(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                          padding: str) -> jax.Array:
+  """A 3-D convolution as a sum of 2-D ones: tap ``k`` of the kernel's depth convolves the
+  depth slices ``k, k + stride, ...`` of the padded input, folded into the batch."""
+  b, d, h, w, c = x.shape
+  kd = kernel.shape[0]
+  sd, sh, sw = strides
+  lo, hi = _pads(d, kd, sd, padding)
+  if lo or hi:
+    x = jax.numpy.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+  d_out = (d + lo + hi - kd) // sd + 1
+  out = None
+  for k in range(kd):
+    slices = lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1)
+    y = _cpu_conv2d(slices.reshape(b * d_out, h, w, c), kernel[k], (sh, sw), padding)
+    out = y if out is None else out + y
+  return out.reshape(b, d_out, *out.shape[1:])
+
+
+def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                padding: str) -> jax.Array:
+  out = [-(-n // s) if padding == "SAME" else (n - k) // s + 1
+         for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides)]
+  if out[0] * out[1] <= SMALL_OUTPUT_PIXELS:
+    return _conv_by_patches(x, kernel, strides, padding)
+  return native_conv(x, kernel, strides, padding)
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
+  """Convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]``; returns ``[B, *s', O]``.
+
+  Uses the fastest correct lowering for the default backend (see the module docstring).
+  """
+  if jax.default_backend() == "cpu":
+    if x.ndim == 5:
+      return _conv3d_by_depth_taps(x, kernel, tuple(strides), padding)
+    if x.ndim == 4:
+      return _cpu_conv2d(x, kernel, tuple(strides), padding)
+  return native_conv(x, kernel, strides, padding)
