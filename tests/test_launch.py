@@ -143,7 +143,7 @@ def test_workdir_of_another_experiment_names_the_keys(saved_run, synthetic_medmn
   line = _error_line(*_run(workdir, synthetic_medmnist, "--config.optim.lr=0.5"))
   # Exactly the one differing key: the CLI builds the same config as the in-process run.
   assert line.startswith(f"error: {workdir} holds a run with a different config "
-                         "(optim.lr: 0.002 → 0.5); "), line
+                         f"(optim.lr: {config(synthetic_medmnist).optim.lr} → 0.5); "), line
   assert _snapshot(workdir) == before
 
 

@@ -242,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Loop.
   last_metrics: dict[str, float] = {}
-  t0 = time.perf_counter()
+  t0 = t_log = time.perf_counter()
+  steps_since_log = 0
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                   disable=pindex != 0, dynamic_ncols=True)
   for step in range(start_step + 1, total_steps + 1):
@@ -261,11 +262,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"Last good checkpoint: step {last_good} in {os.path.join(workdir, 'checkpoints')}")
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    steps_since_log += 1
     if itstime(step, config.train.log_every_steps, total_steps):
+      now = time.perf_counter()
       writer.write(step, {"train/loss": loss,
+                          "time/seconds_per_step": (now - t_log) / steps_since_log,
                           "train/lr": float(optim.learning_rate_schedule(config.optim,
                                                                          total_steps)(step - 1)),
                           "train/epoch": step / steps_per_epoch})
+      t_log, steps_since_log = time.perf_counter(), 0
     eval_now = itstime(step, eval_every, total_steps)
     if eval_now:
       last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf, config.eval.batch_size,

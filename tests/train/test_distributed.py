@@ -86,8 +86,10 @@ def _jsonl(workdir, name):
 
 
 def _history(workdir):
-  """metrics.jsonl records without the wall-clock entry."""
-  return [r for r in _jsonl(workdir, "metrics.jsonl") if "time/train_seconds" not in r]
+  """metrics.jsonl records without the wall-clock entries (``time/...``)."""
+  records = [{k: v for k, v in r.items() if not k.startswith("time/")}
+             for r in _jsonl(workdir, "metrics.jsonl")]
+  return [r for r in records if set(r) != {"step"}]
 
 
 def _best_step(workdir):
