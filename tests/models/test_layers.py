@@ -27,35 +27,31 @@ def test_conv_equals_flax_conv_values_and_gradients(shape, kernel, strides, padd
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,kernel,strides,padding", [
-    ((2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"), ((2, 7, 6, 5, 3), (3, 3, 3), (2, 2, 2), "SAME"),
-    ((2, 8, 6, 6, 3), (3, 3, 3), (2, 1, 2), "SAME"), ((2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
-    ((2, 4, 6, 6, 3), (1, 1, 1), (2, 2, 2), "SAME"), ((1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME")])
-def test_conv3d_by_depth_taps_equals_native(shape, kernel, strides, padding):
+_DEPTH_TAPS = conv_lowering._conv3d_by_depth_taps
+_PATCHES = conv_lowering._conv_by_patches
+
+
+@pytest.mark.parametrize("lowering,shape,kernel,strides,padding", [
+    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (3, 3, 3), (2, 2, 2), "SAME"),
+    (_DEPTH_TAPS, (2, 8, 6, 6, 3), (3, 3, 3), (2, 1, 2), "SAME"),
+    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
+    (_DEPTH_TAPS, (2, 4, 6, 6, 3), (1, 1, 1), (2, 2, 2), "SAME"),
+    (_DEPTH_TAPS, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
+    (_PATCHES, (3, 2, 2, 4), (3, 3), (1, 1), "SAME"),
+    (_PATCHES, (3, 4, 4, 4), (3, 3), (2, 2), "SAME"),
+    (_PATCHES, (3, 5, 3, 4), (3, 2), (2, 1), "VALID"),
+    (_PATCHES, (2, 2, 3, 3, 4), (3, 3, 3), (1, 1, 1), "SAME"),
+    (_PATCHES, (3, 4, 4, 4), (1, 1), (2, 2), "SAME")])
+def test_cpu_lowerings_equal_native_values_and_gradients(lowering, shape, kernel, strides,
+                                                         padding):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   w = jax.random.normal(jax.random.PRNGKey(1), kernel + (shape[-1], 5))
   f = lambda fn: lambda x, w: jnp.sum(jnp.cos(fn(x, w, strides, padding)))
-  np.testing.assert_allclose(conv_lowering._conv3d_by_depth_taps(x, w, strides, padding),
+  np.testing.assert_allclose(lowering(x, w, strides, padding),
                              conv_lowering.native_conv(x, w, strides, padding),
                              rtol=1e-5, atol=1e-5)
-  ours = jax.grad(f(conv_lowering._conv3d_by_depth_taps), argnums=(0, 1))(x, w)
-  ref = jax.grad(f(conv_lowering.native_conv), argnums=(0, 1))(x, w)
-  for a, b in zip(ours, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("shape,kernel,strides,padding", [
-    ((3, 2, 2, 4), (3, 3), (1, 1), "SAME"), ((3, 4, 4, 4), (3, 3), (2, 2), "SAME"),
-    ((3, 5, 3, 4), (3, 2), (2, 1), "VALID"), ((2, 2, 3, 3, 4), (3, 3, 3), (1, 1, 1), "SAME"),
-    ((3, 4, 4, 4), (1, 1), (2, 2), "SAME")])
-def test_conv_by_patches_equals_native(shape, kernel, strides, padding):
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  w = jax.random.normal(jax.random.PRNGKey(1), kernel + (shape[-1], 6))
-  f = lambda fn: lambda x, w: jnp.sum(jnp.cos(fn(x, w, strides, padding)))
-  np.testing.assert_allclose(conv_lowering._conv_by_patches(x, w, strides, padding),
-                             conv_lowering.native_conv(x, w, strides, padding),
-                             rtol=1e-5, atol=1e-5)
-  ours = jax.grad(f(conv_lowering._conv_by_patches), argnums=(0, 1))(x, w)
+  ours = jax.grad(f(lowering), argnums=(0, 1))(x, w)
   ref = jax.grad(f(conv_lowering.native_conv), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
