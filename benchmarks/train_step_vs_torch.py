@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 
 def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
                 mesh_devices: int, stem_stride: int = 1) -> float:
+  from configs import common
   from medjax import registry
   from medjax.train import loop, optim, sharding, tasks
   from medjax.train.state import TrainState
-  from configs import common
 
   cfg = common.get_base_config()
   mesh = sharding.make_mesh(mesh_devices)

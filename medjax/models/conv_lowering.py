@@ -19,9 +19,8 @@ GPUs and TPUs keep the native convolution for every rank.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import itertools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax import registry
-from medjax.models.layers import Conv, ConvNormAct
+from medjax.models.layers import ConvNormAct
 
 
 class BasicBlock(nn.Module):

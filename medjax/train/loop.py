@@ -204,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   task = tasks.get_task(task_name, label_smoothing=config.train.label_smoothing)
   model = build_model(config.model, num_classes)
   tx = optim.make_optimizer(config.optim, total_steps)
+  lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
   # Only now, with the config and data known good: a refused run must not leave a config.json
   # that then refuses the corrected command as "another experiment".
   check_workdir_config(workdir, config)
@@ -267,8 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       now = time.perf_counter()
       writer.write(step, {"train/loss": loss,
                           "time/seconds_per_step": (now - t_log) / steps_since_log,
-                          "train/lr": float(optim.learning_rate_schedule(config.optim,
-                                                                         total_steps)(step - 1)),
+                          "train/lr": float(lr_schedule(step - 1)),
                           "train/epoch": step / steps_per_epoch})
       t_log, steps_since_log = time.perf_counter(), 0
     eval_now = itstime(step, eval_every, total_steps)

@@ -8,14 +8,13 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from medjax.train import loop
-
 from conftest import write_synthetic_medmnist
 from helpers import config as _config
 from helpers import final_params as _final_params
 from helpers import launch
 from helpers import rel_diff as _rel_diff
+
+from medjax.train import loop
 
 
 def test_train_and_evaluate_writes_a_complete_workdir(synthetic_medmnist, tmp_path):
