@@ -58,13 +58,18 @@ def _pads(size: int, k: int, stride: int, padding: str) -> tuple[int, int]:
   raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
 
 
+def _out_size(size: int, k: int, stride: int, padding: str) -> int:
+  lo, hi = _pads(size, k, stride, padding)
+  return (size + lo + hi - k) // stride + 1
+
+
 def _conv_by_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                      padding: str) -> jax.Array:
   """im2col + one matmul: the patches of every kernel offset side by side, times the kernel."""
   ks = kernel.shape[:-2]
+  out = [_out_size(n, k, s, padding) for n, k, s in zip(x.shape[1:-1], ks, strides)]
   pads = [_pads(n, k, s, padding) for n, k, s in zip(x.shape[1:-1], ks, strides)]
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], ks, strides)]
   cols = []
   for offset in itertools.product(*(range(k) for k in ks)):
     start = (0, *offset, 0)
@@ -84,8 +89,8 @@ def _conv3d_by_depth_taps(x: jax.Array, kernel: jax.Array, strides: Sequence[int
   sd, sh, sw = strides
   lo, hi = _pads(d, kd, sd, padding)
   if lo or hi:
-    x = jax.numpy.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-  d_out = (d + lo + hi - kd) // sd + 1
+    x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+  d_out = _out_size(d, kd, sd, padding)
   out = None
   for k in range(kd):
     slices = lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1)
@@ -96,7 +101,7 @@ def _conv3d_by_depth_taps(x: jax.Array, kernel: jax.Array, strides: Sequence[int
 
 def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                 padding: str) -> jax.Array:
-  out = [-(-n // s) if padding == "SAME" else (n - k) // s + 1
+  out = [_out_size(n, k, s, padding)
          for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides)]
   if out[0] * out[1] <= SMALL_OUTPUT_PIXELS:
     return _conv_by_patches(x, kernel, strides, padding)
