@@ -1,0 +1,519 @@
+"""DICOM reading (pydicom): single files, series from folders or a DICOMDIR, enhanced multi-frame.
+
+Geometry follows the standard, not file names: slices are sorted by ImagePositionPatient projected
+on the slice normal (row cosine × column cosine), the slice spacing comes from those positions, and
+an oblique orientation is kept in ``Volume.direction``. A series with a missing, duplicated or
+unevenly spaced slice is an error that says where, unless the caller allows it (then the gaps are
+listed in ``metadata["slice_gaps_mm"]``), because a silently wrong spacing corrupts every mm figure
+downstream. DICOM's LPS+ frame becomes medjax's RAS+ here, at the edge.
+
+Pixel data goes through pydicom's decoder plugins (pylibjpeg with openjpeg/libjpeg/rle), so JPEG
+baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE and deflate all read; a missing decoder is an
+error naming the package to install. Series are decoded in a thread pool.
+
+Privacy: only the de-identified keywords in `SAFE_METADATA` ever leave this module (no names, IDs,
+dates or UIDs), and no DICOM value is logged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pydicom
+import pydicom.errors
+import pydicom.fileset
+import pydicom.pixels
+from pydicom.uid import UID
+
+from medjax.io.errors import MedjaxIOError
+from medjax.io.volume import LPS_TO_RAS, Volume
+
+# Acquisition facts that identify nobody (DICOM PS3.15 Basic Profile keeps them); free text such as
+# SeriesDescription is left out because sites put names in it.
+SAFE_METADATA = (
+    "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "ImageType",
+    "PhotometricInterpretation", "BitsStored", "SliceThickness", "KVP", "ConvolutionKernel",
+    "RescaleType", "WindowCenter", "WindowWidth", "MagneticFieldStrength", "RepetitionTime",
+    "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence", "SequenceVariant",
+)
+
+# Transfer syntax → the packages that decode it (for the "missing decoder" message).
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
+}
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+# Largest decoded image accepted: a corrupt Rows/Columns/NumberOfFrames must not allocate 100 GB.
+_MAX_PIXELS = 2**31
+# Two slice gaps differing by less than this (relative) count as the same spacing.
+_GAP_TOLERANCE = 0.01
+_BT601 = np.array([0.299, 0.587, 0.114], np.float32)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesInfo:
+  """One series found under a folder or DICOMDIR (for choosing; never logged)."""
+
+  uid: str
+  modality: str
+  description: str
+  files: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+  """The decoded pixels and plane geometry of one frame (LPS+)."""
+
+  pixels: np.ndarray  # [rows, cols, C] after the modality LUT
+  position: np.ndarray | None  # ImagePositionPatient, mm
+  orientation: np.ndarray | None  # ImageOrientationPatient: row cosine, column cosine
+  pixel_spacing: tuple[float, float] | None  # (between rows, between columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _dcmread(path: str, stop_before_pixels: bool = False) -> pydicom.Dataset:
+  try:
+    return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+  except pydicom.errors.InvalidDicomError:
+    # Files without the 128-byte preamble are legal in the wild; a second try without the check.
+    try:
+      ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types on junk; all mean "not DICOM"
+      raise MedjaxIOError(path, f"not a DICOM file ({type(e).__name__}: {e})") from e
+    if "SOPClassUID" not in ds and "PixelData" not in ds:
+      raise MedjaxIOError(path, "not a DICOM file (no DICM preamble, no SOP class, no pixels)")
+    return ds
+  except IsADirectoryError as e:
+    raise MedjaxIOError(path, "is a folder; use read_dicom_series") from e
+  except FileNotFoundError as e:
+    raise MedjaxIOError(path, "no such file") from e
+  except Exception as e:  # noqa: BLE001 - truncated/corrupt headers surface as many types
+    raise MedjaxIOError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from e
+
+
+def _floats(value: Any, n: int, path: str, keyword: str) -> np.ndarray | None:
+  if value is None:
+    return None
+  try:
+    out = np.asarray([float(v) for v in value], np.float64)
+  except (TypeError, ValueError) as e:
+    raise MedjaxIOError(path, f"{keyword} is not numeric") from e
+  if out.shape != (n,) or not np.all(np.isfinite(out)):
+    raise MedjaxIOError(path, f"{keyword} must hold {n} finite numbers, got {len(out)}")
+  return out
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> str:
+  meta = getattr(ds, "file_meta", None)
+  return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+
+def _decode(ds: pydicom.Dataset, path: str) -> np.ndarray:
+  """All frames as ``[frames, rows, cols, samples]`` exactly as pydicom decodes them."""
+  if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    raise MedjaxIOError(path, "no pixel data (not an image object)")
+  try:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+  except (AttributeError, TypeError, ValueError) as e:
+    raise MedjaxIOError(path, f"bad image dimensions ({type(e).__name__}: {e})") from e
+  if min(rows, cols, frames, samples) <= 0 or rows * cols * frames * samples > _MAX_PIXELS:
+    raise MedjaxIOError(path, f"implausible image size {frames}×{rows}×{cols}×{samples}")
+  try:
+    pixels = ds.pixel_array
+  except (NotImplementedError, RuntimeError) as e:
+    syntax = _transfer_syntax(ds)
+    if "missing" in str(e).lower() or "plugin" in str(e).lower() or "no pixel data" in str(e):
+      name = UID(syntax).name if syntax else "unknown"
+      package = _DECODER_PACKAGES.get(syntax, "pylibjpeg with its openjpeg/libjpeg plugins")
+      raise MedjaxIOError(path, f"no decoder for transfer syntax {name} ({syntax}); "
+                          f"install: pip install {package}") from e
+    raise MedjaxIOError(path, f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
+  except Exception as e:  # noqa: BLE001 - corrupt streams raise anything from the C decoders
+    raise MedjaxIOError(path, f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
+  pixels = np.asarray(pixels)
+  if frames == 1:
+    pixels = pixels[None]
+  if samples == 1:
+    pixels = pixels[..., None]
+  if pixels.shape != (frames, rows, cols, samples):
+    raise MedjaxIOError(path, f"decoded pixels have shape {pixels.shape}, header says "
+                        f"{(frames, rows, cols, samples)}")
+  return pixels
+
+
+def _modality_lut(pixels: np.ndarray, ds: pydicom.Dataset, path: str,
+                  transform: pydicom.Dataset | None) -> np.ndarray:
+  """Applies RescaleSlope/Intercept (or a modality LUT): CT comes out in HU, float32."""
+  source = transform if transform is not None else ds
+  if "ModalityLUTSequence" in source:
+    try:
+      return np.asarray(pydicom.pixels.apply_modality_lut(pixels, source)).astype(np.float32)
+    except Exception as e:  # noqa: BLE001
+      raise MedjaxIOError(path, f"bad modality LUT ({type(e).__name__}: {e})") from e
+  slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
+  try:
+    slope = 1.0 if slope is None else float(slope)
+    intercept = 0.0 if intercept is None else float(intercept)
+  except (TypeError, ValueError) as e:
+    raise MedjaxIOError(path, "RescaleSlope/RescaleIntercept is not numeric") from e
+  if not (np.isfinite(slope) and np.isfinite(intercept)):
+    raise MedjaxIOError(path, "RescaleSlope/RescaleIntercept is not finite")
+  if slope == 1.0 and intercept == 0.0 and ds.get("Modality") != "CT":
+    return pixels
+  return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _photometric(pixels: np.ndarray, ds: pydicom.Dataset, path: str, invert_monochrome1: bool,
+                 greyscale: bool) -> np.ndarray:
+  """MONOCHROME1 → MONOCHROME2 (bright = dense), palette → RGB, RGB → grey when asked."""
+  interpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+  if interpretation == "MONOCHROME1" and invert_monochrome1:
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+      pixels = (-1 - pixels.astype(np.int64)).astype(pixels.dtype)
+    else:
+      pixels = ((1 << bits) - 1 - pixels.astype(np.int64)).astype(pixels.dtype)
+  elif interpretation == "PALETTE COLOR":
+    try:
+      pixels = np.asarray(pydicom.pixels.apply_color_lut(pixels[..., 0], ds))
+    except Exception as e:  # noqa: BLE001
+      raise MedjaxIOError(path, f"bad palette colour LUT ({type(e).__name__}: {e})") from e
+  if greyscale and pixels.shape[-1] == 3:
+    pixels = (pixels.astype(np.float32) @ _BT601)[..., None]
+  return pixels
+
+
+def _safe_metadata(ds: pydicom.Dataset) -> dict[str, Any]:
+  """The `SAFE_METADATA` fields present in ``ds``, as plain JSON-able values."""
+  out: dict[str, Any] = {}
+  for keyword in SAFE_METADATA:
+    value = ds.get(keyword)
+    if value is None or value == "":
+      continue
+    if isinstance(value, pydicom.multival.MultiValue):
+      value = [_plain(v) for v in value]
+    else:
+      value = _plain(value)
+    out[keyword] = value
+  syntax = _transfer_syntax(ds)
+  if syntax:
+    out["TransferSyntax"] = UID(syntax).name
+  return out
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, (int, float)):
+    return float(value) if isinstance(value, float) else int(value)
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _functional(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+  """An enhanced multi-frame functional group item: per-frame first, then shared."""
+  for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                        ("SharedFunctionalGroupsSequence", 0)):
+    items = ds.get(groups)
+    if items and len(items) > index and sequence in items[index] and items[index][sequence]:
+      return items[index][sequence][0]
+  return None
+
+
+def _frames(ds: pydicom.Dataset, path: str, rescale: bool, invert_monochrome1: bool,
+            greyscale: bool) -> list[_Slice]:
+  """Decodes a file into one `_Slice` per frame, with per-frame geometry where the file has it."""
+  pixels = _decode(ds, path)
+  enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+  slices = []
+  for f in range(pixels.shape[0]):
+    frame = pixels[f]
+    if enhanced:
+      plane = _functional(ds, f, "PlanePositionSequence")
+      orient = _functional(ds, f, "PlaneOrientationSequence")
+      measures = _functional(ds, f, "PixelMeasuresSequence")
+      transform = _functional(ds, f, "PixelValueTransformationSequence")
+    else:
+      plane = orient = measures = ds
+      transform = None
+    if rescale:
+      frame = _modality_lut(frame, ds, path, transform)
+    frame = _photometric(frame, ds, path, invert_monochrome1, greyscale)
+    position = _floats(plane and plane.get("ImagePositionPatient"), 3, path,
+                       "ImagePositionPatient")
+    orientation = _floats(orient and orient.get("ImageOrientationPatient"), 6, path,
+                          "ImageOrientationPatient")
+    spacing = _floats(measures and measures.get("PixelSpacing"), 2, path, "PixelSpacing")
+    if spacing is None and "ImagerPixelSpacing" in ds:  # projection radiographs
+      spacing = _floats(ds.ImagerPixelSpacing, 2, path, "ImagerPixelSpacing")
+    if spacing is not None and np.any(spacing <= 0):
+      raise MedjaxIOError(path, f"PixelSpacing must be positive, got {spacing.tolist()}")
+    slices.append(_Slice(frame, position, orientation,
+                         None if spacing is None else (float(spacing[0]), float(spacing[1]))))
+  return slices
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+
+
+def _plane_axes(orientation: np.ndarray, path: str) -> np.ndarray:
+  """Unit row, column and normal directions (LPS+) as the columns of a 3×3 matrix."""
+  row, col = orientation[:3], orientation[3:]
+  nrow, ncol = np.linalg.norm(row), np.linalg.norm(col)
+  if nrow < 1e-6 or ncol < 1e-6 or abs(np.dot(row, col)) > 1e-3 * nrow * ncol:
+    raise MedjaxIOError(path, f"ImageOrientationPatient is not two orthogonal directions: "
+                        f"{orientation.tolist()}")
+  row, col = row / nrow, col / ncol
+  return np.stack([row, col, np.cross(row, col)], axis=1)
+
+
+def _stack(slices: Sequence[_Slice], sources: Sequence[str], where: str, allow_uneven: bool,
+           default_thickness: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                              dict[str, Any]]:
+  """Sorts frames along the slice normal; returns (voxels [i,j,k,C], spacing, origin, direction)
+  in RAS+, and geometry notes for the metadata."""
+  notes: dict[str, Any] = {}
+  first = slices[0]
+  shapes = {s.pixels.shape for s in slices}
+  if len(shapes) > 1:
+    raise MedjaxIOError(where, f"slices differ in size/channels: {sorted(shapes)}")
+  have_geometry = all(s.position is not None and s.orientation is not None for s in slices)
+  if have_geometry:
+    axes = _plane_axes(first.orientation, sources[0])
+    for s, src in zip(slices, sources):
+      if np.max(np.abs(s.orientation - first.orientation)) > 1e-4:
+        raise MedjaxIOError(src, "slices of one series have different ImageOrientationPatient")
+    normal = axes[:, 2]
+    distance = np.array([np.dot(s.position, normal) for s in slices])
+    order = np.argsort(distance, kind="stable")
+  else:
+    notes["geometry"] = "unknown (no ImagePositionPatient/ImageOrientationPatient)"
+    axes = np.eye(3)
+    distance = None
+    order = np.arange(len(slices))
+  spacings = {s.pixel_spacing for s in slices}
+  if len(spacings) > 1:
+    raise MedjaxIOError(where, f"slices differ in PixelSpacing: {sorted(map(str, spacings))}")
+  row_spacing, col_spacing = first.pixel_spacing or (1.0, 1.0)
+  if first.pixel_spacing is None:
+    notes["pixel_spacing"] = "unknown, 1 mm assumed"
+  slice_spacing = default_thickness
+  if distance is not None and len(slices) > 1:
+    d = distance[order]
+    gaps = np.diff(d)
+    typical = float(np.median(gaps))
+    if typical <= 1e-6 or np.any(gaps <= 1e-3 * typical):
+      dup = [sources[order[n + 1]] for n in np.flatnonzero(gaps <= max(1e-3 * typical, 1e-6))]
+      raise MedjaxIOError(where, f"{len(dup)} slice(s) share a position with another "
+                          f"(two acquisitions in one series?), e.g. {os.path.basename(dup[0])}")
+    uneven = np.flatnonzero(np.abs(gaps - typical) > _GAP_TOLERANCE * typical)
+    if len(uneven):
+      described = ", ".join(f"{gaps[n]:.3g} mm after slice {n} ({d[n]:.2f} mm)" for n in uneven[:3])
+      missing = int(np.sum(np.round(gaps[uneven] / typical) - 1).clip(0))
+      message = (f"uneven slice spacing ({len(uneven)} gap(s) differ from the typical "
+                 f"{typical:.4g} mm: {described}; about {missing} slice(s) missing)")
+      if not allow_uneven:
+        raise MedjaxIOError(where, message + "; pass allow_uneven=True to read anyway")
+      log.warning("%s: %s", where, message)
+      notes["slice_gaps_mm"] = [float(g) for g in gaps]
+    slice_spacing = float((d[-1] - d[0]) / (len(d) - 1))
+    # Positions must step along the normal; a sideways drift (gantry tilt) is a sheared grid.
+    offsets = np.array([slices[n].position for n in order]) - slices[order[0]].position
+    drift = offsets - np.outer(offsets @ axes[:, 2], axes[:, 2])
+    if np.max(np.linalg.norm(drift, axis=1)) > 0.05 * min(row_spacing, col_spacing) + 1e-3:
+      raise MedjaxIOError(where, "slice positions drift within the slice plane (gantry tilt or "
+                          "a sheared stack); a Volume cannot hold a sheared grid")
+  origin = slices[order[0]].position if have_geometry else np.zeros(3)
+  voxels = np.stack([slices[n].pixels for n in order], axis=0)  # [k, rows=j, cols=i, C]
+  voxels = np.ascontiguousarray(voxels.transpose(2, 1, 0, 3))
+  spacing = np.array([col_spacing, row_spacing, slice_spacing])
+  return voxels, spacing, LPS_TO_RAS @ origin, LPS_TO_RAS @ axes, notes
+
+
+def _default_thickness(ds: pydicom.Dataset, path: str) -> float:
+  for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+    value = ds.get(keyword)
+    try:
+      if value is not None and float(value) > 0:
+        return float(value)
+    except (TypeError, ValueError):
+      raise MedjaxIOError(path, f"{keyword} is not numeric") from None
+  return 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Public readers
+
+
+def read_dicom_file(path: str | os.PathLike, rescale: bool = True, invert_monochrome1: bool = True,
+                    greyscale: bool = False, allow_uneven: bool = False) -> Volume:
+  """Reads one DICOM file (single- or multi-frame) as a Volume.
+
+  Args:
+    path: the file.
+    rescale: apply RescaleSlope/Intercept or the modality LUT (CT in HU, float32).
+    invert_monochrome1: make MONOCHROME1 images bright-is-dense like MONOCHROME2.
+    greyscale: turn RGB/YBR images into one luminance channel (ITU-R BT.601 weights).
+    allow_uneven: read an enhanced multi-frame stack with uneven frame spacing (see module doc).
+  """
+  path = os.fspath(path)
+  ds = _dcmread(path)
+  if str(ds.get("SOPClassUID", "")) == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+    raise MedjaxIOError(path, "is a DICOMDIR; use read_dicom_series or read_dicom")
+  slices = _frames(ds, path, rescale, invert_monochrome1, greyscale)
+  voxels, spacing, origin, direction, notes = _stack(
+      slices, [path] * len(slices), path, allow_uneven, _default_thickness(ds, path))
+  metadata = {**_safe_metadata(ds), **notes, "frames": len(slices)}
+  return Volume(voxels, spacing, origin, direction, modality=str(ds.get("Modality", "")),
+                metadata=metadata)
+
+
+def _files_under(folder: str) -> list[str]:
+  paths = []
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    paths.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+  return paths
+
+
+def _dicomdir_files(path: str) -> list[str]:
+  """The image files a DICOMDIR references (pydicom's FileSet resolves the relative IDs)."""
+  try:
+    fileset = pydicom.fileset.FileSet(pydicom.dcmread(path))
+    files = [os.fspath(instance.path) for instance in fileset]
+  except Exception as e:  # noqa: BLE001
+    raise MedjaxIOError(path, f"unreadable DICOMDIR ({type(e).__name__}: {e})") from e
+  if not files:
+    raise MedjaxIOError(path, "the DICOMDIR references no files")
+  return files
+
+
+def _map(fn, items: Iterable, workers: int | None) -> list:
+  items = list(items)
+  workers = workers or min(32, (os.cpu_count() or 1) + 4)
+  if workers <= 1 or len(items) <= 1:
+    return [fn(x) for x in items]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(fn, items))
+
+
+def list_dicom_series(path: str | os.PathLike, workers: int | None = None) -> list[SeriesInfo]:
+  """Every image series under a folder (recursively) or referenced by a DICOMDIR.
+
+  Files that are not DICOM, or DICOM without pixels (DICOMDIR, reports), are skipped.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    candidates = _files_under(path)
+  elif os.path.isfile(path):
+    candidates = _dicomdir_files(path)
+  else:
+    raise MedjaxIOError(path, "no such file or folder")
+
+  def header(file: str) -> tuple[str, pydicom.Dataset | None]:
+    try:
+      return file, pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a DICOM image" here
+      return file, None
+
+  series: dict[str, list[str]] = {}
+  first: dict[str, pydicom.Dataset] = {}
+  skipped = 0
+  for file, ds in _map(header, candidates, workers):
+    if ds is None or str(ds.get("SOPClassUID", "")) == _DICOMDIR_CLASS or "Rows" not in ds:
+      skipped += 1
+      continue
+    uid = str(ds.get("SeriesInstanceUID", ""))
+    series.setdefault(uid, []).append(file)
+    first.setdefault(uid, ds)
+  if skipped:
+    log.info("%s: skipped %d file(s) that are not DICOM images", path, skipped)
+  return [SeriesInfo(uid, str(first[uid].get("Modality", "")),
+                     str(first[uid].get("SeriesDescription", "")), tuple(files))
+          for uid, files in series.items()]
+
+
+def read_dicom_series(path: str | os.PathLike | Sequence[str], series_uid: str | None = None,
+                      rescale: bool = True, invert_monochrome1: bool = True,
+                      greyscale: bool = False, allow_uneven: bool = False,
+                      workers: int | None = None) -> Volume:
+  """Reads one series from a folder, a DICOMDIR, or an explicit list of files, as a Volume.
+
+  Args:
+    path: a folder (searched recursively), a DICOMDIR file, or the files of one series.
+    series_uid: which series when there are several (see `list_dicom_series`); required then.
+    rescale, invert_monochrome1, greyscale: as in `read_dicom_file`.
+    allow_uneven: read a series with missing or unevenly spaced slices instead of raising; the
+      spacing is then the mean and ``metadata["slice_gaps_mm"]`` lists every gap.
+    workers: decoding threads (default: CPU count + 4).
+  """
+  if isinstance(path, (str, os.PathLike)):
+    where = os.fspath(path)
+    found = list_dicom_series(where, workers)
+    if not found:
+      raise MedjaxIOError(where, "no DICOM image files found")
+    if series_uid is not None:
+      found = [s for s in found if s.uid == series_uid]
+      if not found:
+        raise MedjaxIOError(where, f"no series with SeriesInstanceUID {series_uid}")
+    if len(found) > 1:
+      listing = "; ".join(f"{s.uid} ({s.modality}, {len(s.files)} files)" for s in found)
+      raise MedjaxIOError(where, f"{len(found)} series found, pass series_uid= one of: {listing}")
+    files = list(found[0].files)
+  else:
+    files = [os.fspath(p) for p in path]
+    if not files:
+      raise ValueError("read_dicom_series got an empty list of files")
+    where = os.path.dirname(files[0]) or "."
+
+  def decode(file: str) -> tuple[pydicom.Dataset, list[_Slice]]:
+    ds = _dcmread(file)
+    return ds, _frames(ds, file, rescale, invert_monochrome1, greyscale)
+
+  decoded = _map(decode, files, workers)
+  slices, sources = [], []
+  for file, (_, frames) in zip(files, decoded):
+    slices.extend(frames)
+    sources.extend([file] * len(frames))
+  first = decoded[0][0]
+  voxels, spacing, origin, direction, notes = _stack(
+      slices, sources, where, allow_uneven, _default_thickness(first, files[0]))
+  metadata = {**_safe_metadata(first), **notes, "files": len(files)}
+  return Volume(voxels, spacing, origin, direction, modality=str(first.get("Modality", "")),
+                metadata=metadata)
+
+
+def read_dicom(path: str | os.PathLike, **kwargs) -> Volume:
+  """A folder or DICOMDIR → `read_dicom_series`; any other file → `read_dicom_file`."""
+  path = os.fspath(path)
+  if os.path.isdir(path) or _is_dicomdir(path):
+    return read_dicom_series(path, **kwargs)
+  return read_dicom_file(path, **kwargs)
+
+
+def _is_dicomdir(path: str) -> bool:
+  ds = _dcmread(path, stop_before_pixels=True)
+  return str(ds.get("SOPClassUID", "")) == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds

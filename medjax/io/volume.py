@@ -1,0 +1,125 @@
+"""`Volume`: one in-memory type for every image medjax reads (DICOM, NIfTI), with its geometry.
+
+Conventions (the same as nibabel and MONAI, so NIfTI round-trips without a flip):
+- ``array`` is indexed ``[i, j, k, c]``: three spatial axes, channels last. A 2-D image (a radiograph,
+  one DICOM slice) has ``k`` of size 1; for DICOM, ``i`` runs along a row (columns) and ``j`` down the
+  rows, so ``array[:, :, 0, 0].T`` is the picture as a viewer shows it.
+- World coordinates are **RAS+** millimetres (nibabel's): +x towards the patient's Right, +y
+  Anterior, +z Superior. Readers convert at the edge: DICOM's patient frame is LPS+ (+x Left,
+  +y Posterior), so its x and y change sign on the way in; NIfTI is RAS+ already.
+- ``affine`` maps a voxel index ``(i, j, k, 1)`` to world ``(x, y, z, 1)``:
+  ``affine[:3, :3] = direction @ diag(spacing)`` and ``affine[:3, 3] = origin`` (the centre of voxel 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+# DICOM's patient frame is LPS+ and NIfTI's is RAS+: the two differ by the sign of x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Volume:
+  """An image with its voxel grid in world space.
+
+  Attributes:
+    array: ``[i, j, k, C]`` voxels, float32 or the source dtype.
+    spacing: voxel size in mm along ``i, j, k``.
+    origin: world position (RAS+, mm) of the centre of voxel ``(0, 0, 0)``.
+    direction: 3×3; column ``n`` is the unit world direction of axis ``n``.
+    modality: ``"CT"``, ``"MR"``, ``"CR"``... or ``""`` where the source does not say.
+    metadata: de-identified facts about the acquisition (never patient identity, see ``dicom.py``).
+  """
+
+  array: np.ndarray
+  spacing: np.ndarray
+  origin: np.ndarray
+  direction: np.ndarray
+  modality: str = ""
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.array.ndim != 4:
+      raise ValueError(f"Volume.array must be [i, j, k, C], got shape {self.array.shape}")
+    spacing = np.asarray(self.spacing, np.float64).reshape(3)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+      raise ValueError(f"Volume.spacing must be positive and finite, got {spacing}")
+    origin = np.asarray(self.origin, np.float64).reshape(3)
+    direction = np.asarray(self.direction, np.float64).reshape(3, 3)
+    if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
+      raise ValueError("Volume.origin and direction must be finite")
+    if abs(np.linalg.det(direction)) < 1e-6:
+      raise ValueError(f"Volume.direction is singular: {direction.tolist()}")
+    object.__setattr__(self, "spacing", spacing)
+    object.__setattr__(self, "origin", origin)
+    object.__setattr__(self, "direction", direction)
+
+  @classmethod
+  def from_affine(cls, array: np.ndarray, affine: np.ndarray, **kwargs) -> Volume:
+    """Builds a Volume from a RAS+ voxel-to-world affine (columns need not be unit length)."""
+    affine = np.asarray(affine, np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+      raise ValueError(f"affine has a zero-length axis: {affine.tolist()}")
+    return cls(array, spacing, affine[:3, 3], affine[:3, :3] / spacing, **kwargs)
+
+  @property
+  def affine(self) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = self.direction * self.spacing
+    affine[:3, 3] = self.origin
+    return affine
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """The spatial shape ``(i, j, k)``."""
+    return tuple(self.array.shape[:3])
+
+  @property
+  def channels(self) -> int:
+    return self.array.shape[3]
+
+  @property
+  def orientation(self) -> str:
+    """Axis codes like ``"RAS"`` or ``"LPI"``: the world direction each voxel axis points to."""
+    return "".join(nib.orientations.aff2axcodes(self.affine))
+
+  def replace(self, **changes) -> Volume:
+    return dataclasses.replace(self, **changes)
+
+  def to_canonical(self) -> Volume:
+    """The same image with its axes permuted/flipped to the closest RAS+ order (nibabel's canonical).
+
+    Only whole-axis flips and permutations: voxels are moved, never interpolated, so an oblique
+    direction stays oblique (as ``nibabel.as_closest_canonical``).
+    """
+    ornt = nib.orientations.io_orientation(self.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+      return self
+    array = nib.orientations.apply_orientation(self.array, ornt)
+    transform = nib.orientations.inv_ornt_aff(ornt, self.shape)
+    return Volume.from_affine(
+        np.ascontiguousarray(array), self.affine @ transform, modality=self.modality,
+        metadata=dict(self.metadata))
+
+  def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices of RAS+ world points ``[..., 3]``."""
+    points = np.asarray(points, np.float64)
+    inv = np.linalg.inv(self.affine)
+    return points @ inv[:3, :3].T + inv[:3, 3]
+
+  def voxel_to_world(self, indices: np.ndarray) -> np.ndarray:
+    """RAS+ world points of voxel indices ``[..., 3]``."""
+    indices = np.asarray(indices, np.float64)
+    affine = self.affine
+    return indices @ affine[:3, :3].T + affine[:3, 3]
+
+  def __repr__(self) -> str:
+    return (f"Volume(shape={self.array.shape}, dtype={self.array.dtype}, "
+            f"spacing={np.round(self.spacing, 4).tolist()}, orientation={self.orientation}, "
+            f"modality={self.modality!r})")
