@@ -1,15 +1,32 @@
-"""Grain transforms on dict records (``{"image": [*spatial, C], "label": ...}``), 2-D and 3-D.
+"""Grain transforms on dict records: the preprocessing and augmentation chain, 2-D and 3-D.
 
 Each op is registered as ``transforms.<name>`` so a config can write a pipeline as a string,
-``"to_float|flip(axes=(0, 1))|affine(rotate=10)|normalize(0.5, 0.5)"`` (big_vision style).
-Random ops are ``grain.transforms.RandomMap``: their randomness comes only from the generator
-Grain passes in, seeded per record, so the same seed gives the same augmented stream.
+``"window(preset='lung')|resample(spacing=(1., 1., 1.))|crop_or_pad(shape=(96, 96, 64))|flip"``
+(big_vision style). Random ops are ``grain.transforms.RandomMap``: their randomness comes only
+from the generator Grain passes in, seeded per record, so the same seed gives the same stream.
+
+Record convention:
+
+* ``record["image"]``: channels-last array ``[*spatial, C]``, 2-D or 3-D spatial.
+* ``record["label"]`` (optional): a segmentation map when ``label.shape[:-1] ==
+  image.shape[:-1]`` (normally an integer ``[*spatial, 1]``); every spatial op then applies the
+  same geometric change to it, with nearest-neighbour sampling and its dtype kept. A label of
+  any other shape (a class index, a multi-label vector) is passed through untouched.
+* ``record["spacing"]`` (optional): float array of the voxel sizes in mm, one per spatial axis in
+  the same order. ``resample`` needs it and updates it; ``rot90`` swaps its entries with the axes.
+
+Geometric ops work in voxel space: rotations do not account for anisotropic spacing, so resample
+to an isotropic grid first when that matters. Images leave intensity and warping ops as float32;
+``clip``, ``flip``, ``rot90``, ``crop_foreground`` and ``crop_or_pad`` keep the image dtype.
+All arrays returned are C-contiguous. Bad arguments raise ``ValueError`` naming the op, at
+construction when the arguments alone show the problem, else when the record shows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -18,10 +35,131 @@ from scipy import ndimage
 from medjax import registry
 
 Record = dict[str, Any]
+Range = float | tuple[float, float]
+# (one channel, spline order, scipy boundary mode) -> that channel on the output grid.
+Sampler = Callable[[np.ndarray, int, str], np.ndarray]
+
+# Images take the edge value outside the grid; labels take background. scipy's "constant" would
+# also zero an edge voxel whose coordinate lands 1e-9 outside [0, n - 1] after a rotation;
+# "grid-constant" pads with the same 0 but keeps nearest-neighbour lookups up to half a voxel out.
+_IMAGE_MODE = "nearest"
+_LABEL_MODE = "grid-constant"
 
 
 def _spatial_ndim(image: np.ndarray) -> int:
   return image.ndim - 1  # channels-last
+
+
+def _spatial_label(record: Record) -> np.ndarray | None:
+  """The record's label when it is a segmentation map on the image grid, else None."""
+  label = record.get("label")
+  if not isinstance(label, np.ndarray):
+    return None
+  return label if label.shape[:-1] == record["image"].shape[:-1] else None
+
+
+def _require(ok: bool, op: str, problem: str) -> None:
+  if not ok:
+    raise ValueError(f"{op}: {problem}")
+
+
+def _check_p(op: str, p: float) -> None:
+  _require(0.0 <= p <= 1.0, op, f"probability p={p} is not in [0, 1]")
+
+
+def _as_range(op: str, name: str, value: Range, low: float = -np.inf) -> tuple[float, float]:
+  """Normalises a number or ``(lo, hi)`` pair to a pair, checking ``low <= lo <= hi``."""
+  pair = (value, value) if np.isscalar(value) else tuple(value)
+  _require(len(pair) == 2 and low <= pair[0] <= pair[1], op,
+           f"{name}={value} must be a number or (lo, hi) with {low} <= lo <= hi")
+  lo, hi = pair
+  return float(lo), float(hi)
+
+
+def _sample_around_one(rng: np.random.Generator, lo: float, hi: float) -> float:
+  # nnU-Net's rule: half the draws shrink (from [lo, 1)) and half grow, whatever the range's skew.
+  if lo < 1 and rng.random() < 0.5:
+    return rng.uniform(lo, min(hi, 1.0))
+  return rng.uniform(max(lo, 1.0), hi) if hi >= 1 else rng.uniform(lo, hi)
+
+
+def _float_image(record: Record) -> Record:
+  return {**record, "image": np.ascontiguousarray(record["image"], dtype=np.float32)}
+
+
+def _map_spatial(record: Record, fn: Callable[[np.ndarray], np.ndarray]) -> Record:
+  """Applies one voxel-exact geometric change (flip, rot90, crop) to image and spatial label."""
+  out = {**record, "image": np.ascontiguousarray(fn(record["image"]))}
+  label = _spatial_label(record)
+  if label is not None:
+    out["label"] = np.ascontiguousarray(fn(label))
+  return out
+
+
+def _resample_channels(array: np.ndarray, sample: Sampler, order: int, mode: str) -> np.ndarray:
+  return np.stack([sample(array[..., c], order, mode) for c in range(array.shape[-1])], axis=-1)
+
+
+def _resample_label(label: np.ndarray, sample: Sampler, order: int, mode: str) -> np.ndarray:
+  if order == 0:
+    work = label.view(np.uint8) if label.dtype == bool else label  # ndimage rejects bool
+    return _resample_channels(work, sample, 0, mode).astype(label.dtype)
+  # Interpolating class ids would invent classes between them; like nnU-Net's
+  # resize_segmentation, interpolate each class's indicator and keep the strongest class.
+  classes = np.unique(label)
+  scores = np.stack([_resample_channels((label == k).astype(np.float32), sample, order, mode)
+                     for k in classes])
+  return classes[np.argmax(scores, axis=0)].astype(label.dtype)
+
+
+def _warp(record: Record, sample: Sampler, *, order: int = 1, label_order: int = 0,
+          mode: str = _IMAGE_MODE, label_mode: str = _LABEL_MODE) -> Record:
+  """Resamples the image (as float32) and any spatial label through the same coordinate map."""
+  image = record["image"].astype(np.float32)
+  out = {**record, "image": _resample_channels(image, sample, order, mode)}
+  label = _spatial_label(record)
+  if label is not None:
+    out["label"] = _resample_label(label, sample, label_order, label_mode)
+  return out
+
+
+def _affine_sampler(matrix: np.ndarray, offset: np.ndarray,
+                    output_shape: Sequence[int] | None = None) -> Sampler:
+  """Samples output voxel ``o`` at input coordinate ``matrix @ o + offset``."""
+  return lambda x, order, mode: ndimage.affine_transform(
+      x, matrix, offset, output_shape=output_shape, order=order, mode=mode, cval=0.0)
+
+
+def _random_rotation(nd: int, rng: np.random.Generator, degrees: float) -> np.ndarray:
+  """Product of one uniform ``[-degrees, degrees]`` rotation per plane of the spatial axes."""
+  matrix = np.eye(nd)
+  for a, b in itertools.combinations(range(nd), 2):
+    theta = np.deg2rad(rng.uniform(-degrees, degrees))
+    r = np.eye(nd)
+    r[a, a] = r[b, b] = np.cos(theta)
+    r[a, b], r[b, a] = -np.sin(theta), np.sin(theta)
+    matrix = matrix @ r
+  return matrix
+
+
+def _about_centre(record: Record, matrix: np.ndarray, shift: np.ndarray | float = 0.0) -> Record:
+  """Warps image and label by ``matrix`` about the grid centre, then moves them by ``shift``."""
+  shape = np.array(record["image"].shape[:-1], dtype=np.float64)
+  centre = (shape - 1) / 2
+  return _warp(record, _affine_sampler(matrix, centre - matrix @ centre - shift))
+
+
+# --- Intensity preprocessing (deterministic) --------------------------------------------------
+
+# CT display windows as (level, width) in HU, the usual radiology reading settings.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (50.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "liver": (60.0, 160.0),
+}
 
 
 @registry.register("transforms.to_float")
@@ -41,7 +179,10 @@ class ToFloat(grain.transforms.Map):
 @registry.register("transforms.normalize")
 @dataclasses.dataclass(frozen=True)
 class Normalize(grain.transforms.Map):
-  """``(image - mean) / std`` with fixed statistics. MONAI: ``NormalizeIntensity(subtrahend, divisor)``."""
+  """``(image - mean) / std`` with fixed statistics.
+
+  MONAI: ``NormalizeIntensity(subtrahend, divisor)``; torchvision: ``Normalize``.
+  """
 
   mean: float = 0.5
   std: float = 0.5
@@ -51,10 +192,338 @@ class Normalize(grain.transforms.Map):
     return {**record, "image": image.astype(np.float32)}
 
 
+@registry.register("transforms.window")
+@dataclasses.dataclass(frozen=True)
+class Window(grain.transforms.Map):
+  """CT windowing: clips to ``[level - width/2, level + width/2]`` and maps that onto ``out_range``.
+
+  MONAI: ``ScaleIntensityRange(a_min, a_max, b_min, b_max, clip=True)``; TorchIO:
+  ``Clamp`` + ``RescaleIntensity(in_min_max=...)``. nnU-Net instead clips at dataset percentiles.
+
+  Attributes:
+    level: window centre in HU; give it with ``width``, or give ``preset``.
+    width: window width in HU (> 0).
+    preset: a name in ``WINDOW_PRESETS`` (lung, mediastinum, soft_tissue, bone, brain, liver).
+    out_range: values the window's low and high ends map to.
+  """
+
+  level: float | None = None
+  width: float | None = None
+  preset: str | None = None
+  out_range: tuple[float, float] = (0.0, 1.0)
+
+  def __post_init__(self):
+    if self.preset is not None:
+      _require(self.level is None and self.width is None, "window",
+               "give either preset or level and width, not both")
+      _require(self.preset in WINDOW_PRESETS, "window",
+               f"unknown preset {self.preset!r}; known: {sorted(WINDOW_PRESETS)}")
+    else:
+      _require(self.level is not None and self.width is not None, "window",
+               "give preset, or both level and width")
+      _require(self.width > 0, "window", f"width must be > 0, got {self.width}")
+    _require(len(self.out_range) == 2, "window", f"out_range must be (low, high), got "
+             f"{self.out_range}")
+
+  @property
+  def bounds(self) -> tuple[float, float]:
+    """The HU interval that the window maps onto ``out_range``."""
+    level, width = WINDOW_PRESETS[self.preset] if self.preset else (self.level, self.width)
+    return level - width / 2, level + width / 2
+
+  def map(self, record: Record) -> Record:
+    lo, hi = self.bounds
+    a, b = self.out_range
+    image = (np.clip(record["image"], lo, hi) - lo) * ((b - a) / (hi - lo)) + a
+    return {**record, "image": np.ascontiguousarray(image, dtype=np.float32)}
+
+
+@registry.register("transforms.clip")
+@dataclasses.dataclass(frozen=True)
+class Clip(grain.transforms.Map):
+  """Clips intensities to ``[low, high]`` (e.g. HU) without rescaling; integer images stay integer.
+
+  MONAI: ``ThresholdIntensity`` twice / ``ScaleIntensityRange`` without the rescale; TorchIO:
+  ``Clamp``; nnU-Net: the clipping step of its CT normalisation.
+  """
+
+  low: float = -1024.0
+  high: float = 3071.0
+
+  def __post_init__(self):
+    _require(self.low < self.high, "clip", f"low={self.low} must be < high={self.high}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    lo, hi = self.low, self.high
+    if np.issubdtype(image.dtype, np.integer):
+      # Integer bounds inside the dtype's range keep the result exact and the dtype unchanged.
+      info = np.iinfo(image.dtype)
+      lo = image.dtype.type(np.clip(np.ceil(lo), info.min, info.max))
+      hi = image.dtype.type(np.clip(np.floor(hi), info.min, info.max))
+    return {**record, "image": np.ascontiguousarray(np.clip(image, lo, hi))}
+
+
+@registry.register("transforms.zscore")
+@dataclasses.dataclass(frozen=True)
+class ZScore(grain.transforms.Map):
+  """Per-image z-score, ``(x - mean) / max(std, eps)``, optionally with foreground statistics.
+
+  With ``nonzero`` the statistics come from the nonzero voxels, with ``mask_key`` from the voxels
+  where ``record[mask_key]`` is true; either way voxels outside that mask become 0 (nnU-Net's
+  ``use_mask_for_norm``). A constant image, or an empty mask, gives zeros.
+  MONAI: ``NormalizeIntensity(nonzero=..., channel_wise=per_channel)``; nnU-Net:
+  ``ZScoreNormalization``; TorchIO: ``ZNormalization(masking_method=...)``.
+
+  Attributes:
+    nonzero: statistics over nonzero voxels only (per channel when ``per_channel``).
+    mask_key: record key of a boolean mask ``[*spatial]``, ``[*spatial, 1]`` or ``[*spatial, C]``.
+    eps: floor of the std, so a flat image does not divide by zero.
+    per_channel: one mean/std per channel, else one over all channels.
+  """
+
+  nonzero: bool = False
+  mask_key: str | None = None
+  eps: float = 1e-8
+  per_channel: bool = True
+
+  def __post_init__(self):
+    _require(not (self.nonzero and self.mask_key), "zscore",
+             "nonzero and mask_key are alternatives; give one")
+    _require(self.eps > 0, "zscore", f"eps must be > 0, got {self.eps}")
+
+  def _mask(self, record: Record) -> np.ndarray | None:
+    image = record["image"]
+    if self.nonzero:
+      return image != 0
+    if self.mask_key is None:
+      return None
+    _require(self.mask_key in record, "zscore", f"record has no mask {self.mask_key!r}")
+    mask = np.asarray(record[self.mask_key]).astype(bool)
+    if mask.ndim == _spatial_ndim(image):
+      mask = mask[..., None]
+    _require(mask.shape[:-1] == image.shape[:-1] and mask.shape[-1] in (1, image.shape[-1]),
+             "zscore", f"mask shape {mask.shape} does not fit image shape {image.shape}")
+    return np.broadcast_to(mask, image.shape)
+
+  def map(self, record: Record) -> Record:
+    image = record["image"].astype(np.float64)
+    mask = self._mask(record)
+    groups = [np.s_[..., c:c + 1] for c in range(image.shape[-1])] if self.per_channel else [
+        np.s_[...]]
+    out = np.zeros(image.shape, np.float32)
+    for g in groups:
+      x = image[g]
+      m = np.ones(x.shape, bool) if mask is None else mask[g]
+      if m.any():
+        values = x[m]
+        out[g] = np.where(m, (x - values.mean()) / max(values.std(), self.eps), 0.0)
+    return {**record, "image": out}
+
+
+@registry.register("transforms.percentile_clip")
+@dataclasses.dataclass(frozen=True)
+class PercentileClip(grain.transforms.Map):
+  """Clips each channel to its own ``[lower, upper]`` percentiles, optionally rescaled to [0, 1].
+
+  MONAI: ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True)`` (with ``rescale``);
+  nnU-Net: the 0.5/99.5 percentile clip of its CT scheme, here per image instead of per dataset.
+  TorchIO: ``RescaleIntensity(percentiles=...)``.
+  """
+
+  lower: float = 0.5
+  upper: float = 99.5
+  rescale: bool = False
+
+  def __post_init__(self):
+    _require(0 <= self.lower < self.upper <= 100, "percentile_clip",
+             f"need 0 <= lower < upper <= 100, got lower={self.lower}, upper={self.upper}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[-1]):
+      x = image[..., c].astype(np.float64)
+      lo, hi = np.percentile(x, [self.lower, self.upper])
+      x = np.clip(x, lo, hi)
+      if self.rescale:
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+      out[..., c] = x
+    return {**record, "image": out}
+
+
+@registry.register("transforms.greyscale")
+@dataclasses.dataclass(frozen=True)
+class Greyscale(grain.transforms.Map):
+  """RGB (C=3) to one channel with ITU-R BT.601 luma weights; C=1 passes through (as float32).
+
+  torchvision: ``Grayscale``; MONAI has no direct equivalent (``Lambda`` in practice).
+  """
+
+  weights: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+  def __post_init__(self):
+    _require(len(self.weights) == 3, "greyscale", f"needs 3 weights, got {self.weights}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    c = image.shape[-1]
+    _require(c in (1, 3), "greyscale", f"expects 1 or 3 channels, got {c}")
+    if c == 3:
+      image = (image.astype(np.float32) @ np.asarray(self.weights, np.float32))[..., None]
+    return {**record, "image": np.ascontiguousarray(image, dtype=np.float32)}
+
+
+# --- Grid changes (deterministic) -------------------------------------------------------------
+
+
+@registry.register("transforms.resample")
+@dataclasses.dataclass(frozen=True)
+class Resample(grain.transforms.Map):
+  """Resamples image and label to a target voxel spacing, using ``record["spacing"]``.
+
+  The output has ``max(1, round(n * old / new))`` voxels per axis, so it covers the input's
+  extent; ``record["spacing"]`` becomes the effective spacing ``old * n_old / n_new`` (equal to
+  the target up to rounding). The first voxel centre stays in place (the world origin is
+  unchanged) and output voxel ``i`` samples input coordinate ``i * n_old / n_new``; when
+  upsampling the last few samples fall up to one input voxel past the last centre and take the
+  edge value. There is no anti-aliasing (nnU-Net has none either). Labels use nearest neighbour
+  (``label_order=0``) or, for ``label_order > 0``, nnU-Net's per-class interpolation; either way
+  the label keeps its dtype and only holds values it had before.
+  MONAI: ``Spacing``; nnU-Net: its resampling to the target spacing; TorchIO: ``Resample``.
+
+  Attributes:
+    spacing: target spacing in mm, one entry per spatial axis of the image.
+    order: spline order for the image (1 = linear, 3 = cubic as nnU-Net uses for images).
+    label_order: 0 = nearest neighbour; > 0 = per-class interpolation with that order.
+  """
+
+  spacing: Sequence[float] = (1.0, 1.0, 1.0)
+  order: int = 1
+  label_order: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+    _require(all(s > 0 for s in self.spacing), "resample",
+             f"spacing must be > 0, got {self.spacing}")
+    for name in ("order", "label_order"):
+      _require(getattr(self, name) in range(6), "resample",
+               f"{name} must be a spline order 0..5, got {getattr(self, name)}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    nd = _spatial_ndim(image)
+    _require("spacing" in record, "resample", "the record has no 'spacing'")
+    old = np.asarray(record["spacing"], dtype=np.float64)
+    _require(old.shape == (nd,), "resample",
+             f"record spacing {tuple(old)} does not match the {nd}-D image")
+    _require(len(self.spacing) == nd, "resample",
+             f"target spacing {self.spacing} has {len(self.spacing)} entries for a {nd}-D image")
+    shape = np.array(image.shape[:nd])
+    new_shape = np.maximum(1, np.round(shape * old / np.array(self.spacing))).astype(int)
+    step = shape / new_shape  # input voxels per output voxel
+    if np.array_equal(new_shape, shape):
+      out = _float_image(record)
+    else:
+      sample = _affine_sampler(np.diag(step), np.zeros(nd), tuple(new_shape))
+      # Samples stay within half a voxel of the grid except past the far edge when upsampling,
+      # where the edge value is the right extension for both image and label.
+      out = _warp(record, sample, order=self.order, label_order=self.label_order,
+                  mode="nearest", label_mode="nearest")
+    return {**out, "spacing": old * step}
+
+
+@registry.register("transforms.crop_foreground")
+@dataclasses.dataclass(frozen=True)
+class CropForeground(grain.transforms.Map):
+  """Crops image and label to the box of voxels where any channel exceeds ``threshold``.
+
+  The box grows by ``margin`` voxels per side, clamped to the image; an image with no foreground
+  is returned unchanged. ``record["spacing"]`` is unchanged (the grid is only cut).
+  MONAI: ``CropForeground(select_fn=lambda x: x > threshold, margin=...)``; nnU-Net: cropping to
+  the nonzero region; TorchIO: ``CropOrPad(mask_name=...)`` without the pad.
+
+  Attributes:
+    margin: voxels added on each side, one number or one per spatial axis.
+    threshold: voxels with a channel value above it are foreground.
+  """
+
+  margin: int | Sequence[int] = 0
+  threshold: float = 0.0
+
+  def __post_init__(self):
+    margins = np.atleast_1d(self.margin)
+    _require(margins.ndim == 1 and np.all(margins >= 0) and np.all(margins == margins.astype(int)),
+             "crop_foreground", f"margin must be integers >= 0, got {self.margin}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    nd = _spatial_ndim(image)
+    margin = np.atleast_1d(self.margin).astype(int)
+    _require(margin.size in (1, nd), "crop_foreground",
+             f"margin {self.margin} does not match the {nd}-D image")
+    margin = np.broadcast_to(margin, (nd,))
+    fg = np.nonzero(np.any(image > self.threshold, axis=-1))
+    if fg[0].size == 0:
+      return record
+    box = tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + 1 + m, n))
+                for i, m, n in zip(fg, margin, image.shape))
+    return _map_spatial(record, lambda x: x[box])
+
+
+@registry.register("transforms.crop_or_pad")
+@dataclasses.dataclass(frozen=True)
+class CropOrPad(grain.transforms.Map):
+  """Centre-crops or pads image and label to a target spatial shape (label padded with 0).
+
+  An odd difference puts the extra voxel at the end, so padding then cropping back restores the
+  input exactly. ``mode`` is ``np.pad``'s for the image. ``record["spacing"]`` is unchanged.
+  MONAI: ``ResizeWithPadOrCrop``; TorchIO: ``CropOrPad``; nnU-Net: padding to the patch size.
+
+  Attributes:
+    shape: target spatial shape, one entry per spatial axis.
+    mode: ``np.pad`` mode for the image: constant, edge, reflect, symmetric, minimum, mean...
+    value: pad value for the image in ``constant`` mode.
+  """
+
+  shape: Sequence[int] = (128, 128)
+  mode: str = "constant"
+  value: float = 0.0
+
+  _MODES = ("constant", "edge", "reflect", "symmetric", "wrap", "minimum", "maximum", "mean",
+            "median", "linear_ramp")
+
+  def __post_init__(self):
+    object.__setattr__(self, "shape", tuple(self.shape))
+    _require(all(isinstance(s, (int, np.integer)) and s > 0 for s in self.shape), "crop_or_pad",
+             f"shape must be positive integers, got {self.shape}")
+    _require(self.mode in self._MODES, "crop_or_pad",
+             f"unknown mode {self.mode!r}; known: {list(self._MODES)}")
+
+  def map(self, record: Record) -> Record:
+    image = record["image"]
+    nd = _spatial_ndim(image)
+    _require(len(self.shape) == nd, "crop_or_pad",
+             f"target shape {self.shape} has {len(self.shape)} entries for a {nd}-D image")
+    crop = tuple(slice((n - t) // 2, (n - t) // 2 + t) if n > t else slice(None)
+                 for n, t in zip(image.shape, self.shape))
+    pad = [((t - n) // 2, t - n - (t - n) // 2) if t > n else (0, 0)
+           for n, t in zip(image.shape, self.shape)] + [(0, 0)]
+    kw = {"constant_values": self.value} if self.mode == "constant" else {}
+    out = {**record, "image": np.ascontiguousarray(np.pad(image[crop], pad, self.mode, **kw))}
+    label = _spatial_label(record)
+    if label is not None:
+      out["label"] = np.ascontiguousarray(np.pad(label[crop], pad))
+    return out
+
+
+# --- Spatial augmentation (random) ------------------------------------------------------------
+
+
 @registry.register("transforms.flip")
 @dataclasses.dataclass(frozen=True)
 class RandomFlip(grain.transforms.RandomMap):
-  """Flips each listed spatial axis independently with probability ``p``.
+  """Flips each listed spatial axis independently with probability ``p`` (label too).
 
   Axes index the spatial dims (0 = first spatial axis: H for 2-D, D for 3-D).
   MONAI: ``RandFlip``; nnU-Net: mirroring; TorchIO: ``RandomFlip``.
@@ -70,9 +539,44 @@ class RandomFlip(grain.transforms.RandomMap):
     for a in flip:
       if not -nd <= a < nd:
         raise ValueError(f"flip axis {a} out of range for a {nd}-D image")
-    if flip:
-      image = np.flip(image, axis=tuple(a % nd for a in flip))
-    return {**record, "image": np.ascontiguousarray(image)}
+    if not flip:
+      return {**record, "image": np.ascontiguousarray(image)}
+    return _map_spatial(record, lambda x: np.flip(x, axis=tuple(a % nd for a in flip)))
+
+
+@registry.register("transforms.rot90")
+@dataclasses.dataclass(frozen=True)
+class RandomRot90(grain.transforms.RandomMap):
+  """With probability ``p``, rotates by 90, 180 or 270 degrees (uniformly) in the ``axes`` plane.
+
+  Exact (no interpolation); the label turns with the image. A quarter turn of a non-square plane
+  swaps the two sizes, and the two ``record["spacing"]`` entries with them.
+  MONAI: ``RandRotate90(spatial_axes=axes)``; nnU-Net: rotation by multiples of 90 (2-D planes).
+  """
+
+  axes: tuple[int, int] = (0, 1)
+  p: float = 0.5
+
+  def __post_init__(self):
+    object.__setattr__(self, "axes", tuple(self.axes))
+    _require(len(self.axes) == 2 and self.axes[0] != self.axes[1], "rot90",
+             f"axes must be two different spatial axes, got {self.axes}")
+    _check_p("rot90", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    nd = _spatial_ndim(record["image"])
+    _require(all(-nd <= a < nd for a in self.axes) and self.axes[0] % nd != self.axes[1] % nd,
+             "rot90", f"axes {self.axes} do not name a plane of the {nd}-D image")
+    if rng.random() >= self.p:
+      return record
+    k = int(rng.integers(1, 4))
+    axes = tuple(a % nd for a in self.axes)
+    out = _map_spatial(record, lambda x: np.rot90(x, k, axes))
+    if k % 2 and "spacing" in record:
+      spacing = np.array(record["spacing"], dtype=np.float64)
+      spacing[list(axes)] = spacing[list(axes[::-1])]
+      out["spacing"] = spacing
+    return out
 
 
 @registry.register("transforms.affine")
@@ -80,7 +584,8 @@ class RandomFlip(grain.transforms.RandomMap):
 class RandomAffine(grain.transforms.RandomMap):
   """Small random rotation (degrees, each plane), isotropic scale and translation about the centre.
 
-  Linear interpolation, edges padded with the nearest value. Applied with probability ``p``.
+  Linear interpolation, edges padded with the nearest value; a spatial label is warped the same
+  way with nearest neighbour and background (0) outside. Applied with probability ``p``.
   MONAI: ``RandAffine``; TorchIO: ``RandomAffine``; nnU-Net: its spatial transform (no elastic).
 
   Attributes:
@@ -96,28 +601,75 @@ class RandomAffine(grain.transforms.RandomMap):
   p: float = 1.0
 
   def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    image = record["image"]
     if rng.random() >= self.p:
-      return record
-    nd = _spatial_ndim(image)
-    shape = np.array(image.shape[:nd], dtype=np.float64)
-    matrix = np.eye(nd)
-    planes = [(0, 1)] if nd == 2 else [(0, 1), (0, 2), (1, 2)]
-    for a, b in planes:
-      theta = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
-      r = np.eye(nd)
-      r[a, a] = r[b, b] = np.cos(theta)
-      r[a, b], r[b, a] = -np.sin(theta), np.sin(theta)
-      matrix = matrix @ r
+      return _float_image(record)
+    nd = _spatial_ndim(record["image"])
+    matrix = _random_rotation(nd, rng, self.rotate)
     matrix = matrix / rng.uniform(1 - self.scale, 1 + self.scale)
-    shift = rng.uniform(-self.translate, self.translate, size=nd) * shape
-    centre = (shape - 1) / 2
-    offset = centre - matrix @ centre - shift
-    out = np.empty(image.shape, np.float32)
-    for c in range(image.shape[-1]):
-      out[..., c] = ndimage.affine_transform(
-          image[..., c].astype(np.float32), matrix, offset, order=1, mode="nearest")
-    return {**record, "image": out}
+    shift = rng.uniform(-self.translate, self.translate, size=nd) * np.array(
+        record["image"].shape[:nd])
+    return _about_centre(record, matrix, shift)
+
+
+@registry.register("transforms.rotate")
+@dataclasses.dataclass(frozen=True)
+class RandomRotate(grain.transforms.RandomMap):
+  """Random rotation about the centre, uniform in ``[-degrees, degrees]`` in each plane.
+
+  One plane in 2-D, the three planes in 3-D; interpolation and edges as ``affine``.
+  MONAI: ``RandRotate``; TorchIO: ``RandomAffine(degrees=..., scales=0)``; nnU-Net: the rotation
+  of its spatial transform.
+  """
+
+  degrees: float = 15.0
+  p: float = 1.0
+
+  def __post_init__(self):
+    _require(self.degrees >= 0, "rotate", f"degrees must be >= 0, got {self.degrees}")
+    _check_p("rotate", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    return _about_centre(record, _random_rotation(_spatial_ndim(record["image"]), rng,
+                                                  self.degrees))
+
+
+@registry.register("transforms.elastic")
+@dataclasses.dataclass(frozen=True)
+class RandomElastic(grain.transforms.RandomMap):
+  """nnU-Net-style elastic deformation, applied with probability ``p``.
+
+  Per spatial axis a displacement field of uniform [-1, 1] noise is smoothed by a Gaussian of
+  ``sigma`` voxels and scaled by ``alpha`` (both drawn per record from their ranges); the image
+  is resampled linearly and the label by nearest neighbour, edges as ``affine``.
+  nnU-Net: ``elastic_deform_coordinates`` (batchgenerators); MONAI: ``Rand2DElastic`` /
+  ``Rand3DElastic``; TorchIO: ``RandomElasticDeformation`` (B-spline control grid instead).
+  """
+
+  alpha: Range = (0.0, 200.0)
+  sigma: Range = (9.0, 13.0)
+  p: float = 0.2
+
+  def __post_init__(self):
+    object.__setattr__(self, "alpha", _as_range("elastic", "alpha", self.alpha, 0.0))
+    object.__setattr__(self, "sigma", _as_range("elastic", "sigma", self.sigma, 0.0))
+    _check_p("elastic", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    shape = record["image"].shape[:-1]
+    alpha, sigma = rng.uniform(*self.alpha), rng.uniform(*self.sigma)
+    coords = np.indices(shape, dtype=np.float64)
+    for d in range(len(shape)):
+      noise = rng.uniform(-1.0, 1.0, size=shape)
+      coords[d] += ndimage.gaussian_filter(noise, sigma, mode="constant") * alpha
+    return _warp(record, lambda x, order, mode: ndimage.map_coordinates(
+        x, coords, order=order, mode=mode, cval=0.0))
+
+
+# --- Intensity augmentation (random) ----------------------------------------------------------
 
 
 @registry.register("transforms.intensity")
@@ -138,6 +690,112 @@ class RandomIntensity(grain.transforms.RandomMap):
     c = rng.uniform(1 - self.contrast, 1 + self.contrast)
     b = rng.uniform(-self.brightness, self.brightness)
     return {**record, "image": (record["image"] * c + b).astype(np.float32)}
+
+
+@registry.register("transforms.gamma")
+@dataclasses.dataclass(frozen=True)
+class RandomGamma(grain.transforms.RandomMap):
+  """nnU-Net gamma: each channel rescaled to [0, 1], raised to ``gamma``, mapped back.
+
+  The channel's min and max are kept. Gamma is drawn per record, half the time below 1 and half
+  above (nnU-Net's rule). ``invert`` applies it to the negated image (brightens bright regions).
+  nnU-Net: ``GammaTransform`` / ``augment_gamma``; MONAI: ``RandAdjustContrast``; TorchIO:
+  ``RandomGamma`` (which does not rescale).
+  """
+
+  gamma: Range = (0.7, 1.5)
+  p: float = 0.3
+  invert: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "gamma", _as_range("gamma", "gamma", self.gamma, 1e-6))
+    _check_p("gamma", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    g = _sample_around_one(rng, *self.gamma)
+    sign = -1.0 if self.invert else 1.0
+    image = sign * record["image"].astype(np.float64)
+    lo = image.min(axis=tuple(range(image.ndim - 1)))
+    span = image.max(axis=tuple(range(image.ndim - 1))) - lo
+    safe = np.where(span > 0, span, 1.0)  # a flat channel maps to itself
+    image = ((image - lo) / safe) ** g * safe + lo
+    return {**record, "image": np.ascontiguousarray(sign * image, dtype=np.float32)}
+
+
+@registry.register("transforms.noise")
+@dataclasses.dataclass(frozen=True)
+class RandomNoise(grain.transforms.RandomMap):
+  """Adds zero-mean Gaussian noise whose std is drawn per record from ``std``.
+
+  MONAI: ``RandGaussianNoise``; nnU-Net: ``GaussianNoiseTransform``; TorchIO: ``RandomNoise``.
+  """
+
+  std: Range = (0.0, 0.1)
+  p: float = 0.15
+
+  def __post_init__(self):
+    object.__setattr__(self, "std", _as_range("noise", "std", self.std, 0.0))
+    _check_p("noise", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    std = np.float32(rng.uniform(*self.std))
+    image = record["image"].astype(np.float32)
+    return {**record, "image": image + std * rng.standard_normal(image.shape, dtype=np.float32)}
+
+
+@registry.register("transforms.blur")
+@dataclasses.dataclass(frozen=True)
+class RandomBlur(grain.transforms.RandomMap):
+  """Gaussian blur over the spatial axes (never across channels), sigma in voxels per record.
+
+  MONAI: ``RandGaussianSmooth``; nnU-Net: ``GaussianBlurTransform``; TorchIO: ``RandomBlur``.
+  """
+
+  sigma: Range = (0.5, 1.0)
+  p: float = 0.2
+
+  def __post_init__(self):
+    object.__setattr__(self, "sigma", _as_range("blur", "sigma", self.sigma, 0.0))
+    _check_p("blur", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    image = record["image"].astype(np.float32)
+    sigma = (rng.uniform(*self.sigma),) * _spatial_ndim(image) + (0.0,)
+    return {**record, "image": ndimage.gaussian_filter(image, sigma, mode="nearest")}
+
+
+@registry.register("transforms.contrast")
+@dataclasses.dataclass(frozen=True)
+class RandomContrast(grain.transforms.RandomMap):
+  """nnU-Net contrast: each channel scaled by ``factor`` about its mean, then clipped to its range.
+
+  The factor is drawn per record, half the time below 1 and half above (nnU-Net's rule).
+  nnU-Net: ``ContrastAugmentationTransform(preserve_range=True)``; MONAI:
+  ``RandScaleIntensityFixedMean``; TorchIO has no direct equivalent.
+  """
+
+  factor: Range = (0.75, 1.25)
+  p: float = 0.15
+
+  def __post_init__(self):
+    object.__setattr__(self, "factor", _as_range("contrast", "factor", self.factor, 0.0))
+    _check_p("contrast", self.p)
+
+  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
+    if rng.random() >= self.p:
+      return _float_image(record)
+    f = _sample_around_one(rng, *self.factor)
+    image = record["image"].astype(np.float64)
+    axes = tuple(range(image.ndim - 1))
+    mean = image.mean(axis=axes)
+    image = np.clip((image - mean) * f + mean, image.min(axis=axes), image.max(axis=axes))
+    return {**record, "image": np.ascontiguousarray(image, dtype=np.float32)}
 
 
 def parse(spec: str) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
