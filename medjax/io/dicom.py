@@ -150,7 +150,10 @@ def _decode(ds: pydicom.Dataset, path: str) -> np.ndarray:
       raise MedjaxIOError(path, f"no decoder for transfer syntax {name} ({syntax}); "
                           f"install: pip install {package}") from e
     raise MedjaxIOError(path, f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
-  except Exception as e:  # noqa: BLE001 - corrupt streams raise anything from the C decoders
+  except (KeyboardInterrupt, SystemExit):
+    raise
+  except BaseException as e:  # noqa: BLE001 - corrupt streams raise anything from the decoders,
+    # even pyo3's PanicException (a BaseException) from the Rust RLE decoder.
     raise MedjaxIOError(path, f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
   pixels = np.asarray(pixels)
   if frames == 1:
