@@ -17,3 +17,6 @@ class MedjaxIOError(Exception):
     self.path = os.fspath(path)
     self.cause = cause
     super().__init__(f"{self.path}: {cause}")
+
+  def __reduce__(self):  # survives pickling (errors raised in worker processes)
+    return type(self), (self.path, self.cause)

@@ -40,7 +40,7 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
     affine = np.asarray(image.affine, np.float64)
   except MedjaxIOError:
     raise
-  except Exception as e:  # nibabel and gzip raise many types for corrupt files; all mean "unreadable"
+  except Exception as e:  # nibabel and gzip raise many types on corrupt files: all "unreadable"
     raise MedjaxIOError(path, f"unreadable NIfTI file ({type(e).__name__}: {e})") from e
   return data, affine
 
@@ -54,7 +54,8 @@ def _to_ijkc(path: str, data: np.ndarray) -> np.ndarray:
   if data.ndim == 3:
     data = data[..., None]
   if data.ndim != 4:
-    raise MedjaxIOError(path, f"expected a 2-D, 3-D or 4-D (channels) image, got shape {data.shape}")
+    raise MedjaxIOError(path, f"expected a 2-D, 3-D or 4-D (channels) image, got shape "
+                        f"{data.shape}")
   if 0 in data.shape:
     raise MedjaxIOError(path, f"empty image, shape {data.shape}")
   return data

@@ -1,14 +1,15 @@
 """`Volume`: one in-memory type for every image medjax reads (DICOM, NIfTI), with its geometry.
 
 Conventions (the same as nibabel and MONAI, so NIfTI round-trips without a flip):
-- ``array`` is indexed ``[i, j, k, c]``: three spatial axes, channels last. A 2-D image (a radiograph,
-  one DICOM slice) has ``k`` of size 1; for DICOM, ``i`` runs along a row (columns) and ``j`` down the
-  rows, so ``array[:, :, 0, 0].T`` is the picture as a viewer shows it.
+- ``array`` is indexed ``[i, j, k, c]``: three spatial axes, channels last. A 2-D image (a
+  radiograph, one DICOM slice) has ``k`` of size 1; for DICOM, ``i`` runs along a row (columns)
+  and ``j`` down the rows, so ``array[:, :, 0, 0].T`` is the picture as a viewer shows it.
 - World coordinates are **RAS+** millimetres (nibabel's): +x towards the patient's Right, +y
   Anterior, +z Superior. Readers convert at the edge: DICOM's patient frame is LPS+ (+x Left,
   +y Posterior), so its x and y change sign on the way in; NIfTI is RAS+ already.
 - ``affine`` maps a voxel index ``(i, j, k, 1)`` to world ``(x, y, z, 1)``:
-  ``affine[:3, :3] = direction @ diag(spacing)`` and ``affine[:3, 3] = origin`` (the centre of voxel 0).
+  ``affine[:3, :3] = direction @ diag(spacing)`` and ``affine[:3, 3] = origin`` (the centre of
+  voxel 0).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Volume:
     return dataclasses.replace(self, **changes)
 
   def to_canonical(self) -> Volume:
-    """The same image with its axes permuted/flipped to the closest RAS+ order (nibabel's canonical).
+    """The same image, axes permuted/flipped to the closest RAS+ order (nibabel's canonical).
 
     Only whole-axis flips and permutations: voxels are moved, never interpolated, so an oblique
     direction stays oblique (as ``nibabel.as_closest_canonical``).

@@ -305,3 +305,20 @@ def test_identity_never_leaves_the_reader(tmp_path, phantom, caplog):
   for marker in MARKERS.values():
     for text in texts:
       assert marker not in text and marker.split("^")[0] not in text
+
+
+def test_worker_processes_decode_the_same_and_report_bad_files(data_root, tmp_path):
+  import shutil
+  source = os.path.join(_dicom_root(data_root), "totalsegmentator_ct_series/slices")
+  pooled = dicom.read_dicom_series(source, workers=2)
+  serial = dicom.read_dicom_series(source, workers=1)
+  np.testing.assert_array_equal(pooled.array, serial.array)
+  folder = shutil.copytree(source, tmp_path / "slices")
+  victim = sorted(folder.iterdir())[4]
+  data = victim.read_bytes()
+  start = data.find(b"\xff\x4f\xff\x51")  # the JPEG 2000 codestream's SOC + SIZ markers
+  assert start > 0
+  victim.write_bytes(data[:start] + bytes(64) + data[start + 64:])
+  with pytest.raises(MedjaxIOError) as e:
+    dicom.read_dicom_series(folder, workers=2)
+  assert e.value.path == str(victim)

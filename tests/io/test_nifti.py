@@ -108,7 +108,7 @@ def test_real_files_load_with_their_geometry(data_root):
     np.testing.assert_allclose(image.spacing, 1.0, atol=1e-3)
     np.testing.assert_allclose(image.affine, labels.affine, atol=1e-4)
   assert dtypes == {"uint8", "float32"}  # the real set mixes both
-  mr = nifti.read_nifti(os.path.join(data_root, "nifti/totalsegmentator_examples/example_mr_sm.nii.gz"))
-  raw = nib.load(os.path.join(data_root, "nifti/totalsegmentator_examples/example_mr_sm.nii.gz"))
+  path = os.path.join(data_root, "nifti/totalsegmentator_examples/example_mr_sm.nii.gz")
+  mr, raw = nifti.read_nifti(path), nib.load(path)
   assert "".join(nib.aff2axcodes(raw.affine)) != "RAS" and mr.orientation == "RAS"
   assert sorted(mr.shape) == sorted(raw.shape[:3])
