@@ -29,7 +29,7 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
   if not os.path.isfile(path):
     raise MedjaxIOError(path, "no such file")
   try:
-    image = nib.load(path)
+    image = nib.load(path, mmap=False)  # in memory: no open file behind the array
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
       raise MedjaxIOError(path, f"not a NIfTI image (nibabel read it as {type(image).__name__})")
     slope, inter = image.dataobj.slope, image.dataobj.inter
@@ -72,7 +72,7 @@ def read_nifti(path: str | os.PathLike, canonical: bool = True, modality: str = 
   if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
     raise MedjaxIOError(path, f"degenerate affine in the header: {affine.tolist()}")
   metadata = {"format": "nifti", "source_dtype": str(data.dtype)}
-  volume = Volume.from_affine(np.ascontiguousarray(data), affine, modality=modality,
+  volume = Volume.from_affine(data, affine, modality=modality,
                               metadata=metadata)
   return volume.to_canonical() if canonical else volume
 

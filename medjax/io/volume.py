@@ -3,7 +3,9 @@
 Conventions (the same as nibabel and MONAI, so NIfTI round-trips without a flip):
 - ``array`` is indexed ``[i, j, k, c]``: three spatial axes, channels last. A 2-D image (a
   radiograph, one DICOM slice) has ``k`` of size 1; for DICOM, ``i`` runs along a row (columns)
-  and ``j`` down the rows, so ``array[:, :, 0, 0].T`` is the picture as a viewer shows it.
+  and ``j`` down the rows, so ``array[:, :, 0, 0].T`` is the picture as a viewer shows it. The
+  memory layout is the reader's (NIfTI and DICOM series come with ``i`` varying fastest, as
+  nibabel gives them); ``np.ascontiguousarray`` where a C layout matters.
 - World coordinates are **RAS+** millimetres (nibabel's): +x towards the patient's Right, +y
   Anterior, +z Superior. Readers convert at the edge: DICOM's patient frame is LPS+ (+x Left,
   +y Posterior), so its x and y change sign on the way in; NIfTI is RAS+ already.
@@ -105,7 +107,7 @@ class Volume:
     array = nib.orientations.apply_orientation(self.array, ornt)
     transform = nib.orientations.inv_ornt_aff(ornt, self.shape)
     return Volume.from_affine(
-        np.ascontiguousarray(array), self.affine @ transform, modality=self.modality,
+        array, self.affine @ transform, modality=self.modality,
         metadata=dict(self.metadata))
 
   def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
