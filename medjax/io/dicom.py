@@ -554,11 +554,12 @@ def _decode_series(files: Sequence[str], datasets: Sequence[pydicom.Dataset | No
     chunk = max(1, len(files) // (4 * workers))
     try:
       return list(pool.map(_decode_file, files, [options] * len(files), chunksize=chunk))
-    except concurrent.futures.process.BrokenProcessPool as e:
+    except concurrent.futures.process.BrokenProcessPool:
+      # Workers cannot start where the main module cannot be re-imported (a script piped on
+      # stdin, an unguarded entry point); decoding here is slower but gives the same volume.
       global _pool
       _pool = None
-      raise MedjaxIOError(where, "a decoding process died (a decoder crashed on this "
-                          "series); read with workers=1 to find the file") from e
+      log.warning("%s: decoding processes failed; decoding in this process instead", where)
   return [_frames(ds if ds is not None else _dcmread(file), file, *options)
           for file, ds in zip(files, datasets)]
 
