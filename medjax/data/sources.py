@@ -8,10 +8,7 @@ import numpy as np
 
 from medjax.io.errors import MedjaxIOError
 from medjax.io.medmnist import MedMNISTSplit, load_medmnist
-from medjax.io.volume import Volume
-
-# Image and label grids closer than this (mm, in every affine entry) are the same grid.
-GRID_TOLERANCE_MM = 1e-3
+from medjax.io.volume import Volume, grid_mismatch
 
 
 class ArraySource:
@@ -51,18 +48,13 @@ def volume_record(image: Volume, label: Volume | None = None,
                   label_path: str | os.PathLike = "label") -> dict[str, np.ndarray]:
   """A transform-ready record ``{"image", "spacing"[, "label"]}`` from a Volume (and its labels).
 
-  The label map must lie on the image's grid (same shape, affine within `GRID_TOLERANCE_MM`);
-  otherwise `MedjaxIOError` names ``label_path``, because a shifted mask trains a wrong model
-  without any other symptom.
+  The label map must lie on the image's grid (`grid_mismatch`); otherwise `MedjaxIOError` names
+  ``label_path``, because a shifted mask trains a wrong model without any other symptom.
   """
   record = {"image": image.array, "spacing": image.spacing.copy()}
   if label is not None:
-    if label.shape != image.shape:
-      raise MedjaxIOError(label_path, f"label grid {label.shape} differs from the image's "
-                          f"{image.shape}")
-    gap = float(np.max(np.abs(label.affine - image.affine)))
-    if gap > GRID_TOLERANCE_MM:
-      raise MedjaxIOError(label_path, f"label affine differs from the image's by up to {gap:.3g} "
-                          "(mm or direction units); they are not on the same grid")
+    problem = grid_mismatch(image, label)
+    if problem:
+      raise MedjaxIOError(label_path, f"label map not on the image's grid: {problem}")
     record["label"] = label.array
   return record

@@ -126,3 +126,17 @@ class Volume:
     return (f"Volume(shape={self.array.shape}, dtype={self.array.dtype}, "
             f"spacing={np.round(self.spacing, 4).tolist()}, orientation={self.orientation}, "
             f"modality={self.modality!r})")
+
+
+# Grids whose affines differ by less than this (mm, or direction units) are the same grid.
+GRID_TOLERANCE = 1e-3
+
+
+def grid_mismatch(a: Volume, b: Volume, tolerance: float = GRID_TOLERANCE) -> str | None:
+  """Why ``b`` is not on ``a``'s voxel grid (shape or affine), or None when it is."""
+  if a.shape != b.shape:
+    return f"shape {b.shape} differs from {a.shape}"
+  gap = float(np.max(np.abs(a.affine - b.affine)))
+  if gap > tolerance:
+    return f"affine differs by up to {gap:.3g} (origin, spacing or direction)"
+  return None

@@ -1,0 +1,148 @@
+"""Medical Segmentation Decathlon folders: ``dataset.json`` + ``imagesTr/`` + ``labelsTr/``.
+
+Both layouts in use are read: the original MSD release (one NIfTI per case, 4-D when there are
+several modalities) and nnU-Net's (``case_0000.nii.gz``, ``case_0001.nii.gz``… one file per
+channel). Labels are ``{"0": "background", ...}`` (MSD) or ``{"background": 0, ...}`` (nnU-Net v2).
+Every problem is a `MedjaxIOError` naming the file: missing files, channels on different grids, a
+label map that does not match its image, labels outside the declared classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from medjax.io.errors import MedjaxIOError
+from medjax.io.nifti import read_nifti, read_nifti_labels
+from medjax.io.volume import Volume, grid_mismatch
+
+
+@dataclasses.dataclass(frozen=True)
+class MSDCase:
+  """One training case: its channel files (or one 4-D file) and its label map."""
+
+  case_id: str
+  images: tuple[str, ...]
+  label: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MSDDataset:
+  """The contents of a ``dataset.json`` with every path resolved and checked to exist."""
+
+  root: str
+  name: str
+  channels: tuple[str, ...]  # modality name per input channel, e.g. ("MRI",) or ("CT",)
+  labels: tuple[str, ...]  # class names, index = label value; 0 is background
+  cases: tuple[MSDCase, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.labels)
+
+  def case(self, case_id: str) -> MSDCase:
+    for c in self.cases:
+      if c.case_id == case_id:
+        return c
+    raise KeyError(f"{self.root}: no case {case_id!r}")
+
+
+def _case_id(path: str) -> str:
+  name = os.path.basename(path)
+  for suffix in (".nii.gz", ".nii"):
+    if name.endswith(suffix):
+      return name[: -len(suffix)]
+  return name
+
+
+def _labels(path: str, raw: dict) -> tuple[str, ...]:
+  try:
+    if all(str(k).isdigit() for k in raw):  # MSD: {"0": "background"}
+      by_value = {int(k): str(v) for k, v in raw.items()}
+    else:  # nnU-Net v2: {"background": 0}
+      by_value = {int(v): str(k) for k, v in raw.items()}
+  except (TypeError, ValueError) as e:
+    raise MedjaxIOError(path, f"'labels' must map values to names: {raw}") from e
+  if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
+    raise MedjaxIOError(path, f"labels must be 0..K-1 with K >= 2, got values {sorted(by_value)}")
+  return tuple(by_value[k] for k in range(len(by_value)))
+
+
+def read_msd_dataset(root: str | os.PathLike) -> MSDDataset:
+  """Reads ``root/dataset.json`` and resolves every training case's files."""
+  root = os.fspath(root)
+  path = os.path.join(root, "dataset.json")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError as e:
+    raise MedjaxIOError(path, "no dataset.json (is this an MSD/nnU-Net dataset folder?)") from e
+  except (OSError, ValueError) as e:
+    raise MedjaxIOError(path, f"unreadable JSON ({e})") from e
+  modality = meta.get("modality") or meta.get("channel_names")
+  if not isinstance(modality, dict) or not modality:
+    raise MedjaxIOError(path, "needs 'modality' (MSD) or 'channel_names' (nnU-Net)")
+  channels = tuple(str(modality[k]) for k in sorted(modality, key=int))
+  if "labels" not in meta or not isinstance(meta["labels"], dict):
+    raise MedjaxIOError(path, "needs a 'labels' mapping")
+  labels = _labels(path, meta["labels"])
+  entries = meta.get("training")
+  if entries is None:  # nnU-Net v2 lists no cases: they are the files in imagesTr/labelsTr
+    folder = os.path.join(root, "labelsTr")
+    if not os.path.isdir(folder):
+      raise MedjaxIOError(path, "no 'training' list and no labelsTr/ folder")
+    entries = [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"}
+               for n in sorted(os.listdir(folder)) if n.endswith((".nii", ".nii.gz"))]
+  cases = []
+  for entry in entries:
+    try:
+      image, label = entry["image"], entry.get("label")
+    except (TypeError, KeyError) as e:
+      raise MedjaxIOError(path, f"a 'training' entry lacks 'image': {entry}") from e
+    image = os.path.normpath(os.path.join(root, image))
+    if os.path.isfile(image):
+      images = (image,)
+    else:  # nnU-Net naming: one file per channel next to where the 4-D file would be
+      stem = _case_id(image)
+      suffix = image[len(os.path.join(os.path.dirname(image), stem)):]
+      images = tuple(os.path.join(os.path.dirname(image), f"{stem}_{c:04d}{suffix}")
+                     for c in range(len(channels)))
+      missing = [p for p in images if not os.path.isfile(p)]
+      if missing:
+        raise MedjaxIOError(image, f"missing (nor found as {os.path.basename(missing[0])})")
+    label_path = os.path.normpath(os.path.join(root, label)) if label else None
+    if label_path and not os.path.isfile(label_path):
+      raise MedjaxIOError(label_path, "label file listed in dataset.json is missing")
+    cases.append(MSDCase(_case_id(image), images, label_path))
+  if not cases:
+    raise MedjaxIOError(path, "no training cases")
+  ids = [c.case_id for c in cases]
+  if len(set(ids)) != len(ids):
+    raise MedjaxIOError(path, "duplicate case ids in 'training'")
+  return MSDDataset(root, str(meta.get("name", os.path.basename(root))), channels, labels,
+                    tuple(cases))
+
+
+def load_msd_case(dataset: MSDDataset, case: MSDCase) -> tuple[Volume, Volume | None]:
+  """The case's image (one channel per modality, canonical RAS) and its label map (or None)."""
+  parts = [read_nifti(p, modality=dataset.channels[0]) for p in case.images]
+  for p, v in zip(case.images[1:], parts[1:]):
+    problem = grid_mismatch(parts[0], v)
+    if problem:
+      raise MedjaxIOError(p, f"channel not on the grid of {os.path.basename(case.images[0])}: "
+                          f"{problem}")
+  image = parts[0] if len(parts) == 1 else parts[0].replace(
+      array=np.concatenate([v.array for v in parts], axis=-1))
+  if image.channels != len(dataset.channels):
+    raise MedjaxIOError(case.images[0], f"{image.channels} channel(s), dataset.json declares "
+                        f"{len(dataset.channels)} ({', '.join(dataset.channels)})")
+  if case.label is None:
+    return image, None
+  label = read_nifti_labels(case.label, num_classes=dataset.num_classes)
+  problem = grid_mismatch(image, label)
+  if problem:
+    raise MedjaxIOError(case.label, f"label map not on its image's grid: {problem}")
+  return image, label
