@@ -85,11 +85,21 @@ def main(argv):
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  if jax.process_index() == 0:
-    best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())
-    print(f"done: {summary['experiment']} best step {summary['best_step']}: "
-          f"{summary['split']} {best}; train time {summary['train_seconds']:.0f} s; "
-          f"results in {summary['workdir']}/results.md")
+  if jax.process_index() != 0:
+    return
+  best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())
+  print(f"done: {summary['experiment']} best step {summary['best_step']}: "
+        f"{summary['split']} {best}; train time {summary['train_seconds']:.0f} s; "
+        f"results in {summary['workdir']}/results.md")
+  if _CONFIG.value.task == "segmentation":
+    # The fold's full validation: sliding window + mirroring on whole cases, in their geometry.
+    from medjax.infer import segment
+
+    result = segment.validate(summary["workdir"], mirror=_CONFIG.value.eval.mirror)
+    dice = " ".join(f"{k}={v:.4f}" for k, v in result["per_class_dice"].items())
+    print(f"validation (fold {result['fold']}, {result['cases']} cases, sliding window): "
+          f"mean foreground Dice {result['foreground_dice']:.4f} ({dice}); "
+          f"{result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

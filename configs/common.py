@@ -23,6 +23,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.train_transforms = "to_float|normalize(0.5, 0.5)"
   c.data.eval_transforms = "to_float|normalize(0.5, 0.5)"
+  # Segmentation (data.source = "msd"): an MSD/nnU-Net folder under data.dir or
+  # $MEDJAX_DATA_DIR/<data.name>, planned like nnU-Net (workdir/plan.json).
+  c.data.dims = 3  # 3: volumetric patches; 2: slices along the plan's slice axis.
+  c.data.max_patch_voxels = 40 * 56 * 40  # the planner's patch budget (3-D voxels).
+  c.data.plan = ml_collections.ConfigDict()  # overrides of plan keys, e.g. patch_size.
+  c.data.cache_dir = ""  # preprocessed cases; empty: workdir/preprocessed.
+  c.data.folds = 5
+  c.data.fold = 0  # validation fold (splits.json in the workdir, written once).
+  c.data.foreground = 0.33  # share of training patches centred on a foreground voxel.
   c.data.num_threads = 4  # Grain read threads per process.
   c.data.prefetch = 16  # records buffered ahead per process.
 
@@ -57,6 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # 0: once per epoch.
   c.eval.batch_size = 256
   c.eval.best_metric = "auc"  # checkpoint retained as best; higher is better.
+  c.eval.mirror = True  # segmentation: mirroring test-time augmentation in the final validation.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the batch axis; -1: all.

@@ -106,7 +106,7 @@ def test_bad_data_file_names_the_file(case, tmp_path):
   spoil(path)
   # The reader's own error type (checked in-process, cheaply: no training starts).
   with pytest.raises(MedjaxIOError) as raised:
-    loop.build_sources(config(data).data, "val")
+    loop.build_data(config(data), str(tmp_path / "unused"))
   assert raised.value.path == path and cause in raised.value.cause, str(raised.value)
   line = _error_line(*_run(tmp_path / "run", data))
   assert line == f"error: {raised.value}"

@@ -311,21 +311,44 @@ class CaseSource:
   Whole cases, for the ``patch`` transform to cut; ``locations`` are (class, i, j, k) rows.
   """
 
-  def __init__(self, folder: str, case_ids: Sequence[str]):
+  def __init__(self, folder: str, case_ids: Sequence[str], locations: bool = True):
     self.folder = folder
     self.case_ids = list(case_ids)
     self.cases = [load_cached(folder, c) for c in self.case_ids]
+    self.locations = locations  # off for evaluation: batching needs equal-shaped fields
 
   def __len__(self) -> int:
     return len(self.cases)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     case = self.cases[index]
-    return {"image": np.asarray(case.image), "label": np.asarray(case.label),
-            "locations": case.locations, "index": np.int64(index)}
+    record = {"image": np.asarray(case.image), "label": np.asarray(case.label),
+              "index": np.int64(index)}
+    if self.locations:
+      record["locations"] = case.locations
+    return record
 
   def __repr__(self) -> str:
     return f"CaseSource({self.folder}, n={len(self)})"
+
+
+class SliceSource:
+  """Every slice along ``axis`` of cached cases, as 2-D records ``{"image", "label", "index"}``
+  (``index`` numbers the slices in order, case by case)."""
+
+  def __init__(self, folder: str, case_ids: Sequence[str], axis: int):
+    self.cases = [load_cached(folder, c) for c in case_ids]
+    self.axis = axis
+    self.slices = [(n, k) for n, c in enumerate(self.cases) for k in range(c.image.shape[axis])]
+
+  def __len__(self) -> int:
+    return len(self.slices)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    n, k = self.slices[index]
+    case = self.cases[n]
+    return {"image": np.take(case.image, k, axis=self.axis),
+            "label": np.take(case.label, k, axis=self.axis), "index": np.int64(index)}
 
 
 @registry.register("transforms.patch")

@@ -59,3 +59,22 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float
   aucs = [skm.roc_auc_score(labels[:, k], probs[:, k]) for k in range(labels.shape[1])
           if labels[:, k].min() != labels[:, k].max()]
   return {"acc": acc, "auc": float(np.mean(aucs)) if aucs else float("nan"), "nll": nll}
+
+
+def pseudo_dice(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+  """nnU-Net's validation "pseudo Dice": per foreground class, one Dice over all voxels of all
+  patches together (not a mean of per-case Dice), and ``dice``, their mean.
+
+  Args:
+    labels: ``[N, *spatial, 1]`` or ``[N, *spatial]`` integer label maps.
+    predictions: ``[N, *spatial]`` predicted classes.
+  """
+  labels = labels.reshape(predictions.shape)
+  num_classes = int(max(labels.max(), predictions.max())) + 1
+  out = {}
+  for k in range(1, max(num_classes, 2)):
+    y, p = labels == k, predictions == k
+    denominator = y.sum() + p.sum()
+    out[f"dice_{k}"] = float(2 * np.sum(y & p) / denominator) if denominator else float("nan")
+  values = [v for v in out.values() if np.isfinite(v)]
+  return {"dice": float(np.mean(values)) if values else float("nan"), **out}

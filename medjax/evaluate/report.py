@@ -55,14 +55,18 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str, title: str) -> No
 
 
 def write_report(workdir: str, summary: dict[str, Any], history: list[dict[str, Any]],
-                 labels: np.ndarray, probs: np.ndarray) -> None:
-  """Writes ``plots/curves.png``, ``plots/roc_<split>.png`` and ``results.md``."""
+                 labels: np.ndarray | None = None, probs: np.ndarray | None = None) -> None:
+  """Writes ``plots/curves.png``, ``plots/roc_<split>.png`` (given class probabilities) and
+  ``results.md``."""
   plots = os.path.join(workdir, "plots")
   os.makedirs(plots, exist_ok=True)
   split = summary["split"]
   plot_curves(history, os.path.join(plots, "curves.png"))
-  plot_roc(labels, probs, os.path.join(plots, f"roc_{split}.png"),
-           f"{summary['experiment']} ({split}, step {summary['best_step']})")
+  figures = "![curves](plots/curves.png)"
+  if probs is not None:
+    plot_roc(labels, probs, os.path.join(plots, f"roc_{split}.png"),
+             f"{summary['experiment']} ({split}, step {summary['best_step']})")
+    figures += f" ![roc](plots/roc_{split}.png)"
   best = summary["best"]
   lines = [
       f"# {summary['experiment']}", "",
@@ -70,6 +74,6 @@ def write_report(workdir: str, summary: dict[str, Any], history: list[dict[str, 
       f"{summary['steps']}; training wall time this session {summary['train_seconds']:.0f} s.",
       "", "| split | " + " | ".join(best) + " |", "|---|" + "---|" * len(best),
       f"| {split} | " + " | ".join(f"{v:.4f}" for v in best.values()) + " |", "",
-      f"![curves](plots/curves.png) ![roc](plots/roc_{split}.png)", ""]
+      figures, ""]
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(lines))

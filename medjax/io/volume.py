@@ -101,14 +101,19 @@ class Volume:
     Only whole-axis flips and permutations: voxels are moved, never interpolated, so an oblique
     direction stays oblique (as ``nibabel.as_closest_canonical``).
     """
-    ornt = nib.orientations.io_orientation(self.affine)
+    return self.reoriented(np.eye(4))
+
+  def reoriented(self, like_affine: np.ndarray) -> Volume:
+    """The same image with its axes permuted/flipped to the orientation of ``like_affine``
+    (e.g. an input file's, to write a prediction back the way the input was stored)."""
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(self.affine),
+                                           nib.orientations.io_orientation(like_affine))
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
       return self
     array = nib.orientations.apply_orientation(self.array, ornt)
     transform = nib.orientations.inv_ornt_aff(ornt, self.shape)
-    return Volume.from_affine(
-        array, self.affine @ transform, modality=self.modality,
-        metadata=dict(self.metadata))
+    return Volume.from_affine(array, self.affine @ transform, modality=self.modality,
+                              metadata=dict(self.metadata))
 
   def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
     """Continuous voxel indices of RAS+ world points ``[..., 3]``."""

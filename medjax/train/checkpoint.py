@@ -99,5 +99,17 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return state.replace(**restored["state"])
 
+  def restore_variables(self, step: int | None = None) -> dict[str, Any]:
+    """The model variables to evaluate with (the EMA when the run kept one) of checkpoint
+    ``step`` (default: the best), without rebuilding the optimiser: for inference."""
+    step = step if step is not None else (self.best_step() or self.latest_step())
+    if step is None:
+      raise FileNotFoundError(f"{self._manager.directory}: no checkpoint")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    if restored.get("ema"):
+      return dict(restored["ema"])
+    return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+
   def close(self) -> None:
     self._manager.close()

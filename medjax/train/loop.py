@@ -7,6 +7,7 @@ builders below read the ConfigDict; everything they call takes plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,8 +24,9 @@ import tqdm
 from absl import logging
 
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
-from medjax.data import pipeline, sources, transforms
+from medjax.data import pipeline, segmentation, sources, transforms
 from medjax.evaluate import report
+from medjax.io import msd
 from medjax.train import optim, sharding, tasks
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.state import TrainState
@@ -61,18 +63,90 @@ def itstime(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def build_sources(data_cfg: ml_collections.ConfigDict, eval_split: str):
-  """Returns ``(train_source, eval_source, num_classes, multi_label)`` for ``config.data``."""
-  if data_cfg.source != "medmnist":
-    raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist)")
-  kw = dict(size=data_cfg.size, data_dir=data_cfg.dir or None, download=data_cfg.download)
-  train, info = sources.medmnist_source(data_cfg.name, data_cfg.train_split, **kw)
-  evals, _ = sources.medmnist_source(data_cfg.name, eval_split, **kw)
-  return train, evals, info.info.n_classes, info.info.multi_label
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What the loop needs from ``config.data``, built once by `build_data`."""
+
+  train: Any  # a Grain random-access source of records
+  train_transforms: list
+  eval: Any
+  eval_transforms: list
+  num_classes: int
+  multi_label: bool = False
+  model_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the plan's
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **model_cfg.kwargs)
+def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """Sources and transforms for ``config.data.source`` (medmnist | msd)."""
+  data_cfg = config.data
+  if data_cfg.source == "medmnist":
+    kw = dict(size=data_cfg.size, data_dir=data_cfg.dir or None, download=data_cfg.download)
+    train, info = sources.medmnist_source(data_cfg.name, data_cfg.train_split, **kw)
+    evals, _ = sources.medmnist_source(data_cfg.name, config.eval.split, **kw)
+    return Data(train, transforms.parse(data_cfg.train_transforms), evals,
+                transforms.parse(data_cfg.eval_transforms), info.info.n_classes,
+                info.info.multi_label)
+  if data_cfg.source == "msd":
+    return _segmentation_data(config, workdir)
+  raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist | msd)")
+
+
+def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """MSD-style folder → plan (``workdir/plan.json``) → cache → fold → patch sources.
+
+  Training cuts random patches (a third centred on foreground) and augments them with
+  ``data.train_transforms``; evaluation uses one centred patch per val case (3-D) or every slice
+  (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
+  """
+  data_cfg = config.data
+  root = data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
+  dataset = msd.read_msd_dataset(root)
+  plan = load_or_make_plan(config, dataset, workdir)
+  cache = segmentation.prepare_cache(dataset, plan,
+                                     data_cfg.cache_dir or os.path.join(workdir, "preprocessed"))
+  folds = segmentation.make_folds([c.case_id for c in dataset.cases],
+                                  os.path.join(workdir, "splits.json"), folds=data_cfg.folds)
+  fold = folds[data_cfg.fold]
+  patch = plan["patch_size"]
+  if plan["dims"] == 2:
+    axis = plan["slice_axis"]
+    shape = list(patch)
+    shape.insert(axis, 1)
+    cut = f"patch(shape={tuple(shape)}, foreground={data_cfg.foreground}, squeeze={axis})"
+    evals = segmentation.SliceSource(cache, fold["val"], axis)
+  else:
+    cut = f"patch(shape={tuple(patch)}, foreground={data_cfg.foreground})"
+    evals = segmentation.CaseSource(cache, fold["val"], locations=False)
+  centre = transforms.CropOrPad(shape=tuple(patch))
+  model_defaults = {"features": plan["features"], "strides": plan["strides"]}
+  return Data(segmentation.CaseSource(cache, fold["train"]),
+              transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
+              plan["num_classes"], model_defaults=model_defaults)
+
+
+def load_or_make_plan(config: ml_collections.ConfigDict, dataset, workdir: str) -> dict[str, Any]:
+  """``workdir/plan.json`` if it exists (a resumed run keeps its plan), else a new plan from the
+  dataset's fingerprint with ``config.data.plan`` overrides."""
+  path = os.path.join(workdir, "plan.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  plan = segmentation.make_plan(segmentation.fingerprint(dataset), dims=config.data.dims,
+                                max_patch_voxels=config.data.max_patch_voxels,
+                                overrides=config.data.plan.to_dict())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(plan, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return plan
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
+                defaults: dict[str, Any] | None = None) -> nn.Module:
+  """The registry's model, with ``defaults`` (e.g. the plan's widths) under the config's kwargs."""
+  kwargs = {**(defaults or {}), **model_cfg.kwargs.to_dict()}
+  return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **kwargs)
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -130,7 +204,7 @@ def make_train_step(task: tasks.Task):
       outputs, updates = state.apply_fn(
           {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-      return jnp.mean(task.loss_fn(outputs, batch)), updates["batch_stats"]
+      return jnp.mean(task.loss_fn(outputs, batch)), updates.get("batch_stats", {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & jax.tree.reduce(
@@ -186,9 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
 
   # Input.
-  train_src, eval_src, num_classes, multi_label = build_sources(config.data, config.eval.split)
-  train_tf = transforms.parse(config.data.train_transforms)
-  eval_tf = transforms.parse(config.data.eval_transforms)
+  data = build_data(config, workdir)
+  train_src, eval_src, train_tf, eval_tf = data.train, data.eval, data.train_transforms, \
+      data.eval_transforms
   steps_per_epoch = len(train_src) // config.train.batch_size
   total_steps = resolve_steps(config.train, steps_per_epoch)
   eval_every = config.eval.every_steps or steps_per_epoch
@@ -199,10 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Model, optimiser and state, created directly with replicated shardings.
   task_name = config.task
-  if multi_label and task_name == "classification":
+  if data.multi_label and task_name == "classification":
     task_name = "multilabel_classification"  # the data decides: one sigmoid per label
   task = tasks.get_task(task_name, label_smoothing=config.train.label_smoothing)
-  model = build_model(config.model, num_classes)
+  model = build_model(config.model, data.num_classes, data.model_defaults)
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
   # Only now, with the config and data known good: a refused run must not leave a config.json
@@ -300,6 +374,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "best": best_metrics, "final": last_metrics, "train_seconds": train_seconds,
              "workdir": workdir}
   if pindex == 0:
-    report.write_report(workdir, summary, read_jsonl(os.path.join(workdir, "metrics.jsonl")),
-                        labels, preds)
+    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if task.name == "segmentation":  # voxel maps, no ROC; launch.py adds the full validation
+      report.write_report(workdir, summary, history)
+    else:
+      report.write_report(workdir, summary, history, labels, preds)
   return summary

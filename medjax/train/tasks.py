@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from medjax.evaluate import metrics as metrics_lib
+from medjax.train import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Task:
 
   Attributes:
     name: registry name.
-    loss_fn: ``(outputs, batch) -> per-example loss [B]`` (jnp, inside jit).
+    loss_fn: ``(outputs, batch) -> per-example loss [B]`` or a scalar (jnp, inside jit).
     predict_fn: ``outputs -> predictions`` kept for evaluation (jnp, inside jit).
     metrics_fn: ``(labels, predictions) -> {name: float}`` over a whole split (numpy, on host).
   """
@@ -57,9 +58,29 @@ def multilabel_classification(label_smoothing: float = 0.0) -> Task:
               metrics_lib.multilabel_metrics)
 
 
+def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
+  """Voxel-wise classes: Dice + cross-entropy (summed over deep-supervision heads when the model
+  returns several); evaluated with nnU-Net's pseudo Dice over whole val patches."""
+  del label_smoothing  # nnU-Net trains without it; accepted so configs share one signature
+
+  def loss_fn(outputs, batch: dict) -> jax.Array:
+    labels = batch["label"][..., 0].astype(jnp.int32)
+    if isinstance(outputs, (list, tuple)):
+      return losses.deep_supervision_loss(
+          outputs, labels, lambda o, y: losses.dice_ce_loss(o, y, batch_dice=batch_dice))
+    return losses.dice_ce_loss(outputs, labels, batch_dice=batch_dice)
+
+  def predict_fn(outputs) -> jax.Array:
+    logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    return jnp.argmax(logits, axis=-1).astype(jnp.int8)
+
+  return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "classification": classification,
     "multilabel_classification": multilabel_classification,
+    "segmentation": segmentation,
 }
 
 

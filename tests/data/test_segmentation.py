@@ -1,54 +1,15 @@
 """Segmentation data: MSD folders, plan, cache, folds and the patch sampler, on synthetic cases."""
 
-import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_msd
 
 from medjax.data import segmentation as seg
 from medjax.io import msd
 from medjax.io.errors import MedjaxIOError
-
-
-def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26, 18),
-              spacing=(1.0, 1.0, 1.0)):
-  """A small MSD-style dataset: each case an ellipsoid (class 1) with a core (class 2)."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
-  os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
-  entries = []
-  for c in range(n):
-    dims = np.array(shape) + rng.integers(-3, 4, size=3)
-    grid = np.stack(np.meshgrid(*[np.arange(d) for d in dims], indexing="ij"), -1)
-    centre = dims / 2 + rng.uniform(-2, 2, 3)
-    r = np.linalg.norm((grid - centre) / (dims / 4), axis=-1)
-    label = np.where(r < 0.5, 2, np.where(r < 1.0, 1, 0)).astype(np.uint8)
-    image = (20 + 40 * (label == 1) + 80 * (label == 2) + rng.normal(0, 5, dims)).clip(1, None)
-    image[:2] = 0  # an empty border, so cropping to nonzero has work to do
-    label[:2] = 0
-    affine = np.diag(list(spacing) + [1.0])
-    affine[:3, 3] = rng.uniform(-50, 50, 3)
-    name = f"case_{c:03d}"
-    if layout == "msd":
-      data = np.stack([image] * len(channels), -1) if len(channels) > 1 else image
-      nib.save(nib.Nifti1Image(data.astype(np.float32), affine),
-               os.path.join(root, "imagesTr", f"{name}.nii.gz"))
-    else:
-      for k in range(len(channels)):
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine),
-                 os.path.join(root, "imagesTr", f"{name}_{k:04d}.nii.gz"))
-    nib.save(nib.Nifti1Image(label, affine), os.path.join(root, "labelsTr", f"{name}.nii.gz"))
-    entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-  meta = {"name": "Synthetic", "modality": {str(i): c for i, c in enumerate(channels)},
-          "labels": {"0": "background", "1": "outer", "2": "core"}, "training": entries}
-  if layout == "nnunet":
-    meta = {"name": "Synthetic", "channel_names": meta["modality"],
-            "labels": {"background": 0, "outer": 1, "core": 2}}
-  with open(os.path.join(root, "dataset.json"), "w") as f:
-    json.dump(meta, f)
-  return str(root)
 
 
 @pytest.mark.parametrize("layout,channels", [("msd", ("MRI",)), ("msd", ("T1", "T2")),

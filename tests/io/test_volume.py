@@ -46,3 +46,12 @@ def test_bad_geometry_is_refused():
     Volume(np.zeros((2, 2, 2, 1)), (1, 1, 1), (0, 0, 0), np.zeros((3, 3)))
   with pytest.raises(ValueError, match=r"\[i, j, k, C\]"):
     Volume(np.zeros((2, 2, 2)), (1, 1, 1), (0, 0, 0), np.eye(3))
+
+
+def test_reoriented_goes_back_to_the_input_orientation():
+  rng = np.random.default_rng(2)
+  lps = np.diag([-1.0, -2.0, 3.0, 1.0])
+  volume = Volume.from_affine(rng.normal(size=(3, 4, 5, 1)), lps)
+  back = volume.to_canonical().reoriented(lps)
+  np.testing.assert_allclose(back.affine, volume.affine)
+  np.testing.assert_array_equal(back.array, volume.array)

@@ -1,0 +1,23 @@
+r"""MSD Task04 Hippocampus with a 2-D U-Net on slices (nnU-Net's ``2d`` beside ``3d_fullres``).
+
+Same plan rules, data, fold and recipe as ``hippocampus_unet3d.py``; the plan slices along the
+coarsest axis (axis 0 on this isotropic data) with 56×40 patches.
+
+Run:
+  python launch.py --config configs/hippocampus_unet2d.py --workdir runs/hippocampus2d
+"""
+
+from configs import hippocampus_unet3d
+
+
+def get_config(arg: str | None = None):
+  c = hippocampus_unet3d.get_config()
+  c.data.dims = 2
+  c.data.train_transforms = (
+      "flip(axes=(0, 1))|affine(rotate=15, scale=0.15, translate=0.0, p=0.2)"
+      "|gamma(p=0.3)|contrast(p=0.15)|noise(std=(0., 0.1), p=0.1)")
+  c.train.batch_size = 32
+  c.eval.batch_size = 64
+  if arg == "runlocal":
+    hippocampus_unet3d.runlocal(c)
+  return c
