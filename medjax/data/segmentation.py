@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 from typing import Any, Sequence
 
 import grain
@@ -229,7 +230,6 @@ def prepare_cache(dataset: MSDDataset, plan: dict[str, Any], cache_dir: str,
   """
   folder = os.path.join(cache_dir, plan_hash(plan))
   os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(0)
   for case in dataset.cases:
     if case_ids is not None and case.case_id not in case_ids:
       continue
@@ -238,22 +238,28 @@ def prepare_cache(dataset: MSDDataset, plan: dict[str, Any], cache_dir: str,
       continue
     image, label = load_msd_case(dataset, case)
     array, seg, props = preprocess(image, label, plan)
-    np.save(os.path.join(folder, f"{case.case_id}_image.tmp.npy"), array)
-    os.replace(os.path.join(folder, f"{case.case_id}_image.tmp.npy"),
-               os.path.join(folder, f"{case.case_id}_image.npy"))
+    _save(os.path.join(folder, f"{case.case_id}_image.npy"), array)
     if seg is not None:
-      np.save(os.path.join(folder, f"{case.case_id}_label.tmp.npy"), seg)
-      os.replace(os.path.join(folder, f"{case.case_id}_label.tmp.npy"),
-                 os.path.join(folder, f"{case.case_id}_label.npy"))
-      locations = _locations(seg, dataset.num_classes, rng)
-      np.save(os.path.join(folder, f"{case.case_id}_locations.tmp.npy"), locations)
-      os.replace(os.path.join(folder, f"{case.case_id}_locations.tmp.npy"),
-                 os.path.join(folder, f"{case.case_id}_locations.npy"))
+      _save(os.path.join(folder, f"{case.case_id}_label.npy"), seg)
+      _save(os.path.join(folder, f"{case.case_id}_locations.npy"),
+            _locations(seg, dataset.num_classes,
+                       np.random.default_rng(zlib.crc32(case.case_id.encode()))))
     props.update(case_id=case.case_id, image_files=list(case.images), label_file=case.label)
-    with open(final + ".tmp", "w") as f:
-      json.dump(props, f)
-    os.replace(final + ".tmp", final)  # written last: its presence marks a complete case
+    _save(final, props)  # written last: its presence marks a complete case
   return folder
+
+
+def _save(path: str, value: np.ndarray | dict | list) -> None:
+  """Writes ``path`` through a temporary file of this process and a rename: readers (and the
+  other processes of a multi-host run, writing the same bytes) never see half a file."""
+  tmp = f"{path}.{os.getpid()}.tmp"
+  if isinstance(value, np.ndarray):
+    with open(tmp, "wb") as f:
+      np.save(f, value)
+  else:
+    with open(tmp, "w") as f:
+      json.dump(value, f, indent=1)
+  os.replace(tmp, path)
 
 
 def make_folds(case_ids: Sequence[str], path: str, folds: int = 5, seed: int = 12345
@@ -276,9 +282,7 @@ def make_folds(case_ids: Sequence[str], path: str, folds: int = 5, seed: int = 1
   splits = [{"train": [ids[i] for i in tr], "val": [ids[i] for i in va]}
             for tr, va in kfold.split(ids)]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(splits, f, indent=1)
-  os.replace(path + ".tmp", path)
+  _save(path, splits)
   return splits
 
 

@@ -1,0 +1,177 @@
+r"""Whole-volume sliding-window inference: medjax vs MONAI's `sliding_window_inference`, same process.
+
+  pip install -e ".[bench]"   # torch (2.13 CPU here) and monai
+  python benchmarks/sliding_window_vs_monai.py [--volume 64,96,80 --patch 40,56,40
+                                                --features 16,32,64,128 --batch_size 4
+                                                --repeats 5 --mirror]
+
+Both sides predict class probabilities of one random single-channel volume with a 3-D U-Net of
+the same configuration (the MSD Hippocampus recipe by default: four stages of 16–128 features,
+strides 1, 2, 2, 2, 3 classes), each with its own random weights in eval mode (only time is
+compared, so the weights need not match):
+- medjax: ``UNet`` applied through a jitted ``apply_fn`` with one host device per core (as
+  ``launch.py`` sets up) and each batch of windows split over them (``--mesh_devices 1``: one
+  device, as ``infer.segment.Segmenter`` runs), called by ``sliding_window_predict``.
+- MONAI: ``DynUNet`` (as in ``unet_step_vs_monai.py``) under ``torch.inference_mode()`` with
+  ``torch.set_num_threads(cores)``, called by ``sliding_window_inference``, then a softmax.
+The work is the same on both sides: overlap 0.5, Gaussian blending with sigma 0.125 × patch,
+``--batch_size`` windows per network call and the same windows (both counts are printed; medjax
+fills its last batch with zeros so that it compiles once). ``--mirror`` averages the logits of all
+8 flip combinations: medjax with ``mirror_axes=(0, 1, 2)`` per batch of windows, MONAI with the
+flips done by hand around ``sliding_window_inference``. Timed: numpy volume in, numpy
+probabilities out.
+
+After one warm-up each (medjax's compiles), ``--repeats`` predictions alternate (medjax, MONAI,
+medjax, ...). Prints one JSON line with the median seconds per volume and ratio = MONAI time /
+medjax time (> 1: medjax is faster); nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS",
+                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+NUM_CLASSES = 3
+OVERLAP = 0.5
+SIGMA_SCALE = 0.125
+
+
+def medjax_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_size: int,
+                     mirror: bool, mesh_devices: int):
+  """``(predict, devices)``: ``predict(volume [*spatial, 1]) -> probabilities [*spatial, K]``."""
+  from medjax.infer.sliding_window import sliding_window_predict
+  from medjax.models.unet import UNet
+  from medjax.train import sharding
+
+  mesh = sharding.make_mesh(mesh_devices)
+  if batch_size % mesh.devices.size:
+    raise SystemExit(f"--batch_size {batch_size} does not split over {mesh.devices.size} devices;"
+                     " pass --mesh_devices")
+  model = UNet(num_classes=NUM_CLASSES, features=features, norm="instance")
+  repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *patch, 1))),
+                      out_shardings=repl)()
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False), in_shardings=(repl, data),
+                  out_shardings=data)
+
+  def predict(volume: np.ndarray) -> np.ndarray:
+    return sliding_window_predict(lambda x: apply(variables, x), volume, patch, NUM_CLASSES,
+                                  overlap=OVERLAP, batch_size=batch_size,
+                                  mirror_axes=(0, 1, 2) if mirror else (), gaussian=True,
+                                  sigma_scale=SIGMA_SCALE)
+
+  return predict, mesh.devices.size
+
+
+def monai_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_size: int,
+                    mirror: bool):
+  """``(predict, windows)``: ``predict(volume [*spatial, 1]) -> probabilities [K, *spatial]``;
+  ``windows[0]`` counts the windows the network has seen."""
+  import torch
+  from monai.inferers import sliding_window_inference
+  from monai.networks.nets import DynUNet
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  n = len(features)
+  model = DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * n,
+                  strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
+                  filters=list(features), norm_name=("instance", {"affine": True}),
+                  act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+                  res_block=False, trans_bias=True)
+  model.eval()
+  windows = [0]
+
+  def network(x: torch.Tensor) -> torch.Tensor:
+    windows[0] += x.shape[0]
+    return model(x)
+
+  flips = [d for r in range(4) for d in itertools.combinations((2, 3, 4), r)] if mirror else [()]
+
+  def predict(volume: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+      image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None]
+      total = None
+      for dims in flips:
+        x = torch.flip(image, dims) if dims else image
+        logits = sliding_window_inference(x, roi_size=patch, sw_batch_size=batch_size,
+                                          predictor=network, overlap=OVERLAP, mode="gaussian",
+                                          sigma_scale=SIGMA_SCALE)
+        logits = torch.flip(logits, dims) if dims else logits
+        total = logits if total is None else total + logits
+      return torch.softmax(total / len(flips), dim=1)[0].numpy()
+
+  return predict, windows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--volume", default="64,96,80", help="volume size, 3 comma-separated ints")
+  p.add_argument("--patch", default="40,56,40", help="patch size, 3 comma-separated ints")
+  p.add_argument("--features", default="16,32,64,128", help="channels per stage, comma-separated")
+  p.add_argument("--batch_size", type=int, default=4, help="windows per network call")
+  p.add_argument("--mirror", action="store_true", help="average over all 8 flips (TTA)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--mesh_devices", type=int, default=-1,
+                 help="medjax devices the windows are split over (-1: one per core)")
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args()
+  volume_shape = tuple(int(s) for s in a.volume.split(","))
+  patch = tuple(int(s) for s in a.patch.split(","))
+  features = tuple(int(f) for f in a.features.split(","))
+  if len(volume_shape) != 3 or len(patch) != 3 or len(features) < 3:
+    p.error("--volume and --patch need 3 sizes, --features at least 3 stages (DynUNet's minimum)")
+
+  from medjax.infer.sliding_window import window_starts
+
+  volume = np.random.default_rng(a.seed).standard_normal((*volume_shape, 1), np.float32)
+  padded = [max(v, s) for v, s in zip(volume_shape, patch)]  # both pad a short axis to the patch
+  jax_windows = math.prod(len(s) for s in window_starts(padded, patch, OVERLAP))
+  jax_predict, devices = medjax_predictor(features, patch, a.batch_size, a.mirror,
+                                          a.mesh_devices)
+  th_predict, th_seen = monai_predictor(features, patch, a.batch_size, a.mirror)
+
+  t = time.perf_counter()
+  jax_out = jax_predict(volume)
+  print(f"medjax warm-up (compile included): {time.perf_counter() - t:.1f} s")
+  th_out = th_predict(volume)
+  flips = 8 if a.mirror else 1
+  th_windows = th_seen[0] // flips
+  print(f"windows: medjax {jax_windows} (in {math.ceil(jax_windows / a.batch_size)} batches of "
+        f"{a.batch_size}), MONAI {th_windows}; x{flips} flips")
+  if th_windows != jax_windows:
+    print(f"WARNING: the window counts differ ({jax_windows} vs {th_windows}): not the same work")
+  if jax_out.shape != volume_shape + (NUM_CLASSES,) or th_out.shape != (NUM_CLASSES,) + volume_shape:
+    raise SystemExit(f"unexpected output shapes: medjax {jax_out.shape}, MONAI {th_out.shape}")
+
+  times = {"medjax": [], "monai": []}
+  for _ in range(a.repeats):
+    for name, predict in (("medjax", jax_predict), ("monai", th_predict)):
+      t = time.perf_counter()
+      predict(volume)
+      times[name].append(time.perf_counter() - t)
+
+  jax_s, th_s = statistics.median(times["medjax"]), statistics.median(times["monai"])
+  print(json.dumps({
+      "volume": list(volume_shape), "patch": list(patch), "features": list(features),
+      "batch_size": a.batch_size, "mirror": a.mirror, "repeats": a.repeats,
+      "cores": os.cpu_count(), "medjax_devices": devices, "windows_medjax": jax_windows,
+      "windows_monai": th_windows, "medjax_s": round(jax_s, 4), "monai_s": round(th_s, 4),
+      "ratio_monai_over_medjax_time": round(th_s / jax_s, 3)}))
+
+
+if __name__ == "__main__":
+  main()
