@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 from medjax.io import dicom, nifti
 from medjax.io.errors import MedjaxIOError
 
+# Mutated files make pydicom warn (odd VRs, unknown encodings); the warnings are the point.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 SECONDS_PER_CASE = 10
 DICOM_FILES = ("small/CT_small.dcm", "small/MR_small_RLE.dcm", "small/MR_small_jp2klossless.dcm",
                "small/MR_small_jpeg_ls_lossless.dcm", "small/MR_small_bigendian.dcm",
