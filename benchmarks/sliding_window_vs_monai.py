@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from unet_step_vs_monai import NUM_CLASSES, dynunet  # noqa: E402  (the same network)
 
-NUM_CLASSES = 3
 OVERLAP = 0.5
 SIGMA_SCALE = 0.125
 
@@ -83,15 +83,8 @@ def monai_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_siz
   ``windows[0]`` counts the windows the network has seen."""
   import torch
   from monai.inferers import sliding_window_inference
-  from monai.networks.nets import DynUNet
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  n = len(features)
-  model = DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * n,
-                  strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
-                  filters=list(features), norm_name=("instance", {"affine": True}),
-                  act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-                  res_block=False, trans_bias=True)
+  model = dynunet(features)
   model.eval()
   windows = [0]
 

@@ -86,23 +86,31 @@ def medjax_step(features: tuple[int, ...], patch: tuple[int, ...], batch: np.nda
   return step, count, mesh.devices.size
 
 
+def dynunet(features: tuple[int, ...], deep_supervision: bool = False):
+  """MONAI's DynUNet configured as medjax's UNet (same blocks, widths and parameter count), on
+  all CPU threads."""
+  import torch
+  from monai.networks.nets import DynUNet
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  n = len(features)
+  return DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * n,
+                 strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
+                 filters=list(features), norm_name=("instance", {"affine": True}),
+                 act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+                 res_block=False, trans_bias=True, deep_supervision=deep_supervision,
+                 deep_supr_num=max(n - 2, 1))
+
+
 def torch_step(features: tuple[int, ...], batch: np.ndarray, labels: np.ndarray,
                deep_supervision: bool):
   """``(step, param_count, model)``: ``step()`` runs one train step and returns the loss."""
   import torch
   from monai.losses import DiceCELoss
-  from monai.networks.nets import DynUNet
 
   from medjax.train.losses import deep_supervision_weights
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  n = len(features)
-  model = DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * n,
-                  strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
-                  filters=list(features), norm_name=("instance", {"affine": True}),
-                  act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-                  res_block=False, trans_bias=True, deep_supervision=deep_supervision,
-                  deep_supr_num=max(n - 2, 1))
+  model = dynunet(features, deep_supervision)
   model.train()
   count = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)

@@ -46,7 +46,7 @@ def write_synthetic_medmnist(root, flag="pneumoniamnist", n_train=96, n_val=40, 
 
 
 def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26, 18),
-              spacing=(1.0, 1.0, 1.0)):
+              spacing=(1.0, 1.0, 1.0), lps=False):
   """A small MSD-style dataset: each case an ellipsoid (class 1) with a core (class 2)."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
@@ -61,7 +61,9 @@ def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26,
     image = (20 + 40 * (label == 1) + 80 * (label == 2) + rng.normal(0, 5, dims)).clip(1, None)
     image[:2] = 0  # an empty border, so cropping to nonzero has work to do
     label[:2] = 0
-    affine = np.diag(list(spacing) + [1.0])
+    # lps: files stored with x and y reversed (as DICOM conversions often are), so readers must
+    # reorient to RAS and writers back.
+    affine = np.diag([s * (-1 if lps and a < 2 else 1) for a, s in enumerate(spacing)] + [1.0])
     affine[:3, 3] = rng.uniform(-50, 50, 3)
     name = f"case_{c:03d}"
     if layout == "msd":

@@ -28,6 +28,11 @@ def config(data_dir, steps=6, **overrides):
   c = pneumoniamnist_resnet18.get_config("runlocal")
   c.data.dir = data_dir
   c.train.steps = steps
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict[str, Any]):
+  """Sets dotted keys (``{"optim.lr": 0.1}``) on the ConfigDict ``c`` and returns it."""
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

@@ -48,8 +48,8 @@ class Segmenter:
       self.config = ml_collections.ConfigDict(json.load(f))
     with open(os.path.join(self.workdir, "plan.json")) as f:
       self.plan = json.load(f)
-    model_defaults = {"features": self.plan["features"], "strides": self.plan["strides"]}
-    model = loop.build_model(self.config.model, self.plan["num_classes"], model_defaults)
+    model = loop.build_model(self.config.model, self.plan["num_classes"],
+                             loop.plan_model_defaults(self.plan))
     ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                         best_metric=self.config.eval.best_metric)
     self.step = step or ckpt.best_step() or ckpt.latest_step()
@@ -107,8 +107,7 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3) -> dict[str, 
   """Predicts every case of the run's validation fold and scores it (see module docstring)."""
   segmenter = Segmenter(workdir)
   config, plan = segmenter.config, segmenter.plan
-  root = config.data.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), config.data.name)
-  dataset = msd.read_msd_dataset(root)
+  dataset = msd.read_msd_dataset(loop.msd_root(config.data))
   with open(os.path.join(segmenter.workdir, "splits.json")) as f:
     val_ids = json.load(f)[config.data.fold]["val"]
   out_dir = os.path.join(segmenter.workdir, "validation")
@@ -117,17 +116,16 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3) -> dict[str, 
   cases, t0 = [], time.perf_counter()
   for n, case_id in enumerate(tqdm.tqdm(val_ids, desc="validate", unit="case")):
     case = dataset.case(case_id)
-    image, label = msd.load_msd_case(dataset, case)
-    original_affine = nib.load(case.images[0]).affine
-    probs = segmenter.predict(image.reoriented(original_affine), mirror=mirror)
+    image, label = msd.load_msd_case(dataset, case)  # both canonical
+    probs = segmenter.predict(image, mirror=mirror)
     pred = probs.replace(array=np.argmax(probs.array, -1)[..., None].astype(np.uint8))
-    write_nifti(pred, os.path.join(out_dir, f"{case_id}.nii.gz"))
-    pred_canonical = pred.to_canonical()
-    metrics = seg_metrics.segmentation_metrics(pred_canonical.array, label.array,
-                                               label.spacing, classes)
+    # Written the way the input file stores its axes (read from its header only).
+    write_nifti(pred.reoriented(nib.load(case.images[0]).affine),
+                os.path.join(out_dir, f"{case_id}.nii.gz"))
+    metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes)
     cases.append({"case": case_id, **{str(c): m for c, m in metrics.items()}})
     if n < overlays:
-      _overlay(image.array[..., 0], label.array[..., 0], pred_canonical.array[..., 0],
+      _overlay(image.array[..., 0], label.array[..., 0], pred.array[..., 0],
                os.path.join(out_dir, "overlays", f"{case_id}.png"),
                f"{case_id}: " + ", ".join(f"{plan['class_names'][c]} Dice "
                                            f"{metrics[c]['dice']:.3f}" for c in classes))

@@ -99,8 +99,7 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
   """
   data_cfg = config.data
-  root = data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
-  dataset = msd.read_msd_dataset(root)
+  dataset = msd.read_msd_dataset(msd_root(data_cfg))
   plan = load_or_make_plan(config, dataset, workdir)
   cache = segmentation.prepare_cache(dataset, plan,
                                      data_cfg.cache_dir or os.path.join(workdir, "preprocessed"))
@@ -118,10 +117,19 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     cut = f"patch(shape={tuple(patch)}, foreground={data_cfg.foreground})"
     evals = segmentation.CaseSource(cache, fold["val"], locations=False)
   centre = transforms.CropOrPad(shape=tuple(patch))
-  model_defaults = {"features": plan["features"], "strides": plan["strides"]}
   return Data(segmentation.CaseSource(cache, fold["train"]),
               transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
-              plan["num_classes"], model_defaults=model_defaults)
+              plan["num_classes"], model_defaults=plan_model_defaults(plan))
+
+
+def msd_root(data_cfg: ml_collections.ConfigDict) -> str:
+  """The dataset folder: ``data.dir``, else ``$MEDJAX_DATA_DIR/<data.name>``."""
+  return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
+
+
+def plan_model_defaults(plan: dict[str, Any]) -> dict[str, Any]:
+  """The U-Net fields a plan decides (config ``model.kwargs`` may still override them)."""
+  return {"features": plan["features"], "strides": plan["strides"]}
 
 
 def load_or_make_plan(config: ml_collections.ConfigDict, dataset, workdir: str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """DICOM reader: geometry against SimpleITK and the shipped NIfTI, pydicom's corpus, bad input."""
 
 import glob
+import gzip
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pydicom
@@ -298,7 +300,6 @@ def test_identity_never_leaves_the_reader(tmp_path, phantom, caplog):
   synthetic.write_ct_series(tmp_path / "bad", phantom, patient=MARKERS, skip=(3,))
   with pytest.raises(MedjaxIOError) as error:
     dicom.read_dicom_series(tmp_path / "bad")
-  import gzip
   texts = [caplog.text, json.dumps(volume.metadata), json.dumps(one.metadata), repr(volume),
            json.dumps(written.metadata), str(error.value), repr([s.description for s in info]),
            gzip.open(out).read().decode("latin-1")]
@@ -308,7 +309,6 @@ def test_identity_never_leaves_the_reader(tmp_path, phantom, caplog):
 
 
 def test_worker_processes_decode_the_same_and_report_bad_files(data_root, tmp_path):
-  import shutil
   source = os.path.join(_dicom_root(data_root), "totalsegmentator_ct_series/slices")
   pooled = dicom.read_dicom_series(source, workers=2)
   serial = dicom.read_dicom_series(source, workers=1)

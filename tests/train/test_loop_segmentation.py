@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import write_msd
-from helpers import final_params, rel_diff
+from helpers import apply_overrides, final_params, rel_diff
 
 from configs import hippocampus_unet2d, hippocampus_unet3d
 from medjax.infer import segment
@@ -22,18 +22,12 @@ def _config(data_dir, dims=3, steps=6, **overrides):
   c.data.dir = data_dir
   c.train.steps = steps
   c.eval.every_steps = 3
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope="module")
 def msd_root(tmp_path_factory):
-  return write_msd(tmp_path_factory.mktemp("msd"), n=10)
+  return write_msd(tmp_path_factory.mktemp("msd"), n=10, lps=True)
 
 
 @pytest.mark.parametrize("dims", [3, 2])
