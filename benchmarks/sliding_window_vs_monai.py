@@ -78,13 +78,13 @@ def medjax_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_si
 
 
 def monai_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_size: int,
-                    mirror: bool):
+                    mirror: bool, device: str = "cpu"):
   """``(predict, windows)``: ``predict(volume [*spatial, 1]) -> probabilities [K, *spatial]``;
   ``windows[0]`` counts the windows the network has seen."""
   import torch
   from monai.inferers import sliding_window_inference
 
-  model = dynunet(features)
+  model = dynunet(features, device=device)
   model.eval()
   windows = [0]
 
@@ -96,7 +96,7 @@ def monai_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_siz
 
   def predict(volume: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
-      image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None]
+      image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))[None].to(device)
       total = None
       for dims in flips:
         x = torch.flip(image, dims) if dims else image
@@ -105,7 +105,7 @@ def monai_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_siz
                                           sigma_scale=SIGMA_SCALE)
         logits = torch.flip(logits, dims) if dims else logits
         total = logits if total is None else total + logits
-      return torch.softmax(total / len(flips), dim=1)[0].numpy()
+      return torch.softmax(total / len(flips), dim=1)[0].cpu().numpy()
 
   return predict, windows
 
@@ -120,6 +120,8 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--mesh_devices", type=int, default=-1,
                  help="medjax devices the windows are split over (-1: one per core)")
+  p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
+                 help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   volume_shape = tuple(int(s) for s in a.volume.split(","))
@@ -135,7 +137,8 @@ def main():
   jax_windows = math.prod(len(s) for s in window_starts(padded, patch, OVERLAP))
   jax_predict, devices = medjax_predictor(features, patch, a.batch_size, a.mirror,
                                           a.mesh_devices)
-  th_predict, th_seen = monai_predictor(features, patch, a.batch_size, a.mirror)
+  th_predict, th_seen = monai_predictor(features, patch, a.batch_size, a.mirror,
+                                        a.torch_device)
 
   t = time.perf_counter()
   jax_out = jax_predict(volume)
@@ -161,7 +164,8 @@ def main():
   print(json.dumps({
       "volume": list(volume_shape), "patch": list(patch), "features": list(features),
       "batch_size": a.batch_size, "mirror": a.mirror, "repeats": a.repeats,
-      "cores": os.cpu_count(), "medjax_devices": devices, "windows_medjax": jax_windows,
+      "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+      "torch_device": a.torch_device, "medjax_devices": devices, "windows_medjax": jax_windows,
       "windows_monai": th_windows, "medjax_s": round(jax_s, 4), "monai_s": round(th_s, 4),
       "ratio_monai_over_medjax_time": round(th_s / jax_s, 3)}))
 

@@ -65,16 +65,17 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
 
 
 def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...],
-               stem_stride: int = 1) -> float:
+               stem_stride: int = 1, device: str = "cpu") -> float:
   import torch
   from monai.networks.nets import resnet18
+  from unet_step_vs_monai import torch_device
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  dev = torch_device(device)
   model = resnet18(spatial_dims=len(spatial), n_input_channels=1, num_classes=2,
-                   conv1_t_size=3, conv1_t_stride=stem_stride, no_max_pool=True)
+                   conv1_t_size=3, conv1_t_stride=stem_stride, no_max_pool=True).to(dev)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-  x = torch.randn(batch_size, 1, *spatial)
-  y = torch.randint(0, 2, (batch_size,))
+  x = torch.randn(batch_size, 1, *spatial, device=dev)
+  y = torch.randint(0, 2, (batch_size,), device=dev)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -118,12 +119,15 @@ def main():
                  help="devices on the data axis (-1: one per core; 1: the single-device baseline)")
   p.add_argument("--stem_stride", type=int, default=1)
   p.add_argument("--skip_pipeline", action="store_true")
+  p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
+                 help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   a = p.parse_args()
   spatial = (a.size,) * a.dims
   jax_ips = time_medjax(a.batch, a.steps, spatial, "resnet18", a.mesh_devices, a.stem_stride)
-  torch_ips = time_torch(a.batch, a.steps, spatial, a.stem_stride)
+  torch_ips = time_torch(a.batch, a.steps, spatial, a.stem_stride, a.torch_device)
   result = {"shape": list(spatial), "batch": a.batch, "stem_stride": a.stem_stride,
-            "cores": os.cpu_count(), "mesh_devices": a.mesh_devices if a.mesh_devices > 0 else
+            "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "torch_device": a.torch_device, "mesh_devices": a.mesh_devices if a.mesh_devices > 0 else
             jax.device_count(), "medjax_images_per_s": round(jax_ips, 1),
             "torch_monai_images_per_s": round(torch_ips, 1),
             "ratio_medjax_over_torch": round(jax_ips / torch_ips, 3)}

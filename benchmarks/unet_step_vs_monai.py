@@ -86,37 +86,48 @@ def medjax_step(features: tuple[int, ...], patch: tuple[int, ...], batch: np.nda
   return step, count, mesh.devices.size
 
 
-def dynunet(features: tuple[int, ...], deep_supervision: bool = False):
-  """MONAI's DynUNet configured as medjax's UNet (same blocks, widths and parameter count), on
-  all CPU threads."""
+def torch_device(name: str):
+  """The torch device to compare on: all CPU threads, or CUDA with cuDNN's autotuner on (as
+  MONAI's and nnU-Net's trainers set it)."""
   import torch
-  from monai.networks.nets import DynUNet
 
   torch.set_num_threads(os.cpu_count() or 1)
+  if name == "cuda":
+    if not torch.cuda.is_available():
+      raise SystemExit("--torch_device cuda: this torch sees no CUDA device")
+    torch.backends.cudnn.benchmark = True
+  return torch.device(name)
+
+
+def dynunet(features: tuple[int, ...], deep_supervision: bool = False, device: str = "cpu"):
+  """MONAI's DynUNet configured as medjax's UNet (same blocks, widths and parameter count), on
+  ``device`` (``"cpu"``: all threads)."""
+  from monai.networks.nets import DynUNet
+
   n = len(features)
   return DynUNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, kernel_size=[3] * n,
                  strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
                  filters=list(features), norm_name=("instance", {"affine": True}),
                  act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
                  res_block=False, trans_bias=True, deep_supervision=deep_supervision,
-                 deep_supr_num=max(n - 2, 1))
+                 deep_supr_num=max(n - 2, 1)).to(torch_device(device))
 
 
 def torch_step(features: tuple[int, ...], batch: np.ndarray, labels: np.ndarray,
-               deep_supervision: bool):
+               deep_supervision: bool, device: str = "cpu"):
   """``(step, param_count, model)``: ``step()`` runs one train step and returns the loss."""
   import torch
   from monai.losses import DiceCELoss
 
   from medjax.train.losses import deep_supervision_weights
 
-  model = dynunet(features, deep_supervision)
+  model = dynunet(features, deep_supervision, device)
   model.train()
   count = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
   loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, -1, 1)))  # NDHWC -> NCDHW
-  y = torch.from_numpy(labels[:, None].astype(np.int64))
+  x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, -1, 1))).to(device)  # NCDHW
+  y = torch.from_numpy(labels[:, None].astype(np.int64)).to(device)
 
   def step() -> float:
     opt.zero_grad(set_to_none=True)
@@ -143,6 +154,8 @@ def main():
   p.add_argument("--deep_supervision", action="store_true")
   p.add_argument("--mesh_devices", type=int, default=-1,
                  help="medjax devices on the data axis (-1: one per core; 1: a single device)")
+  p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
+                 help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   features = tuple(int(f) for f in a.features.split(","))
@@ -155,7 +168,8 @@ def main():
   labels = rng.integers(0, NUM_CLASSES, (a.batch, *patch)).astype(np.int32)
   jax_step, jax_params, devices = medjax_step(features, patch, batch, labels,
                                               a.deep_supervision, a.mesh_devices)
-  th_step, th_params, _ = torch_step(features, batch, labels, a.deep_supervision)
+  th_step, th_params, _ = torch_step(features, batch, labels, a.deep_supervision,
+                                     a.torch_device)
   print(f"parameters: medjax {jax_params:,}  DynUNet {th_params:,}"
         + ("" if jax_params == th_params else
            f"  (differ by {th_params - jax_params:+,}: DynUNet's blocks differ from medjax's)"))
@@ -181,6 +195,7 @@ def main():
   print(json.dumps({
       "features": list(features), "patch": list(patch), "batch": a.batch,
       "deep_supervision": a.deep_supervision, "steps": a.steps, "cores": os.cpu_count(),
+      "jax_backend": jax.default_backend(), "torch_device": a.torch_device,
       "medjax_devices": devices, "params_medjax": jax_params, "params_monai": th_params,
       "medjax_s_per_step": round(jax_s, 4), "monai_s_per_step": round(th_s, 4),
       "medjax_voxels_per_s": round(voxels / jax_s), "monai_voxels_per_s": round(voxels / th_s),

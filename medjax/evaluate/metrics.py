@@ -1,7 +1,7 @@
-"""Classification metrics on host arrays (scikit-learn where it has them).
+"""The metrics the training loop selects checkpoints with, on host arrays (numpy/sklearn).
 
-A leaf module (numpy/sklearn only), so the training loop can select checkpoints with the same
-functions the evaluation reports use.
+Single-label ACC, AUC and NLL are `classification`'s definitions, the ones the evaluation report
+puts confidence intervals on, so checkpoint selection and the final table cannot disagree.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from medjax.evaluate import classification
+
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-  """ACC, AUC and mean NLL of single-label predictions.
+  """ACC (argmax), AUC and mean NLL of single-label predictions.
 
   Args:
     labels: ``[N]`` integer class indices.
@@ -19,24 +21,12 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
 
   Returns:
     ``{"acc", "auc", "nll"}``. AUC is the positive-class ROC AUC for ``K == 2`` and the
-    macro one-vs-rest AUC otherwise; NaN when only one class is present in ``labels``.
+    macro one-vs-rest AUC otherwise; NaN unless every class is present in ``labels``.
   """
-  labels = np.asarray(labels).astype(np.int64).reshape(-1)
-  probs = np.asarray(probs, np.float64)
-  if probs.ndim != 2 or len(probs) != len(labels):
-    raise ValueError(f"probs {probs.shape} do not match labels {labels.shape}")
-  k = probs.shape[1]
-  acc = float(np.mean(np.argmax(probs, axis=1) == labels))
-  nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))))
-  present = np.unique(labels)
-  if len(present) < 2:
-    auc = float("nan")
-  elif k == 2:
-    auc = float(skm.roc_auc_score(labels, probs[:, 1]))
-  else:
-    auc = float(skm.roc_auc_score(labels, probs / probs.sum(1, keepdims=True),
-                                  multi_class="ovr", average="macro", labels=np.arange(k)))
-  return {"acc": acc, "auc": auc, "nll": nll}
+  labels, probs = classification.check_inputs(labels, probs)
+  return {"acc": classification.accuracy(labels, probs),
+          "auc": classification.roc_auc(labels, probs),
+          "nll": classification.nll(labels, probs)}
 
 
 def multilabel_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+
+from medjax.evaluate.classification import plot_roc  # noqa: E402  (moved there; kept importable)
 
 
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:
@@ -26,29 +27,6 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> None:
     ax.set_title(k)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_roc(labels: np.ndarray, probs: np.ndarray, path: str, title: str) -> None:
-  """ROC curve(s): the positive class for binary tasks, one-vs-rest per class otherwise, one
-  per label for multi-label ``[N, K]`` labels."""
-  fig, ax = plt.subplots(figsize=(4.2, 4))
-  k = probs.shape[1]
-  multi_label = labels.ndim == 2
-  classes = [1] if (k == 2 and not multi_label) else list(range(k))
-  for c in classes:
-    y = labels[:, c] if multi_label else (labels == c).astype(int)
-    if y.min() == y.max():
-      continue
-    fpr, tpr, _ = skm.roc_curve(y, probs[:, c])
-    ax.plot(fpr, tpr, label=f"class {c} (AUC {skm.auc(fpr, tpr):.3f})")
-  ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.set_title(title)
-  ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

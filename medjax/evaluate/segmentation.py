@@ -1,6 +1,7 @@
 """Per-case, per-class segmentation metrics (Dice, IoU, HD95, mean surface distance) in mm.
 
-Host-side numpy/scipy, like ``metrics.py``. Distances follow MONAI's ``monai.metrics`` (without
+Host-side numpy/scipy, like ``metrics.py``; `bootstrap_means` puts intervals on the per-class means
+and `plot_dice_boxes` draws the per-case spread. Distances follow MONAI's ``monai.metrics`` (without
 sub-voxel edges) so numbers compare with published MONAI/nnU-Net tables:
 
 - **Surfaces.** A mask's surface is the set of its voxels that one binary erosion with *face*
@@ -26,9 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import ndimage
+
+from medjax.evaluate import classification
 
 # A class is one label value, or a region: the union of several label values (BraTS-style).
 Class = int | tuple[int, ...]
@@ -236,10 +241,54 @@ def summarize(cases: Sequence[Mapping[Class, Mapping[str, float]]]) -> Segmentat
   return SegmentationSummary(mean, std, count, foreground_mean, len(cases))
 
 
+def bootstrap_means(cases: Sequence[Mapping[Class, Mapping[str, float]]], metric: str = "dice", *,
+                    n_boot: int = classification.N_BOOT, seed: int = 0,
+                    confidence: float = classification.CONFIDENCE) -> dict[str, Any]:
+  """Bootstrap intervals of `summarize`'s per-class and foreground means of one metric.
+
+  Cases are resampled with replacement (not stratified), and each resample is summarised as
+  `summarize` does, so NaN cases are left out the same way.
+
+  Args:
+    cases: one `segmentation_metrics` result per case.
+    metric: one of ``METRICS``.
+    n_boot, seed, confidence: see `classification.bootstrap`.
+
+  Returns:
+    ``{"per_class": {class: interval}, "foreground": interval}``, each interval
+    ``{"value", "lo", "hi", "n_boot"}`` with ``value`` equal to `summarize`'s mean.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  cases = list(cases)
+
+  def statistic(idx: np.ndarray) -> dict[tuple, float]:
+    summary = summarize([cases[i] for i in idx])
+    means = {("class", c): summary.mean[c][metric] for c in summary.classes}
+    return {**means, ("foreground",): summary.foreground_mean[metric]}
+
+  intervals = classification.bootstrap(statistic, len(cases), n_boot=n_boot, seed=seed,
+                                       confidence=confidence)
+  return {"per_class": {key[1]: v for key, v in intervals.items() if key[0] == "class"},
+          "foreground": intervals[("foreground",)]}
+
+
 def _cell(mean: float, std: float, digits: int) -> str:
   if np.isnan(mean):
     return "n/a"
   return f"{mean:.{digits}f} ± {std:.{digits}f}" if not np.isnan(std) else f"{mean:.{digits}f}"
+
+
+def _class_labels(classes: Sequence[Class],
+                  class_names: Mapping[Class, str] | Sequence[str] | None) -> dict[Class, str]:
+  """A name per class: the given one, else its label (``"1+2"`` for a region)."""
+  if class_names is not None and not isinstance(class_names, Mapping):
+    if len(class_names) != len(classes):
+      raise ValueError(f"{len(class_names)} class names for {len(classes)} classes")
+    class_names = dict(zip(classes, class_names))
+  class_names = class_names or {}
+  return {c: str(class_names.get(c, "+".join(map(str, c)) if isinstance(c, tuple) else str(c)))
+          for c in classes}
 
 
 def format_table(summary: SegmentationSummary,
@@ -255,15 +304,10 @@ def format_table(summary: SegmentationSummary,
     The table as a string, one row per class; ``n`` counts the cases that entered the means
     (cases where both masks are empty are not counted).
   """
-  if class_names is not None and not isinstance(class_names, Mapping):
-    if len(class_names) != len(summary.classes):
-      raise ValueError(f"{len(class_names)} class names for {len(summary.classes)} classes")
-    class_names = dict(zip(summary.classes, class_names))
-  class_names = class_names or {}
+  names = _class_labels(summary.classes, class_names)
 
   def name(c: Class) -> str:
-    label = "+".join(map(str, c)) if isinstance(c, tuple) else str(c)
-    return str(class_names.get(c, label)).replace("|", "\\|")
+    return names[c].replace("|", "\\|")
 
   digits = {"dice": 3, "iou": 3, "hd95": 2, "msd": 2}
   lines = ["| Class | n | " + " | ".join(_HEADERS[m] for m in METRICS) + " |",
@@ -274,3 +318,35 @@ def format_table(summary: SegmentationSummary,
   fg = [_cell(summary.foreground_mean[m], np.nan, digits[m]) for m in METRICS]
   lines.append("| **Foreground mean** | | " + " | ".join(fg) + " |")
   return "\n".join(lines) + "\n"
+
+
+def plot_dice_boxes(cases: Sequence[Mapping[Class, Mapping[str, float]]], path: str,
+                    class_names: Mapping[Class, str] | Sequence[str] | None = None,
+                    metric: str = "dice", title: str = "") -> None:
+  """Box plot of a metric's per-case values, one box per class, cases that are NaN left out.
+
+  Args:
+    cases: one `segmentation_metrics` result per case.
+    path: the PNG to write.
+    class_names: as in `format_table`, in the order classes first appear in ``cases``.
+    metric: one of ``METRICS``.
+    title: the axes title.
+  """
+  classes = list(dict.fromkeys(c for case in cases for c in case))
+  names = _class_labels(classes, class_names)
+  values = [np.array([case[c][metric] for case in cases if c in case], np.float64)
+            for c in classes]
+  values = [v[~np.isnan(v)] for v in values]
+  fig = Figure(figsize=(1.5 + 0.9 * max(len(classes), 2), 3.6))
+  ax = fig.subplots()
+  ax.boxplot(values, showmeans=True)
+  ax.set_xticks(range(1, len(classes) + 1), [names[c] for c in classes])
+  for i, v in enumerate(values, start=1):  # every case, so small validation sets show their spread
+    ax.plot(np.full(len(v), i), v, "k.", alpha=0.4, ms=3)
+  ax.set_ylabel(_HEADERS[metric])
+  if metric in ("dice", "iou"):
+    ax.set_ylim(0, 1.02)
+  ax.set_title(title)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
