@@ -17,23 +17,20 @@ import os
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import matplotlib
-import ml_collections
 import nibabel as nib
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 
 from medjax.data import segmentation as seg_data
 from medjax.evaluate import segmentation as seg_metrics
 from medjax.infer.sliding_window import sliding_window_predict
+from medjax.infer.trained import TrainedModel
 from medjax.io import msd
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.train import loop
-from medjax.train.checkpoint import Checkpointer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,26 +40,12 @@ class Segmenter:
   """A trained segmentation model with its plan, ready to predict whole images."""
 
   def __init__(self, workdir: str, step: int | None = None, batch_size: int = 4):
-    self.workdir = os.path.abspath(workdir)
-    with open(os.path.join(self.workdir, "config.json")) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(self.workdir, "plan.json")) as f:
-      self.plan = json.load(f)
-    model = loop.build_model(self.config.model, self.plan["num_classes"],
-                             loop.plan_model_defaults(self.plan))
-    ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                        best_metric=self.config.eval.best_metric)
-    self.step = step or ckpt.best_step() or ckpt.latest_step()
-    variables = ckpt.restore_variables(self.step)
-    ckpt.close()
-    variables = jax.device_put(variables, jax.local_devices()[0])
-
-    @jax.jit
-    def apply(x):
-      out = model.apply(variables, x, train=False)
-      return (out[0] if isinstance(out, (list, tuple)) else out).astype(jnp.float32)
-
-    self.apply = apply
+    trained = TrainedModel.load(workdir, step)
+    if trained.plan is None:
+      raise ValueError(f"{trained.workdir}: not a segmentation run (no plan.json)")
+    self.workdir, self.config, self.plan = trained.workdir, trained.config, trained.plan
+    self.step = trained.step
+    self.apply = trained.logits
     self.batch_size = batch_size
 
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5) -> Volume:
@@ -103,8 +86,10 @@ def _overlay(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, path: str, ti
   plt.close(fig)
 
 
-def validate(workdir: str, mirror: bool = True, overlays: int = 3) -> dict[str, Any]:
-  """Predicts every case of the run's validation fold and scores it (see module docstring)."""
+def validate(workdir: str, mirror: bool = True, overlays: int = 3,
+             n_boot: int = 1000) -> dict[str, Any]:
+  """Predicts every case of the run's validation fold and scores it (see module docstring);
+  mean Dice gets a bootstrap interval over cases (``n_boot`` resamples)."""
   segmenter = Segmenter(workdir)
   config, plan = segmenter.config, segmenter.plan
   dataset = msd.read_msd_dataset(loop.msd_root(config.data))
@@ -130,19 +115,28 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3) -> dict[str, 
                f"{case_id}: " + ", ".join(f"{plan['class_names'][c]} Dice "
                                            f"{metrics[c]['dice']:.3f}" for c in classes))
   seconds = time.perf_counter() - t0
-  summary = seg_metrics.summarize([{int(c): m for c, m in r.items() if c != "case"}
-                                   for r in cases])
+  per_case = [{int(c): m for c, m in r.items() if c != "case"} for r in cases]
+  summary = seg_metrics.summarize(per_case)
   names = {c: plan["class_names"][c] for c in classes}
   table = seg_metrics.format_table(summary, names)
+  ci = seg_metrics.bootstrap_means(per_case, "dice", n_boot=n_boot, seed=0)
+  seg_metrics.plot_dice_boxes(per_case, os.path.join(out_dir, "dice_boxes.png"), names,
+                              title=f"fold {config.data.fold}, {len(cases)} cases")
   result = {"step": segmenter.step, "fold": config.data.fold, "cases": len(cases),
             "mirror": mirror, "seconds": seconds, "foreground_dice": summary.foreground_dice,
-            "per_class_dice": {names[c]: summary.mean[c]["dice"] for c in classes}}
+            "per_class_dice": {names[c]: summary.mean[c]["dice"] for c in classes},
+            "dice_ci95": {**{names[c]: ci["per_class"][c] for c in classes},
+                          "foreground": ci["foreground"]}}
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump({**result, "per_case": cases}, f, indent=1, default=float)
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"
            f"{' + mirroring' if mirror else ''}, checkpoint step {segmenter.step})", "",
-           table, "", f"Inference wall time {seconds:.0f} s. Predictions: `validation/*.nii.gz`.",
-           ""] + [f"![{c}](validation/overlays/{c}.png)" for c in val_ids[:overlays]] + [""]
+           table, "", "Mean Dice with a 95% bootstrap interval over cases (" + ", ".join(
+               f"{name} {iv['value']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+               for name, iv in result["dice_ci95"].items()) + f"; {n_boot} resamples).", "",
+           f"Inference wall time {seconds:.0f} s. Predictions: `validation/*.nii.gz`.", "",
+           "![Dice per case](validation/dice_boxes.png)"
+           ] + [f"![{c}](validation/overlays/{c}.png)" for c in val_ids[:overlays]] + [""]
   with open(os.path.join(segmenter.workdir, "results.md"), "a") as f:
     f.write("\n".join(lines))
   return result
@@ -150,6 +144,7 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3) -> dict[str, 
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   result = validate(flags.FLAGS.workdir, mirror=not flags.FLAGS.no_mirror)
   print(json.dumps({k: v for k, v in result.items()}, default=float))
 

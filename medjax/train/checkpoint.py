@@ -105,8 +105,17 @@ class Checkpointer:
     step = step if step is not None else (self.best_step() or self.latest_step())
     if step is None:
       raise FileNotFoundError(f"{self._manager.directory}: no checkpoint")
+    # Onto one local device, whatever mesh the run trained on: a run saved from 2 host devices
+    # must load in a 1-device inference process (Orbax refuses a topology change by default).
+    item = os.path.join(os.fspath(self._manager.directory), str(step), "state")
+    metadata = ocp.StandardCheckpointer().metadata(item)
+    tree = getattr(metadata, "item_metadata", metadata)
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+        getattr(tree, "tree", tree))
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(abstract)))["state"]
     if restored.get("ema"):
       return dict(restored["ema"])
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}

@@ -1,0 +1,200 @@
+"""A finished run loaded back from its workdir: config, model, best weights, batched prediction.
+
+Evaluation, prediction on new studies, feature export and serving export all start here, so none
+of them re-types the preprocessing or the network: both come from the run's ``config.json`` (and
+``plan.json`` for segmentation), the weights from its best checkpoint (the EMA when it kept one).
+
+Embeddings: models ``sow`` their pooled pre-head features as ``intermediates/embedding`` (ResNet,
+the slice-sequence models; the U-Net its pooled bottleneck), so one mechanism serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from medjax.data import pipeline, sources, transforms
+from medjax.io import medmnist
+from medjax.io.errors import MedjaxIOError
+from medjax.train import loop, tasks
+from medjax.train.checkpoint import Checkpointer
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise MedjaxIOError(path, "missing: is this the workdir of a finished medjax run?") from None
+  except json.JSONDecodeError as e:
+    raise MedjaxIOError(path, f"not valid JSON ({e})") from None
+
+
+def _find_embedding(tree: Any) -> jax.Array | None:
+  """The first sowed ``embedding`` in an ``intermediates`` collection (sow stores tuples)."""
+  if isinstance(tree, dict):
+    if "embedding" in tree:
+      value = tree["embedding"]
+      return value[-1] if isinstance(value, tuple) else value
+    for v in tree.values():
+      found = _find_embedding(v)
+      if found is not None:
+        return found
+  return None
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A trained model with everything needed to feed it.
+
+  Attributes:
+    workdir: the run folder.
+    config: the run's config (``config.json``).
+    model: the linen module, built as the loop built it.
+    variables: ``{"params", "batch_stats"}`` of checkpoint ``step``.
+    step: the checkpoint step loaded (the best on validation unless asked otherwise).
+    task: the loop's task (its ``predict_fn`` turns outputs into probabilities).
+    num_classes: classes (or label columns for multi-label data).
+    class_names: names by class index.
+    plan: the segmentation plan (``plan.json``), or None.
+  """
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  variables: dict[str, Any]
+  step: int
+  task: tasks.Task
+  num_classes: int
+  class_names: tuple[str, ...]
+  plan: dict[str, Any] | None = None
+
+  @classmethod
+  def load(cls, workdir: str, step: int | None = None) -> TrainedModel:
+    """Loads ``workdir``'s run at checkpoint ``step`` (default: best on validation, else latest).
+
+    Raises:
+      MedjaxIOError: the workdir lacks ``config.json`` / ``plan.json`` or any checkpoint.
+    """
+    workdir = os.path.abspath(workdir)
+    config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, "config.json")))
+    plan, defaults = None, {}
+    task_name = config.task
+    if config.data.source == "msd":
+      plan = _read_json(os.path.join(workdir, "plan.json"))
+      num_classes, defaults = plan["num_classes"], loop.plan_model_defaults(plan)
+      class_names = tuple(plan["class_names"])
+    else:
+      info = medmnist.get_info(config.data.name, config.data.size)
+      num_classes, class_names = info.n_classes, tuple(info.label_names)
+      if info.multi_label and task_name == "classification":
+        task_name = "multilabel_classification"
+    model = loop.build_model(config.model, num_classes, defaults)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise MedjaxIOError(ckpt_dir, "no checkpoints: the run has not saved one yet")
+    ckpt = Checkpointer(ckpt_dir, best_metric=config.eval.best_metric)
+    try:
+      step = step or ckpt.best_step() or ckpt.latest_step()
+      if step is None:
+        raise MedjaxIOError(ckpt_dir, "no checkpoint to load")
+      variables = ckpt.restore_variables(step)
+    finally:
+      ckpt.close()
+    return cls(workdir, config, model, jax.device_put(variables, jax.local_devices()[0]), step,
+               tasks.get_task(task_name), num_classes, class_names, plan)
+
+  # --- Data -----------------------------------------------------------------------------------
+
+  def eval_transforms(self) -> list:
+    """The run's evaluation preprocessing, parsed from its config."""
+    return transforms.parse(self.config.data.eval_transforms)
+
+  def source(self, split: str):
+    """The run's dataset split (``train``, ``val``, ``test``) as a Grain source (classification)."""
+    data = self.config.data
+    if data.source != "medmnist":
+      raise ValueError(f"{self.workdir}: split sources exist for MedMNIST runs; this run's data "
+                       f"is {data.source!r} (use medjax.infer.segment for segmentation)")
+    src, _ = sources.medmnist_source(data.name, split, size=data.size,
+                                     data_dir=data.dir or None, download=False)
+    return src
+
+  # --- Prediction -----------------------------------------------------------------------------
+
+  @functools.cached_property
+  def logits(self):
+    """Jitted ``images [B, ...] -> outputs [B, ...]`` (the full-resolution head's, float32)."""
+    model, variables = self.model, self.variables
+
+    @jax.jit
+    def logits(images):
+      outputs = model.apply(variables, images, train=False)
+      if isinstance(outputs, (list, tuple)):  # deep-supervision heads: the full-size one
+        outputs = outputs[0]
+      return outputs.astype(jnp.float32)
+
+    return logits
+
+  @functools.cached_property
+  def apply(self):
+    """Jitted ``images [B, ...] -> (probabilities [B, K], embedding [B, F] or None)``."""
+    model, variables, predict_fn = self.model, self.variables, self.task.predict_fn
+
+    @jax.jit
+    def apply(images):
+      outputs, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+      if isinstance(outputs, (list, tuple)):
+        outputs = outputs[0]
+      embedding = _find_embedding(state.get("intermediates", {}))
+      return predict_fn(outputs).astype(jnp.float32), embedding
+
+    return apply
+
+  def predict(self, source, batch_size: int | None = None,
+              progress: bool = True) -> dict[str, np.ndarray]:
+    """Probabilities (and embeddings where the model sows one) for every record of ``source``.
+
+    Returns:
+      ``{"index" [N], "label" [N] or [N, K], "probs" [N, K](, "embedding" [N, F])}`` in the
+      source's order; ``index`` is each record's position in its split.
+    """
+    batch_size = batch_size or self.config.eval.batch_size
+    out: dict[str, list[np.ndarray]] = {"index": [], "label": [], "probs": [], "embedding": []}
+    batches = pipeline.eval_batches(source, self.eval_transforms(), global_batch_size=batch_size)
+    total = -(-len(source) // batch_size)
+    for batch in tqdm.tqdm(batches, total=total, desc="predict", unit="batch",
+                           disable=not progress, dynamic_ncols=True):
+      probs, embedding = jax.device_get(self.apply(jnp.asarray(batch["image"], jnp.float32)))
+      keep = np.asarray(batch["mask"]) > 0
+      out["index"].append(np.asarray(batch["index"])[keep])
+      out["label"].append(np.asarray(batch["label"])[keep])
+      out["probs"].append(np.asarray(probs)[keep])
+      if embedding is not None:
+        out["embedding"].append(np.asarray(embedding)[keep])
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+  def predict_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Probabilities ``[N, K]`` of already-preprocessed ``images [N, ...]``, in fixed-size batches
+    (the last padded) so that the network compiles once."""
+    batch_size = batch_size or self.config.eval.batch_size
+    probs = []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start:start + batch_size]
+      pad = batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      p, _ = self.apply(jnp.asarray(chunk, jnp.float32))
+      probs.append(np.asarray(p)[:batch_size - pad])
+    return np.concatenate(probs)
+

@@ -1,0 +1,54 @@
+"""``python -m medjax.evaluate`` on a finished classification run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_synthetic_medmnist
+from helpers import config as _config
+
+from medjax.evaluate.__main__ import evaluate_classification
+from medjax.train import loop
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaluate")
+  data = write_synthetic_medmnist(str(root), with_test=True)
+  workdir = str(root / "run")
+  return workdir, loop.train_and_evaluate(_config(data), workdir)
+
+
+def test_report_agrees_with_the_loop_and_writes_every_artefact(run):
+  workdir, summary = run
+  report = evaluate_classification(workdir, "val", n_boot=50)
+  auc = report["metrics"]["auc"]
+  assert auc["value"] == pytest.approx(summary["best"]["auc"], abs=1e-6)
+  assert auc["lo"] <= auc["value"] <= auc["hi"]
+  out = os.path.join(workdir, "evaluation", "val")
+  for name in ("results.md", "results.csv", "report.json", "predictions.csv", "plots/roc.png",
+               "plots/pr.png", "plots/reliability.png", "plots/confusion.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, "predictions.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 40 and set(rows[0]) == {"index", "label", "p_normal", "p_pneumonia"}
+  assert json.load(open(os.path.join(out, "report.json")))["step"] == summary["best_step"]
+
+
+def test_test_split_and_temperature_scaling(run):
+  workdir, _ = run
+  report = evaluate_classification(workdir, "test", n_boot=20, temperature=True)
+  assert report["split"] == "test" and report["temperature"] > 0
+  assert os.path.exists(os.path.join(workdir, "evaluation", "test", "results.md"))
+
+
+def test_command_line(run):
+  workdir, _ = run
+  out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--workdir", workdir,
+                        "--split", "val", "--n_boot", "20"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| AUC |" in out.stdout
