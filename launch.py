@@ -7,6 +7,10 @@ not have, or a value of the wrong type, stops here with a message that names it.
 Several processes (one per host, or several on one machine for testing):
   python launch.py ... --coordinator=127.0.0.1:1234 --num_processes=2 --process_id=0
 
+Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep.py): every member as its own
+launch.py process, at most N at a time, skipping finished members and resuming the others:
+  python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
+
 Exit status: 0 done; 2 an expected error (bad data file, bad setting, a workdir of another
 experiment, a diverged run), printed as one ``error: ...`` line on stderr; 1 anything else
 (bad flags, or a bug, which keeps its traceback).
@@ -33,6 +37,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every member of the config's get_sweep(), each "
+                           "as its own launch.py in <workdir>/<member>.")
+_SWEEP_WORKERS = flags.DEFINE_integer("sweep_workers", None, "Sweep members run at once (default: "
+                                      "one per GPU, else 1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,11 +67,32 @@ def _is_expected_error(e: BaseException) -> bool:
   return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
+def _sweep() -> int:
+  """``--sweep``: the config's members, each run by its own launch.py; returns the exit status."""
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    raise app.UsageError("--sweep starts its members as separate processes; it takes no "
+                         "--coordinator/--num_processes")
+  from medjax import sweep
+
+  flag = flags.FLAGS["config"]
+  try:
+    return sweep.run(config_flags.get_config_filename(flag), config_flags.get_override_values(flag),
+                     _WORKDIR.value, workers=_SWEEP_WORKERS.value,
+                     launch_script=os.path.abspath(__file__))
+  except sweep.SweepError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO.
+  if _SWEEP.value:
+    return _sweep()  # before JAX starts: the sweep's own process never holds a device
+  if _SWEEP_WORKERS.value is not None:
+    raise app.UsageError("--sweep_workers needs --sweep")
   import jax
 
   if _COORDINATOR.value or _NUM_PROCESSES.value:

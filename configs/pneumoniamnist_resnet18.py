@@ -3,6 +3,9 @@ r"""PneumoniaMNIST (28², paediatric chest X-ray, normal vs pneumonia) with a 2-
 Run:
   python launch.py --config configs/pneumoniamnist_resnet18.py --workdir runs/pneumonia
 Quick smoke run: --config configs/pneumoniamnist_resnet18.py:runlocal
+Sweep of get_sweep() (4 members, 2 at a time):
+  python launch.py --config configs/pneumoniamnist_resnet18.py --workdir runs/pneumonia_sweep \
+    --sweep --sweep_workers 2
 
 Expected (val split, 2-core CPU): see README's results table.
 """
@@ -24,3 +27,9 @@ def get_config(arg: str | None = None):
   if arg == "runlocal":
     common.runlocal(c)
   return c
+
+
+def get_sweep(arg: str | None = None):
+  """Learning rate × weight decay around the defaults above: a 2 × 2 grid (medjax/sweep.py)."""
+  del arg  # the same grid for the runlocal variant
+  return {"optim.lr": [1e-3, 3e-3], "optim.weight_decay": [1e-4, 1e-2]}

@@ -387,4 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       report.write_report(workdir, summary, history)
     else:
       report.write_report(workdir, summary, history, labels, preds)
+    # Written last, atomically: its presence marks a finished run (launch.py --sweep skips those).
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
   return summary

@@ -16,6 +16,8 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     return
   with open(path) as f:
     lines = [ln for ln in f if ln.strip()]
+  if lines and not lines[-1].endswith("\n"):
+    lines.pop()  # a line cut short by the kill: its step is re-done, so it is logged again
   kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= max_step]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -63,4 +65,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(ln) for ln in f if ln.strip()]
+    lines = [ln for ln in f if ln.strip()]
+  if lines and not lines[-1].endswith("\n"):
+    lines.pop()  # being written, or cut short by a kill
+  return [json.loads(ln) for ln in lines]
