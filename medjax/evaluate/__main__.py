@@ -24,16 +24,6 @@ from absl import app, flags, logging
 
 from medjax.evaluate import classification as cls_metrics
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished medjax run", required=True)
-_SPLIT = flags.DEFINE_string("split", "val", "train | val | test (classification)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)")
-_N_BOOT = flags.DEFINE_integer("n_boot", cls_metrics.N_BOOT, "bootstrap resamples")
-_SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "binary decision threshold")
-_TEMPERATURE = flags.DEFINE_bool("temperature", False,
-                                 "fit temperature scaling on val and apply it first")
-_NO_MIRROR = flags.DEFINE_bool("no_mirror", False, "segmentation: skip mirroring TTA")
-
 
 def evaluate_classification(workdir: str, split: str = "val", *, step: int | None = None,
                             n_boot: int = cls_metrics.N_BOOT, seed: int = 0,
@@ -93,21 +83,30 @@ def evaluate_classification(workdir: str, split: str = "val", *, step: int | Non
 
 def main(argv):
   del argv
+  args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
-  with open(os.path.join(_WORKDIR.value, "config.json")) as f:
+  with open(os.path.join(args.workdir, "config.json")) as f:
     task = json.load(f).get("task")
   if task == "segmentation":
     from medjax.infer.segment import validate
 
-    result = validate(_WORKDIR.value, mirror=not _NO_MIRROR.value, n_boot=_N_BOOT.value)
+    result = validate(args.workdir, mirror=not args.no_mirror, n_boot=args.n_boot)
     print(json.dumps(result, default=float))
     return
-  report = evaluate_classification(_WORKDIR.value, _SPLIT.value, step=_STEP.value,
-                                   n_boot=_N_BOOT.value, seed=_SEED.value,
-                                   threshold=_THRESHOLD.value, temperature=_TEMPERATURE.value)
+  report = evaluate_classification(args.workdir, args.split, step=args.step, n_boot=args.n_boot,
+                                   seed=args.seed, threshold=args.threshold,
+                                   temperature=args.temperature)
   print(cls_metrics.format_table(report))
-  print(f"written to {os.path.join(os.path.abspath(_WORKDIR.value), 'evaluation', _SPLIT.value)}")
+  print(f"written to {os.path.join(os.path.abspath(args.workdir), 'evaluation', args.split)}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here only, so importing the module defines none
+  flags.DEFINE_string("workdir", None, "a finished medjax run", required=True)
+  flags.DEFINE_string("split", "val", "train | val | test (classification)")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)")
+  flags.DEFINE_integer("n_boot", cls_metrics.N_BOOT, "bootstrap resamples")
+  flags.DEFINE_integer("seed", 0, "bootstrap seed")
+  flags.DEFINE_float("threshold", 0.5, "binary decision threshold")
+  flags.DEFINE_bool("temperature", False, "fit temperature scaling on val and apply it first")
+  flags.DEFINE_bool("no_mirror", False, "segmentation: skip mirroring TTA")
   app.run(main)

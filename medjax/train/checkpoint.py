@@ -108,7 +108,8 @@ class Checkpointer:
     # Onto one local device, whatever mesh the run trained on: a run saved from 2 host devices
     # must load in a 1-device inference process (Orbax refuses a topology change by default).
     item = os.path.join(os.fspath(self._manager.directory), str(step), "state")
-    metadata = ocp.StandardCheckpointer().metadata(item)
+    with _drop_absl_warning("Metadata file does not exist"):  # asked of the item, not the step
+      metadata = ocp.StandardCheckpointer().metadata(item)
     tree = getattr(metadata, "item_metadata", metadata)
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(

@@ -1,0 +1,852 @@
+r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, tables and masks out.
+
+  python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
+      [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
+
+``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
+holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
+lie) is one input and each NIfTI/PNG/JPEG file another. A bad input is reported (one line naming
+the file and the problem, on stderr and in ``errors.csv``) and skipped; the exit status is then
+`EXIT_SOME_FAILED`.
+
+Preprocessing is the run's own, read from its workdir, never re-typed:
+
+* Classification (MedMNIST runs). Each input becomes what the MedMNIST files hold, uint8
+  ``[H, W, C]`` (2-D) or ``[D, H, W, C]`` (3-D) at ``config.data.size``, and then goes through
+  the run's eval transforms by the same pipeline function the training loop evaluated with. The
+  conversion (`classification_input`): greyscale (or grey → RGB for the colour sets); intensities
+  mapped to 0..255 (see `intensity_op`: uint8 kept, CT through a soft-tissue window, anything else
+  its own 0.5–99.5 percentile range); 2-D: centre-cropped to a square and resized with
+  antialiasing (MedMNIST's 2-D recipe); 3-D: the whole volume, in axial-stack order, resampled to
+  ``size³``. The 3-D case is an approximation: MedMNIST3D cut its volumes around the organ at a
+  fixed physical size, which a whole scan stretched to ``size³`` does not reproduce.
+* Segmentation (runs with a ``plan.json``). `Segmenter.predict` applies the plan and returns
+  probabilities on the input's own grid; written are ``<name>_seg.nii.gz`` (uint8 label map, the
+  input's affine and axis order), with ``--probabilities`` ``<name>_probs.nii.gz`` (float32, one
+  volume per class), and for DICOM input a DICOM-SEG ``<name>_seg.dcm`` (`write_dicom_seg`).
+
+Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
+none failed), ``predict.json`` (the run, counts and settings).
+
+Privacy: nothing read from a DICOM header except the acquisition facts of
+`medjax.io.dicom.SAFE_METADATA` (here only Modality) reaches a CSV, the JSON, a log line or an
+error message; error texts are scrubbed of the inputs' patient name, IDs and dates in case a
+library quoted one. No UIDs are written either. The DICOM-SEG object is the exception by design:
+the standard requires a segmentation to carry the Patient and General Study modules of its source
+images (highdicom copies them), so a DICOM-SEG is as identifying as the series it annotates.
+Paths are written relative to ``--input`` as given: folder names are the user's to choose.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any, Callable, Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pydicom.errors
+import tqdm
+from absl import app, flags, logging
+from PIL import Image, ImageOps
+from pydicom.sr.codedict import codes
+from scipy import ndimage
+
+from medjax.data import transforms
+from medjax.data.sources import ArraySource
+from medjax.infer.segment import Segmenter
+from medjax.infer.trained import TrainedModel
+from medjax.io import medmnist
+from medjax.io.dicom import read_dicom_series
+from medjax.io.errors import MedjaxIOError
+from medjax.io.nifti import NIFTI_SUFFIXES, read_nifti, write_nifti
+from medjax.io.volume import LPS_TO_RAS, Volume, grid_mismatch
+
+# Exit statuses: every input predicted; some inputs failed (the rest were written); nothing could
+# run (a bad workdir, no inputs). A crash keeps Python's own 1.
+EXIT_OK, EXIT_UNUSABLE, EXIT_SOME_FAILED = 0, 2, 3
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Files with these names must be DICOM; other unknown files in a folder are skipped if they are not.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# CT inputs to a classifier: HU through this window onto 0..255 (abdominal soft tissue, what the
+# CT sets of MedMNIST show), unless --intensity says otherwise.
+CT_WINDOW = "soft_tissue"
+# DICOM classes that hold pixels but are not images to predict on (earlier outputs, say).
+_SKIP_SOP_CLASSES = frozenset({
+    "1.2.840.10008.1.3.10",  # DICOMDIR (its files are in the tree anyway)
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+})
+# Header values that identify a patient: scrubbed from every error text and warning predict
+# writes, in case a library quoted one.
+_IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate",
+                "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
+                "PatientTelephoneNumbers", "IssuerOfPatientID", "AccessionNumber",
+                "ReferringPhysicianName", "InstitutionName", "StudyDate", "StudyID")
+# The Type 2 attributes of the Patient and General Study modules highdicom copies to a DICOM-SEG:
+# present (possibly empty) in conformant images, missing in some exports; added empty then.
+_SEG_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+              "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+# A source pixel must fall within this many voxels of a label-map voxel centre: the SEG copies
+# labels, it never interpolates them.
+_ON_GRID_VOXELS = 0.1
+_SEG_SERIES_NUMBER = 9901
+_PRIVATE_SCHEME = "99MEDJAX"  # a local coding scheme ("99" prefix, PS3.16) for run class names
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+  """One thing to predict on.
+
+  Attributes:
+    kind: ``"dicom"`` (a series, or one file), ``"nifti"`` or ``"image"`` (PNG/JPEG).
+    name: its path relative to ``--input`` (a series: its folder, ``#n`` when a folder holds
+      several series, numbered in file-name order); what tables and messages call it.
+    files: the files (a DICOM series: all of its files; else the one file).
+  """
+
+  kind: str
+  name: str
+  files: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+  """An input that was skipped (or only partly written), and why."""
+
+  input: str
+  problem: str
+
+
+def _walk(folder: str, exclude: str | None) -> list[str]:
+  paths = []
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and os.path.join(root, d) != exclude)
+    paths.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+  return paths
+
+
+def _dicom_header(path: str, required: bool) -> pydicom.Dataset | None:
+  """The header of an image DICOM file; None for a file that is not one (when not ``required``).
+
+  Raises:
+    MedjaxIOError: a DICOM file whose header is damaged, or a required one that is not DICOM.
+  """
+  try:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=required)
+  except pydicom.errors.InvalidDicomError:  # no DICM preamble: some other kind of file
+    return None
+  except Exception as e:  # noqa: BLE001 - truncated headers raise many types
+    raise MedjaxIOError(path, f"unreadable DICOM header ({type(e).__name__})") from e
+  if "SOPClassUID" not in ds and "Rows" not in ds:
+    if required:
+      raise MedjaxIOError(path, "not a DICOM file (no DICM preamble, no SOP class, no image)")
+    return None
+  return ds
+
+
+def find_inputs(path: str, exclude: str | None = None) -> tuple[list[Input], list[Failure], int]:
+  """The inputs at ``path`` (a file or a folder, searched recursively).
+
+  Args:
+    path: see the module docstring.
+    exclude: a folder not to search (the output folder, when it lies inside ``path``).
+
+  Returns:
+    ``(inputs, failures, skipped)``: inputs sorted by name; files that claim to be an input but
+    cannot be (a damaged DICOM header, a ``.dcm`` that is not DICOM); the number of other files
+    ignored (neither DICOM images, NIfTI, PNG nor JPEG).
+  """
+  path = os.path.abspath(path)
+  if os.path.isfile(path):
+    low = path.lower()
+    kind = ("nifti" if low.endswith(NIFTI_SUFFIXES) else
+            "image" if low.endswith(IMAGE_SUFFIXES) else "dicom")
+    if kind == "dicom":
+      try:
+        _dicom_header(path, required=True)
+      except MedjaxIOError as e:
+        return [], [Failure(os.path.basename(path), e.cause)], 0
+    return [Input(kind, os.path.basename(path), (path,))], [], 0
+  if not os.path.isdir(path):
+    raise MedjaxIOError(path, "no such file or folder")
+  inputs, failures, skipped = [], [], 0
+  series: dict[tuple[str, str], list[tuple[str, str]]] = collections.defaultdict(list)
+  for file in _walk(path, exclude):
+    rel = os.path.relpath(file, path)
+    low = file.lower()
+    if low.endswith(NIFTI_SUFFIXES):
+      inputs.append(Input("nifti", rel, (file,)))
+      continue
+    if low.endswith(IMAGE_SUFFIXES):
+      inputs.append(Input("image", rel, (file,)))
+      continue
+    try:
+      ds = _dicom_header(file, required=low.endswith(DICOM_SUFFIXES))
+    except MedjaxIOError as e:
+      failures.append(Failure(rel, e.cause))
+      continue
+    if ds is None or "Rows" not in ds or str(ds.get("SOPClassUID", "")) in _SKIP_SOP_CLASSES:
+      skipped += 1
+      continue
+    # Files without a series UID are grouped by folder: the reader then says if they don't fit.
+    uid = str(ds.get("SeriesInstanceUID", ""))
+    series[(uid, os.path.dirname(file) if not uid else "")].append((rel, file))
+  by_folder: dict[str, list[list[tuple[str, str]]]] = collections.defaultdict(list)
+  for members in series.values():
+    members.sort()
+    folder = os.path.commonpath([os.path.dirname(rel) or "." for rel, _ in members])
+    by_folder[folder].append(members)
+  for folder, groups in by_folder.items():
+    groups.sort()
+    name = os.path.basename(path) if folder in ("", ".") else folder
+    for n, members in enumerate(groups, 1):
+      label = f"{name}#{n}" if len(groups) > 1 else name
+      inputs.append(Input("dicom", label, tuple(file for _, file in members)))
+  inputs.sort(key=lambda i: i.name)
+  return inputs, failures, skipped
+
+
+def read_picture(path: str) -> Volume:
+  """A PNG/JPEG as a Volume ``[i, j, 1, C]`` (``i`` along a row, as DICOM), 1 mm pixels.
+
+  8-bit greyscale stays uint8 and 16-bit stays uint16; palette, alpha and CMYK images become RGB;
+  the EXIF orientation is applied (cameras and phones store it that way).
+  """
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)
+      image.load()  # decodes now: a truncated file fails here, not later
+      if image.mode in ("1", "LA", "La"):
+        image = image.convert("L")
+      elif image.mode not in ("L", "I;16", "I", "F", "RGB"):
+        image = image.convert("RGB")
+      array = np.asarray(image)
+  except Exception as e:  # noqa: BLE001 - Pillow raises many types on junk
+    raise MedjaxIOError(path, f"unreadable image ({type(e).__name__}: {e})") from e
+  if array.ndim == 2:
+    array = array[..., None]
+  voxels = np.ascontiguousarray(array.transpose(1, 0, 2)[:, :, None, :])
+  return Volume(voxels, np.ones(3), np.zeros(3), np.eye(3),
+                metadata={"format": os.path.splitext(path)[1].lstrip(".").lower()})
+
+
+def read_input(item: Input) -> Volume:
+  """The input's voxels on its own grid: NIfTI in the file's axis order (no reorientation)."""
+  if item.kind == "nifti":
+    return read_nifti(item.files[0], canonical=False)
+  if item.kind == "image":
+    return read_picture(item.files[0])
+  return read_dicom_series(list(item.files))
+
+
+# --------------------------------------------------------------------------------------------
+# Classification preprocessing
+
+
+def intensity_op(spec: str, volume: Volume) -> Callable[[np.ndarray], np.ndarray]:
+  """The map of ``volume``'s intensities onto MedMNIST's 0..255 (float32 out, not yet rounded).
+
+  Args:
+    spec: ``"auto"``: uint8 data kept as is, CT (DICOM modality CT, in HU) through the `CT_WINDOW`
+      window, anything else (MR, 16-bit radiographs, float NIfTI) its own 0.5–99.5 percentile
+      range stretched onto 0..255 (robust min-max: a burned-in marker or a hot voxel does not
+      flatten the rest); ``"keep"``: values already 0..255; ``"percentile"``: the percentile
+      stretch; a CT window preset of `transforms.WINDOW_PRESETS` or ``"level,width"`` in HU.
+    volume: the input, for its dtype and modality.
+  """
+  if spec == "auto":
+    if volume.array.dtype == np.uint8:
+      spec = "keep"
+    elif volume.modality.upper() == "CT":
+      spec = CT_WINDOW
+    else:
+      spec = "percentile"
+  if spec == "keep":
+    return lambda x: np.asarray(x, np.float32)
+  if spec == "percentile":
+    op = transforms.PercentileClip(0.5, 99.5, rescale=True)
+    return lambda x: op.map({"image": x})["image"] * np.float32(255.0)
+  window = _window(spec)
+  return lambda x: window.map({"image": x})["image"]
+
+
+def _window(spec: str) -> transforms.Window:
+  """A CT window onto 0..255 from a preset name or ``"level,width"``."""
+  if spec in transforms.WINDOW_PRESETS:
+    return transforms.Window(preset=spec, out_range=(0.0, 255.0))
+  try:
+    level, width = (float(v) for v in spec.split(","))
+    return transforms.Window(level=level, width=width, out_range=(0.0, 255.0))
+  except ValueError:
+    raise ValueError(f"intensity {spec!r}: expected auto, keep, percentile, a window preset "
+                     f"({', '.join(sorted(transforms.WINDOW_PRESETS))}) or level,width (HU, "
+                     "width > 0)") from None
+
+
+def check_intensity(spec: str) -> None:
+  """Raises ValueError for an ``intensity`` that `intensity_op` would not understand."""
+  if spec not in ("auto", "keep", "percentile"):
+    _window(spec)
+
+
+def _match_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  if channels == 1 and c == 3:
+    return transforms.Greyscale().map({"image": image})["image"]
+  if channels == 3 and c == 1:
+    return np.repeat(image, 3, axis=-1)
+  raise ValueError(f"the input has {c} channels; the run takes {channels} "
+                   "(1 grey or 3 RGB channels can be converted)")
+
+
+def _resize_2d(image: np.ndarray, size: int) -> np.ndarray:
+  """``[H, W, C]`` → centre square (short edge) → ``[size, size, C]``, bicubic with antialiasing
+  (Pillow's, on float32 so nothing is quantised before the end)."""
+  h, w = image.shape[:2]
+  edge = min(h, w)
+  top, left = (h - edge) // 2, (w - edge) // 2
+  square = image[top:top + edge, left:left + edge]
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(square[..., c], np.float32))
+                              .resize((size, size), Image.Resampling.BICUBIC))
+                   for c in range(square.shape[-1])], axis=-1)
+
+
+def _resize_3d(volume: np.ndarray, size: int) -> np.ndarray:
+  """``[D, H, W, C]`` → ``[size]*3 + [C]``: linear, after a Gaussian low-pass on each axis that
+  shrinks (sigma = (factor - 1) / 2, as scikit-image's ``anti_aliasing``) so no detail aliases."""
+  shape = np.asarray(volume.shape[:3], np.float64)
+  factors = shape / size
+  sigma = np.maximum(0.0, (factors - 1) / 2)
+  out = []
+  for c in range(volume.shape[-1]):
+    x = volume[..., c].astype(np.float32)
+    if np.any(sigma > 0):
+      x = ndimage.gaussian_filter(x, sigma, mode="nearest")
+    out.append(ndimage.zoom(x, size / shape, order=1, mode="nearest", grid_mode=True))
+  return np.stack(out, axis=-1)
+
+
+def classification_input(volume: Volume, size: int, ndim: int, channels: int,
+                         intensity: str = "auto") -> np.ndarray:
+  """One input as a MedMNIST record image (see the module docstring).
+
+  Args:
+    volume: the input as read (`read_input`).
+    size: the run's ``config.data.size``.
+    ndim: 2 (images) or 3 (volumes), the MedMNIST set's.
+    channels: 1 (grey) or 3 (RGB), the MedMNIST set's.
+    intensity: see `intensity_op`.
+
+  Returns:
+    uint8 ``[size, size, C]`` (2-D; rows top to bottom as a viewer shows the input) or
+    ``[size, size, size, C]`` (3-D; ``[D, H, W]`` = inferior→superior axial slices, each with
+    anterior at the top and the patient's right on the left, the radiological view).
+
+  Raises:
+    ValueError: the input's dimensionality or channels do not fit the run.
+  """
+  if ndim == 2:
+    if volume.shape[2] != 1:
+      raise ValueError(f"the run classifies 2-D images; this input is a volume of "
+                       f"{volume.shape[2]} slices")
+    # Volume axes i (along a row), j (down the rows): the picture is [j, i].
+    image = volume.array[:, :, 0, :].transpose(1, 0, 2)
+  elif ndim == 3:
+    if min(volume.shape) < 2:
+      raise ValueError(f"the run classifies volumes; this input has shape {volume.shape}")
+    # LPS axis order (i → patient's left, j → posterior, k → superior), stacked as [k, j, i].
+    lps = volume.reoriented(np.diag([-1.0, -1.0, 1.0, 1.0]))
+    image = lps.array.transpose(2, 1, 0, 3)
+  else:
+    raise ValueError(f"MedMNIST sets are 2-D or 3-D, not {ndim}-D")
+  image = intensity_op(intensity, volume)(_match_channels(image, channels).astype(np.float32))
+  image = _resize_2d(image, size) if ndim == 2 else _resize_3d(image, size)
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM-SEG
+
+
+def _numbers(value: Any, n: int, what: str) -> np.ndarray:
+  try:
+    out = np.asarray([float(v) for v in value], np.float64)
+  except (TypeError, ValueError):
+    out = np.zeros(0)
+  if out.shape != (n,) or not np.all(np.isfinite(out)):
+    raise ValueError(f"DICOM-SEG needs the source's {what} ({n} numbers)")
+  return out
+
+
+def _frame_planes(ds: pydicom.Dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """``(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)`` of each frame (LPS)."""
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+  shared = ds.get("SharedFunctionalGroupsSequence")
+  if per_frame is None and shared is None:
+    groups = [(ds, ds, ds)] * frames
+  else:
+    def find(f: int, sequence: str) -> pydicom.Dataset | None:
+      for items, index in ((per_frame, f), (shared, 0)):
+        if items and len(items) > index and items[index].get(sequence):
+          return items[index][sequence][0]
+      return None
+
+    groups = [(find(f, "PlanePositionSequence"), find(f, "PlaneOrientationSequence"),
+               find(f, "PixelMeasuresSequence")) for f in range(frames)]
+  return [(_numbers(p and p.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
+           _numbers(o and o.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
+           _numbers(m and m.get("PixelSpacing"), 2, "PixelSpacing")) for p, o, m in groups]
+
+
+def _sample_frame(labels: Volume, position: np.ndarray, orientation: np.ndarray,
+                  spacing: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  """The label map's voxels at the pixels of one source frame, ``[rows, cols]``.
+
+  Pixel ``(r, c)`` lies at ``position + c·Δcol·row_cosine + r·Δrow·column_cosine`` (LPS, PS3.3
+  C.7.6.2.1.1; PixelSpacing is (Δrow, Δcol)); each must fall on a voxel centre of ``labels``,
+  whatever the two grids' axis orders, or this raises ``ValueError``.
+  """
+  row_cos, col_cos = orientation[:3], orientation[3:]
+  to_voxel = lambda lps: labels.world_to_voxel(LPS_TO_RAS @ lps)
+  start = to_voxel(position)
+  step_c = to_voxel(position + spacing[1] * row_cos) - start
+  step_r = to_voxel(position + spacing[0] * col_cos) - start
+  corners = np.array([start + r * step_r + c * step_c
+                      for r in (0, rows - 1) for c in (0, cols - 1)])
+  off = max(np.max(np.abs(corners - np.rint(corners))),
+            np.max(np.abs(step_r - np.rint(step_r))) * rows,
+            np.max(np.abs(step_c - np.rint(step_c))) * cols)
+  if off > _ON_GRID_VOXELS:
+    raise ValueError(f"a source frame is off the label map's voxel grid by {off:.2g} voxels")
+  corners = np.rint(corners)
+  if np.any(corners < 0) or np.any(corners > np.asarray(labels.shape) - 1):
+    raise ValueError("a source frame lies outside the label map")
+  start, step_r, step_c = np.rint(start).astype(int), np.rint(step_r).astype(int), \
+      np.rint(step_c).astype(int)
+  index = (start + np.arange(rows)[:, None, None] * step_r
+           + np.arange(cols)[None, :, None] * step_c)
+  return labels.array[index[..., 0], index[..., 1], index[..., 2], 0]
+
+
+def dicom_seg_frames(labels: Volume, sources: Sequence[pydicom.Dataset]
+                     ) -> tuple[list[pydicom.Dataset], np.ndarray]:
+  """Orders the source images and puts the label map into their frames.
+
+  Args:
+    labels: the label map ``[i, j, k, 1]`` on the grid the series was read onto (any axis order:
+      the mapping goes through world coordinates).
+    sources: the series' headers (single-frame images), or one multi-frame image.
+
+  Returns:
+    ``(sources, frames)``: single-frame sources sorted along the slice normal (the order the
+    reader stacked them) and ``frames [n, rows, cols]`` with ``frames[n]`` the labels at
+    ``sources[n]``'s pixels; a multi-frame source's frames in its own frame order.
+  """
+  if len(sources) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in sources):
+    raise ValueError("DICOM-SEG references one multi-frame image or a series of single-frame "
+                     "images, not several multi-frame images")
+  planes = [_frame_planes(ds) for ds in sources]
+  if len(sources) > 1:
+    _, orientation, _ = planes[0][0]
+    normal = np.cross(orientation[:3], orientation[3:])
+    order = np.argsort([float(p[0][0] @ normal) for p in planes], kind="stable")
+    sources, planes = [sources[n] for n in order], [planes[n] for n in order]
+  frames = [_sample_frame(labels, *plane, int(ds.Rows), int(ds.Columns))
+            for ds, ds_planes in zip(sources, planes) for plane in ds_planes]
+  return list(sources), np.stack(frames)
+
+
+def write_dicom_seg(labels: Volume, source_files: Sequence[str], class_names: Sequence[str],
+                    path: str, *, segmentation_type: str = "BINARY",
+                    algorithm: str = "medjax", description: str = "medjax segmentation") -> None:
+  """Writes a label map as a DICOM-SEG (highdicom) that references its source series.
+
+  One segment per foreground class (segment ``n`` = class ``n``, labelled with its name and coded
+  as an anatomical structure with the run's class name in a local coding scheme); frames map
+  pixel for pixel onto the source images (`dicom_seg_frames`); empty frames are omitted. The
+  object carries the source's Patient and General Study modules, as the standard requires.
+
+  Args:
+    labels: uint ``[i, j, k, 1]`` on the grid the series was read onto.
+    source_files: the series' files.
+    class_names: by class index; 0 is background.
+    path: the ``.dcm`` to write.
+    segmentation_type: ``"BINARY"`` (one bit-packed frame per segment and slice; what viewers
+      read today) or ``"LABELMAP"`` (one frame per slice; DICOM 2024, few readers yet).
+    algorithm: the algorithm name recorded with each segment.
+    description: the SEG's SeriesDescription.
+
+  Raises:
+    ValueError: a source image lacks a UID the SEG must reference, or its pixels are not voxel
+      centres of ``labels``.
+  """
+  sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
+  for file, ds in zip(source_files, sources):
+    # PS3.10 makes the file meta's SOP class and instance those of the dataset; some
+    # de-identifiers blank the dataset's copies only.
+    meta = getattr(ds, "file_meta", None) or {}
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+      if not str(ds.get(keyword, "")).strip() and str(meta.get(meta_keyword, "")).strip():
+        setattr(ds, keyword, meta[meta_keyword].value)
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                           "SeriesInstanceUID") if not str(ds.get(k, "")).strip()]
+    if missing:
+      raise ValueError(f"{os.path.basename(file)} has no {', '.join(missing)} (blanked by "
+                       "de-identification?); a DICOM-SEG must reference them")
+    for keyword in _SEG_TYPE2:
+      if keyword not in ds:
+        setattr(ds, keyword, "")
+  sources, frames = dicom_seg_frames(labels, sources)
+  try:
+    version = importlib.metadata.version("medjax")
+  except importlib.metadata.PackageNotFoundError:
+    version = "unknown"
+  identification = hd.AlgorithmIdentificationSequence(
+      name=algorithm[:64], version=version, family=codes.cid7162.ArtificialIntelligence)
+  segments = [hd.seg.SegmentDescription(
+      segment_number=n, segment_label=name[:64],
+      segmented_property_category=codes.SCT.AnatomicalStructure,
+      segmented_property_type=hd.sr.CodedConcept(str(n), _PRIVATE_SCHEME, name[:64]),
+      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+      algorithm_identification=identification)
+      for n, name in enumerate(class_names) if n > 0]
+  seg = hd.seg.Segmentation(
+      source_images=sources, pixel_array=frames.astype(np.uint8),
+      segmentation_type=segmentation_type.upper(), segment_descriptions=segments,
+      series_instance_uid=hd.UID(), series_number=_SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+      instance_number=1, manufacturer="medjax", manufacturer_model_name=algorithm[:64],
+      software_versions=version, device_serial_number="none", omit_empty_frames=True)
+  seg.SeriesDescription = description[:64]
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".dcm")
+  os.close(fd)
+  try:
+    seg.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+class _Scrubber:
+  """Removes the inputs' patient-identifying header values (`_IDENTIFYING`) from a text."""
+
+  def __init__(self, inputs: Sequence[Input]):
+    values = set()
+    for item in inputs:
+      if item.kind != "dicom":
+        continue
+      try:  # one file per series: the patient does not change within a series
+        ds = pydicom.dcmread(item.files[0], stop_before_pixels=True, force=True)
+      except Exception:  # noqa: BLE001 - the read itself will report it
+        continue
+      for keyword in _IDENTIFYING:
+        value = ds.get(keyword)
+        for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value]):
+          text = str(v or "").strip()
+          if len(text) >= 3:
+            values.update({text, text.replace("^", " ").strip()})
+    self.values = sorted(values, key=len, reverse=True)
+
+  def __call__(self, text: str) -> str:
+    for value in self.values:
+      text = text.replace(value, "[removed]")
+    return text
+
+
+def _problem(error: Exception, item: Input, root: str) -> str:
+  """The reason, naming the file at fault (relative to ``root``) where it is not the input."""
+  if not isinstance(error, MedjaxIOError):
+    return _detail(error)
+  where = os.path.relpath(error.path, root) if os.path.isabs(error.path) else error.path
+  where = os.path.basename(root) if where == "." else where
+  return error.cause if where == item.name else f"{where}: {error.cause}"
+
+
+def _detail(error: Exception) -> str:
+  # Our own checks raise ValueError with a whole sentence; anything else keeps its type's name.
+  return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+
+
+def _stem(name: str, taken: set[str]) -> str:
+  """A unique output file stem for an input name (``a/b.nii.gz`` → ``a_b``)."""
+  low = name.lower()
+  for suffix in NIFTI_SUFFIXES[::-1] + IMAGE_SUFFIXES + DICOM_SUFFIXES:
+    if low.endswith(suffix):
+      name = name[:-len(suffix)]
+      break
+  stem = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name).strip("._") or "input"
+  unique, n = stem, 1
+  while unique in taken:
+    n += 1
+    unique = f"{stem}_{n}"
+  taken.add(unique)
+  return unique
+
+
+def _write_csv(path: str, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(header))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+# Called after each batch of classified inputs, for --saliency (issue 8, another change): receives
+# the model, the uint8 record images [N, ...] it was given, those inputs, their probabilities
+# [N, K] and the output folder, and writes what it likes there.
+SaliencyHook = Callable[[TrainedModel, np.ndarray, Sequence[Input], np.ndarray, str], None]
+
+
+def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
+              report: Callable[[Input, Exception | str], None], *, threshold: float, intensity: str,
+              progress: bool, saliency: SaliencyHook | None) -> tuple[list[str], list[dict]]:
+  data = trained.config.data
+  info = medmnist.get_info(data.name, data.size)
+  names = trained.class_names
+  binary = not info.multi_label and len(names) == 2
+  batch_size = max(1, min(trained.config.eval.batch_size, len(inputs)))
+  header = ["input", "kind", "modality"] + [f"prob_{n}" for n in names] + [
+      "predicted", "predicted_index", "threshold"]
+  rows: list[dict[str, Any]] = []
+  pending: list[tuple[Input, np.ndarray, str]] = []
+
+  def flush():
+    if not pending:
+      return
+    images = np.stack([image for _, image, _ in pending])
+    # The run's eval transforms, applied by the pipeline function its evaluation used.
+    source = ArraySource(images, np.zeros(len(images), np.int64), name="predict")
+    probs = trained.predict(source, batch_size=batch_size, progress=False)["probs"]
+    for (item, _, modality), p in zip(pending, probs):
+      row = {"input": item.name, "kind": item.kind, "modality": modality,
+             **{f"prob_{n}": f"{v:.6f}" for n, v in zip(names, p)}}
+      if info.multi_label:
+        chosen = [n for n, v in zip(names, p) if v >= threshold]
+        row.update(predicted=";".join(chosen), predicted_index="", threshold=threshold)
+      elif binary:
+        k = int(p[1] >= threshold)
+        row.update(predicted=names[k], predicted_index=k, threshold=threshold)
+      else:
+        k = int(np.argmax(p))
+        row.update(predicted=names[k], predicted_index=k, threshold="argmax")
+      rows.append(row)
+    if saliency is not None:
+      saliency(trained, images, [item for item, _, _ in pending], probs, output)
+    pending.clear()
+
+  for item in tqdm.tqdm(inputs, desc="predict", unit="input", disable=not progress,
+                        dynamic_ncols=True):
+    try:
+      volume = read_input(item)
+      image = classification_input(volume, data.size, info.ndim, info.n_channels, intensity)
+    except Exception as e:  # noqa: BLE001 - one bad input must not stop the rest
+      report(item, e)
+      continue
+    pending.append((item, image, volume.modality))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  return header, rows
+
+
+def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
+             report: Callable[[Input, Exception | str], None], *, probabilities: bool, mirror: bool,
+             segmentation_type: str, progress: bool) -> tuple[list[str], list[dict]]:
+  plan = segmenter.plan
+  names = list(plan["class_names"])
+  channels = len(plan["normalization"])
+  algorithm = f"medjax {segmenter.config.model.name}"
+  header = ["input", "kind", "modality", "segmentation", "probabilities", "dicom_seg"] + [
+      f"ml_{n}" for n in names[1:]]
+  rows: list[dict[str, Any]] = []
+  taken: set[str] = set()
+  for item in tqdm.tqdm(inputs, desc="predict", unit="input", disable=not progress,
+                        dynamic_ncols=True):
+    try:
+      if item.kind == "image":
+        raise ValueError("segmentation runs take volumes (DICOM, NIfTI), not PNG/JPEG images")
+      volume = read_input(item)
+      if volume.channels != channels:
+        raise ValueError(f"the input has {volume.channels} channel(s); the run takes {channels}")
+      probs = segmenter.predict(volume, mirror=mirror)
+      problem = grid_mismatch(volume, probs)
+      if problem:  # Segmenter's contract; checked because a shifted mask fails silently
+        raise RuntimeError(f"prediction is not on the input's grid: {problem}")
+      labels = volume.replace(array=np.argmax(probs.array, -1)[..., None].astype(np.uint8),
+                              metadata={})
+      stem = _stem(item.name, taken)
+      row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
+             "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": ""}
+      write_nifti(labels, os.path.join(output, row["segmentation"]), dtype=np.uint8)
+      if probabilities:
+        row["probabilities"] = f"{stem}_probs.nii.gz"
+        write_nifti(volume.replace(array=probs.array.astype(np.float32), metadata={}),
+                    os.path.join(output, row["probabilities"]))
+      ml = np.bincount(labels.array.ravel(), minlength=len(names)) * np.prod(volume.spacing) / 1e3
+      row.update({f"ml_{n}": f"{ml[k]:.3f}" for k, n in enumerate(names) if k > 0})
+      rows.append(row)
+    except Exception as e:  # noqa: BLE001 - one bad input must not stop the rest
+      report(item, e)
+      continue
+    if item.kind == "dicom":
+      try:
+        write_dicom_seg(labels, item.files, names, os.path.join(output, f"{stem}_seg.dcm"),
+                        segmentation_type=segmentation_type, algorithm=algorithm)
+        row["dicom_seg"] = f"{stem}_seg.dcm"
+      except Exception as e:  # noqa: BLE001 - the NIfTI stands; the SEG failure is reported
+        report(item, f"DICOM-SEG not written: {_detail(e)}")
+  return header, rows
+
+
+def predict(workdir: str, input_path: str, output: str, *, step: int | None = None,
+            threshold: float = 0.5, intensity: str = "auto", probabilities: bool = False,
+            mirror: bool = True, segmentation_type: str = "BINARY", progress: bool = True,
+            saliency: SaliencyHook | None = None) -> dict[str, Any]:
+  """Predicts every input at ``input_path`` with the run in ``workdir``; writes into ``output``.
+
+  Args:
+    workdir: a finished run (classification or segmentation).
+    input_path: a file or a folder (see the module docstring).
+    output: the folder to write (created).
+    step: the checkpoint to use (default: the best on validation).
+    threshold: classification: the positive class's probability at or above which a binary (or
+      each multi-label) prediction is positive; multi-class takes the argmax.
+    intensity: classification: how intensities map onto 0..255 (`intensity_op`).
+    probabilities: segmentation: also write the class probabilities.
+    mirror: segmentation: mirroring test-time augmentation (8× the work in 3-D).
+    segmentation_type: ``"BINARY"`` or ``"LABELMAP"`` DICOM-SEG (`write_dicom_seg`).
+    progress: show a progress bar over inputs (stderr).
+    saliency: classification: called after each batch (`SaliencyHook`).
+
+  Returns:
+    ``{"task", "inputs", "predicted", "failed", "failures": [Failure], "skipped_files"}``.
+
+  Raises:
+    MedjaxIOError: ``workdir`` is not a finished run, or ``input_path`` holds no inputs.
+    ValueError: a bad setting, or ``output`` is the input folder.
+  """
+  if not 0.0 < threshold < 1.0:
+    raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+  check_intensity(intensity)
+  if segmentation_type.upper() not in ("BINARY", "LABELMAP"):
+    raise ValueError(f"segmentation_type must be BINARY or LABELMAP, got {segmentation_type!r}")
+  input_path, output = os.path.abspath(input_path), os.path.abspath(output)
+  if output == input_path:
+    raise ValueError(f"{output}: write the outputs to another folder than the inputs' (a rerun "
+                     "would take them for inputs)")
+  inputs, failures, skipped = find_inputs(input_path, exclude=output)
+  if not inputs and not failures:
+    raise MedjaxIOError(input_path, "no DICOM, NIfTI, PNG or JPEG inputs found")
+  os.makedirs(output, exist_ok=True)
+  scrub = _Scrubber(inputs)
+  root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
+  unreadable = len(failures)  # files that claim to be inputs but are not readable as such
+  for failure in failures:
+    tqdm.tqdm.write(f"predict: {failure.input}: {failure.problem}", file=sys.stderr)
+
+  def report(item: Input, error: Exception | str) -> None:
+    text = error if isinstance(error, str) else _problem(error, item, root)
+    # One line; relative paths (libraries quote absolute ones); no patient identity.
+    problem = " ".join(scrub(text.replace(root + os.sep, "")).split())
+    failures.append(Failure(item.name, problem))
+    tqdm.tqdm.write(f"predict: {item.name}: {problem}", file=sys.stderr)
+
+  segmentation = os.path.isfile(os.path.join(workdir, "plan.json"))
+  with warnings.catch_warnings():
+    # pydicom and highdicom warn about odd header values by quoting them (highdicom: any
+    # one-word PatientName): every warning is shown scrubbed while predict runs.
+    warnings.showwarning = lambda message, category, *_, **__: tqdm.tqdm.write(
+        scrub(f"{category.__name__}: {message}"), file=sys.stderr)
+    if segmentation:
+      model = Segmenter(workdir, step)
+      header, rows = _segment(model, inputs, output, report, probabilities=probabilities,
+                              mirror=mirror, segmentation_type=segmentation_type,
+                              progress=progress)
+    else:
+      model = TrainedModel.load(workdir, step)
+      header, rows = _classify(model, inputs, output, report, threshold=threshold,
+                               intensity=intensity, progress=progress, saliency=saliency)
+  _write_csv(os.path.join(output, "predictions.csv"), header, rows)
+  _write_csv(os.path.join(output, "errors.csv"), ["input", "problem"],
+             [dataclasses.asdict(f) for f in failures])
+  summary = {"task": "segmentation" if segmentation else "classification",
+             "inputs": len(inputs) + unreadable, "predicted": len(rows),
+             "failed": len({f.input for f in failures}),
+             "failures": failures, "skipped_files": skipped}
+  settings = ({"probabilities": probabilities, "mirror": mirror,
+               "dicom_seg_type": segmentation_type.upper()} if segmentation else
+              {"threshold": threshold, "intensity": intensity})
+  with open(os.path.join(output, "predict.json"), "w") as f:
+    json.dump({"workdir": os.path.abspath(workdir), "step": model.step, "settings": settings,
+               **{k: v for k, v in summary.items() if k != "failures"}}, f, indent=1)
+  return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command-line flags on ``fv`` (tests pass their own `flags.FlagValues`)."""
+  flags.DEFINE_string("workdir", None, "a finished run", required=True, flag_values=fv)
+  flags.DEFINE_string("input", None, "DICOM folder/file, NIfTI, PNG/JPEG, or a folder of them",
+                      required=True, flag_values=fv)
+  flags.DEFINE_string("output", None, "folder for predictions.csv, errors.csv and masks",
+                      required=True, flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)",
+                       flag_values=fv)
+  flags.DEFINE_float("threshold", 0.5, "binary/multi-label: positive at or above this",
+                     flag_values=fv)
+  flags.DEFINE_string("intensity", "auto", "classification intensity map onto 0..255: auto, "
+                      "keep, percentile, a CT window preset or level,width", flag_values=fv)
+  flags.DEFINE_bool("probabilities", False, "segmentation: also write <name>_probs.nii.gz",
+                    flag_values=fv)
+  flags.DEFINE_bool("no_mirror", False, "segmentation: skip mirroring (8× faster in 3-D)",
+                    flag_values=fv)
+  flags.DEFINE_enum("dicom_seg_type", "binary", ["binary", "labelmap"],
+                    "DICOM-SEG segmentation type", flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
+  try:
+    summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
+                      intensity=fv.intensity, probabilities=fv.probabilities,
+                      mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type)
+  except (MedjaxIOError, ValueError) as e:
+    print(f"predict: {e}", file=sys.stderr)
+    return EXIT_UNUSABLE
+  print(f"predict: {summary['predicted']} of {summary['inputs']} input(s) predicted, "
+        f"{summary['failed']} failed; see {os.path.join(fv.output, 'predictions.csv')}"
+        + (" and errors.csv" if summary["failed"] else ""), file=sys.stderr)
+  return EXIT_SOME_FAILED if summary["failed"] else EXIT_OK
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
