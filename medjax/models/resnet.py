@@ -64,7 +64,8 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
     block: ``"basic"`` or ``"bottleneck"``.
-    num_classes: width of the logits.
+    num_classes: width of the logits; 0 drops the head (and its dropout) and returns the pooled
+      ``[B, F]`` features instead, for use as an encoder (e.g. per CT slice in ``sequence.py``).
     width: channels of the first stage (doubled at each later stage).
     stem_kernel, stem_stride: the first convolution's size and stride.
     stem_pool: a 3×3 (×3) stride-2 max-pool after the stem.
@@ -87,7 +88,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     """Args: x: ``[B, *spatial, C]`` float. Returns: logits ``[B, num_classes]`` (and the pooled
-    ``[B, F]`` features when ``return_features``)."""
+    ``[B, F]`` features when ``return_features``); with ``num_classes=0`` the features alone."""
     if x.ndim not in (4, 5):
       raise ValueError(f"ResNet expects [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}")
     nd = x.ndim - 2
@@ -100,6 +101,9 @@ class ResNet(nn.Module):
         x = block_cls(self.width * 2**i, strides=2 if (i > 0 and j == 0) else 1,
                       dtype=self.dtype, zero_init_residual=self.zero_init_residual)(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, nd + 1)))
+    self.sow("intermediates", "embedding", features)  # exported by medjax.infer.features
+    if self.num_classes == 0:  # headless: no Dense/Dropout, so no unused head parameters
+      return features
     h = nn.Dropout(self.dropout, deterministic=not train)(features)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32)(h)
     return (logits, features) if return_features else logits

@@ -174,6 +174,9 @@ class UNet(nn.Module):
 
     outputs = []
     x = skips.pop()
+    # The pooled bottleneck is the encoder's embedding (medjax.infer.features exports it).
+    self.sow("intermediates", "embedding",
+             jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1))))
     for i in reversed(range(len(skips))):
       skip, f = skips[i], self.features[i]
       if self.upsample == "transpose":
