@@ -83,3 +83,16 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.model.name = "resnet_tiny"
   return c
+
+
+def parse_variants(arg: str | None, known: tuple[str, ...]) -> set[str]:
+  """The comma-separated variants in a config's ``:arg`` (``"64,runlocal"``).
+
+  Raises:
+    ValueError: a variant not in ``known``, named with the known ones.
+  """
+  args = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  if args - set(known):
+    raise ValueError(f"unknown config variant(s) {sorted(args - set(known))}; "
+                     f"known: {', '.join(known)}")
+  return args
