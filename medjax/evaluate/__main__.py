@@ -6,7 +6,8 @@ r"""Evaluates a finished run on one split, with bootstrap confidence intervals a
 Classification runs: the best checkpoint predicts every case of the split (``--split test`` where
 the data file has one), and ``workdir/evaluation/<split>/`` gets ``results.md`` (every figure with
 its stratified 95% bootstrap interval), ``results.csv``, ``report.json``, ``predictions.csv`` and
-plots: ROC with a CI band, precision-recall, reliability diagram, confusion matrix.
+plots: ROC with a CI band, precision-recall, reliability diagram, confusion matrix, and for
+slice-sequence models the attention each case gave each slice (``slice_attention.npy`` + plot).
 ``--temperature`` fits temperature scaling on the val split and applies it before scoring.
 Segmentation runs: the fold's sliding-window validation (`medjax.infer.segment.validate`), whose
 ``results.md`` section gains Dice intervals and a per-class Dice box plot.
@@ -23,6 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from medjax.evaluate import classification as cls_metrics
+from medjax.evaluate import report as report_lib
 
 
 def evaluate_classification(workdir: str, split: str = "val", *, step: int | None = None,
@@ -61,6 +63,14 @@ def evaluate_classification(workdir: str, split: str = "val", *, step: int | Non
   cls_metrics.plot_reliability(labels, probs, os.path.join(plots, "reliability.png"), title)
   cls_metrics.plot_confusion(labels, probs, os.path.join(plots, "confusion.png"), title,
                              threshold=threshold, class_names=names)
+  attention_md = []
+  if "slice_attention" in pred:  # slice-sequence models: which slices drove each decision
+    np.save(os.path.join(out, "slice_attention.npy"), pred["slice_attention"])
+    report_lib.plot_slice_attention(pred["slice_attention"], labels, probs,
+                                    os.path.join(plots, "slice_attention.png"), names, title)
+    attention_md = ["Attention over slices per case (`slice_attention.npy`, rows in "
+                    "`predictions.csv` order):", "", "![attention](plots/slice_attention.png)",
+                    ""]
   cls_metrics.write_csv(report, os.path.join(out, "results.csv"))
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
@@ -75,7 +85,7 @@ def evaluate_classification(workdir: str, split: str = "val", *, step: int | Non
            f"Intervals: 95% stratified bootstrap, {n_boot} resamples, seed {seed}.", "",
            cls_metrics.format_table(report), "",
            "![ROC](plots/roc.png) ![PR](plots/pr.png) ![reliability](plots/reliability.png) "
-           "![confusion](plots/confusion.png)", ""]
+           "![confusion](plots/confusion.png)", ""] + attention_md
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines))
   return report

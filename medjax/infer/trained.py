@@ -40,14 +40,18 @@ def _read_json(path: str) -> dict[str, Any]:
     raise MedjaxIOError(path, f"not valid JSON ({e})") from None
 
 
-def _find_embedding(tree: Any) -> jax.Array | None:
-  """The first sowed ``embedding`` in an ``intermediates`` collection (sow stores tuples)."""
+# Sowed intermediates that prediction returns beside the probabilities, where a model has them.
+SOWN = ("embedding", "slice_attention")
+
+
+def _find_sown(tree: Any, name: str) -> jax.Array | None:
+  """The outermost sowed ``name`` in an ``intermediates`` collection (sow stores tuples)."""
   if isinstance(tree, dict):
-    if "embedding" in tree:
-      value = tree["embedding"]
+    if name in tree:
+      value = tree[name]
       return value[-1] if isinstance(value, tuple) else value
     for v in tree.values():
-      found = _find_embedding(v)
+      found = _find_sown(v, name)
       if found is not None:
         return found
   return None
@@ -148,7 +152,8 @@ class TrainedModel:
 
   @functools.cached_property
   def apply(self):
-    """Jitted ``images [B, ...] -> (probabilities [B, K], embedding [B, F] or None)``."""
+    """Jitted ``images [B, ...] -> (probabilities [B, K], {name: sowed array})`` for the names
+    in ``SOWN`` the model sows (``embedding [B, F]``, ``slice_attention [B, T]``)."""
     model, variables, predict_fn = self.model, self.variables, self.task.predict_fn
 
     @jax.jit
@@ -156,32 +161,35 @@ class TrainedModel:
       outputs, state = model.apply(variables, images, train=False, mutable=["intermediates"])
       if isinstance(outputs, (list, tuple)):
         outputs = outputs[0]
-      embedding = _find_embedding(state.get("intermediates", {}))
-      return predict_fn(outputs).astype(jnp.float32), embedding
+      intermediates = state.get("intermediates", {})
+      sown = {name: _find_sown(intermediates, name) for name in SOWN}
+      return predict_fn(outputs).astype(jnp.float32), {k: v for k, v in sown.items()
+                                                        if v is not None}
 
     return apply
 
   def predict(self, source, batch_size: int | None = None,
               progress: bool = True) -> dict[str, np.ndarray]:
-    """Probabilities (and embeddings where the model sows one) for every record of ``source``.
+    """Probabilities (and sowed embeddings / slice attention) for every record of ``source``.
 
     Returns:
-      ``{"index" [N], "label" [N] or [N, K], "probs" [N, K](, "embedding" [N, F])}`` in the
+      ``{"index" [N], "label" [N] or [N, K], "probs" [N, K](, "embedding" [N, F],
+      "slice_attention" [N, T])}`` in the
       source's order; ``index`` is each record's position in its split.
     """
     batch_size = batch_size or self.config.eval.batch_size
-    out: dict[str, list[np.ndarray]] = {"index": [], "label": [], "probs": [], "embedding": []}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "label", "probs", *SOWN)}
     batches = pipeline.eval_batches(source, self.eval_transforms(), global_batch_size=batch_size)
     total = -(-len(source) // batch_size)
     for batch in tqdm.tqdm(batches, total=total, desc="predict", unit="batch",
                            disable=not progress, dynamic_ncols=True):
-      probs, embedding = jax.device_get(self.apply(jnp.asarray(batch["image"], jnp.float32)))
+      probs, sown = jax.device_get(self.apply(jnp.asarray(batch["image"], jnp.float32)))
       keep = np.asarray(batch["mask"]) > 0
       out["index"].append(np.asarray(batch["index"])[keep])
       out["label"].append(np.asarray(batch["label"])[keep])
       out["probs"].append(np.asarray(probs)[keep])
-      if embedding is not None:
-        out["embedding"].append(np.asarray(embedding)[keep])
+      for name, value in sown.items():
+        out[name].append(np.asarray(value)[keep])
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
   def predict_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:

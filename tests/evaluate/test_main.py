@@ -52,3 +52,23 @@ def test_command_line(run):
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "| AUC |" in out.stdout
+
+
+def test_sequence_model_saves_and_plots_its_slice_attention(tmp_path):
+  import numpy as np
+
+  from configs import adrenalmnist3d_lstm
+
+  data = write_synthetic_medmnist(str(tmp_path), flag="adrenalmnist3d", n_train=16, n_val=12,
+                                  ndim=3)
+  c = adrenalmnist3d_lstm.get_config("runlocal")
+  c.data.dir, c.train.steps = data, 2
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(c, workdir)
+  evaluate_classification(workdir, "val", n_boot=10)
+  out = os.path.join(workdir, "evaluation", "val")
+  weights = np.load(os.path.join(out, "slice_attention.npy"))
+  assert weights.shape == (12, 28)
+  np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
+  assert os.path.getsize(os.path.join(out, "plots", "slice_attention.png")) > 0
+  assert "slice_attention.png" in open(os.path.join(out, "results.md")).read()
