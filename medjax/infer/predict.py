@@ -2,6 +2,7 @@ r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, ta
 
   python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
       [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
+      [--saliency gradcam|gradient]
 
 ``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
 holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
@@ -26,7 +27,8 @@ Preprocessing is the run's own, read from its workdir, never re-typed:
   volume per class), and for DICOM input a DICOM-SEG ``<name>_seg.dcm`` (`write_dicom_seg`).
 
 Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
-none failed), ``predict.json`` (the run, counts and settings).
+none failed), ``predict.json`` (the run, counts and settings); with ``--saliency``, an overlay
+``saliency/<name>.png`` per classified input (`medjax.infer.saliency`).
 
 Privacy: nothing read from a DICOM header except the acquisition facts of
 `medjax.io.dicom.SAFE_METADATA` (here only Modality) reaches a CSV, the JSON, a log line or an
@@ -62,6 +64,7 @@ from scipy import ndimage
 
 from medjax.data import transforms
 from medjax.data.sources import ArraySource
+from medjax.infer import saliency as saliency_lib
 from medjax.infer.segment import Segmenter
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
@@ -615,9 +618,9 @@ def _write_csv(path: str, header: Sequence[str], rows: Sequence[dict[str, Any]])
     writer.writerows(rows)
 
 
-# Called after each batch of classified inputs, for --saliency (issue 8, another change): receives
-# the model, the uint8 record images [N, ...] it was given, those inputs, their probabilities
-# [N, K] and the output folder, and writes what it likes there.
+# Called after each batch of classified inputs, for --saliency (`saliency_lib.PredictHook`):
+# receives the model, the uint8 record images [N, ...] it was given, those inputs, their
+# probabilities [N, K] and the output folder, and writes what it likes there.
 SaliencyHook = Callable[[TrainedModel, np.ndarray, Sequence[Input], np.ndarray, str], None]
 
 
@@ -829,6 +832,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_enum("dicom_seg_type", "binary", ["binary", "labelmap"],
                     "DICOM-SEG segmentation type", flag_values=fv)
+  flags.DEFINE_enum("saliency", "none", ["none", *saliency_lib.METHODS],
+                    "classification: write <output>/saliency/<input>.png overlays",
+                    flag_values=fv)
 
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
@@ -837,7 +843,8 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   try:
     summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
                       intensity=fv.intensity, probabilities=fv.probabilities,
-                      mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type)
+                      mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
+                      saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
   except (MedjaxIOError, ValueError) as e:
     print(f"predict: {e}", file=sys.stderr)
     return EXIT_UNUSABLE
