@@ -53,8 +53,11 @@ class Conv(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-  """Conv → BatchNorm → activation (``act=None`` skips the activation).
+  """Conv → norm → activation (``act=None`` skips the activation).
 
+  ``norm="batch"`` (default) or ``"group"`` (8 groups, or one per 4 channels when fewer): group
+  norm keeps no running statistics, so evaluation normalises exactly as training did — what a
+  per-slice encoder needs, whose batch statistics mix slices of very different content.
   ``zero_init_scale`` starts the norm's scale at 0, so a residual branch ending here starts as
   the identity (Goyal et al. 2017).
   """
@@ -64,6 +67,7 @@ class ConvNormAct(nn.Module):
   strides: int | Sequence[int] = 1
   act: Callable[[jax.Array], jax.Array] | None = nn.relu
   zero_init_scale: bool = False
+  norm: str = "batch"
   dtype: Dtype | None = None
 
   @nn.compact
@@ -71,7 +75,13 @@ class ConvNormAct(nn.Module):
     x = Conv(self.features, self.kernel_size, self.strides, dtype=self.dtype,
              kernel_init=he_normal_fan_out)(x)
     scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
-    x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
-        dtype=self.dtype)(x)
+    if self.norm == "batch":
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       scale_init=scale_init, dtype=self.dtype)(x)
+    elif self.norm == "group":
+      groups = 8 if self.features % 8 == 0 else max(1, self.features // 4)
+      x = nn.GroupNorm(num_groups=groups, epsilon=1e-5, scale_init=scale_init,
+                       dtype=self.dtype)(x)
+    else:
+      raise ValueError(f"norm must be 'batch' or 'group', got {self.norm!r}")
     return self.act(x) if self.act is not None else x

@@ -67,6 +67,7 @@ class SmallCNN(nn.Module):
   Attributes:
     features: channels per stage; every stage after the first halves the resolution.
     stem_stride: stride of the first convolution.
+    norm: ``"batch"`` or ``"group"`` (see ``ConvNormAct``).
     num_classes: width of the logits; 0 returns the pooled ``[B, features[-1]]`` features.
     dropout: dropout rate before the head (unused when ``num_classes=0``).
     dtype: compute dtype (``None`` keeps the input's); parameters stay float32.
@@ -74,6 +75,7 @@ class SmallCNN(nn.Module):
 
   features: Sequence[int] = (16, 32, 64)
   stem_stride: int = 1
+  norm: str = "batch"
   num_classes: int = 0
   dropout: float = 0.0
   dtype: Any = None
@@ -82,8 +84,9 @@ class SmallCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Args: x: ``[B, *spatial, C]``. Returns: ``[B, num_classes]`` logits, or ``[B, F]``."""
     for i, f in enumerate(self.features):
-      x = ConvNormAct(f, 3, self.stem_stride if i == 0 else 2, dtype=self.dtype)(x, train)
-      x = ConvNormAct(f, 3, 1, dtype=self.dtype)(x, train)
+      x = ConvNormAct(f, 3, self.stem_stride if i == 0 else 2, norm=self.norm,
+                      dtype=self.dtype)(x, train)
+      x = ConvNormAct(f, 3, 1, norm=self.norm, dtype=self.dtype)(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
     if self.num_classes == 0:
       return features

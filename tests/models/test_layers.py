@@ -68,3 +68,17 @@ def test_conv_norm_act_zero_init_scale_gives_zero_output():
   out, _ = m.apply(v, jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 3)), train=True,
                    mutable=["batch_stats"])
   np.testing.assert_allclose(out, 0.0, atol=1e-6)
+
+
+def test_group_norm_keeps_no_running_statistics_so_eval_equals_train():
+  layer = ConvNormAct(16, 3, norm="group")
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = layer.init(jax.random.PRNGKey(1), x, train=False)
+  assert "batch_stats" not in variables
+  np.testing.assert_allclose(layer.apply(variables, x, train=True),
+                             layer.apply(variables, x, train=False), atol=1e-6)
+  # Each sample is normalised on its own: one sample's output ignores the rest of the batch.
+  np.testing.assert_allclose(layer.apply(variables, x[:1], train=False),
+                             layer.apply(variables, x, train=False)[:1], atol=1e-5)
+  with pytest.raises(ValueError, match="norm"):
+    ConvNormAct(16, norm="instance").init(jax.random.PRNGKey(1), x, train=False)
