@@ -38,9 +38,11 @@ def evaluate_classification(workdir: str, split: str = "val", *, step: int | Non
   from medjax.infer.trained import TrainedModel
 
   trained = TrainedModel.load(workdir, step)
+  if trained.task.name == "multilabel_classification":
+    return _evaluate_multilabel(trained, split, n_boot=n_boot, seed=seed, threshold=threshold)
   if trained.task.name != "classification":
     raise ValueError(f"{trained.workdir}: a {trained.task.name} run; this report is for "
-                     "single-label classification")
+                     "classification")
   pred = trained.predict(trained.source(split))
   labels, probs = pred["label"].reshape(-1), pred["probs"]
   fitted = None
@@ -71,23 +73,53 @@ def evaluate_classification(workdir: str, split: str = "val", *, step: int | Non
     attention_md = ["Attention over slices per case (`slice_attention.npy`, rows in "
                     "`predictions.csv` order):", "", "![attention](plots/slice_attention.png)",
                     ""]
-  cls_metrics.write_csv(report, os.path.join(out, "results.csv"))
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(report, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
   with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["index", "label", *(f"p_{n}" for n in names)])
     for i, y, p in zip(pred["index"], labels, probs):
       w.writerow([int(i), int(y), *(f"{v:.6f}" for v in p)])
   scaled = f", temperature {fitted:.3f} fitted on val" if fitted else ""
-  lines = [f"# {trained.config.data.name} / {trained.config.model.name}: {split} split", "",
-           f"Checkpoint step {trained.step}; {len(labels)} cases; threshold {threshold}{scaled}. "
-           f"Intervals: 95% stratified bootstrap, {n_boot} resamples, seed {seed}.", "",
-           cls_metrics.format_table(report), "",
-           "![ROC](plots/roc.png) ![PR](plots/pr.png) ![reliability](plots/reliability.png) "
-           "![confusion](plots/confusion.png)", ""] + attention_md
+  header = [f"# {trained.config.data.name} / {trained.config.model.name}: {split} split", "",
+            f"Checkpoint step {trained.step}; {len(labels)} cases; threshold {threshold}{scaled}. "
+            f"Intervals: 95% stratified bootstrap, {n_boot} resamples, seed {seed}."]
+  _write_tables(out, report, header,
+                ["![ROC](plots/roc.png) ![PR](plots/pr.png) ![reliability](plots/reliability.png) "
+                 "![confusion](plots/confusion.png)", ""] + attention_md)
+  return report
+
+
+def _write_tables(out: str, report: dict[str, Any], header: list[str], figures: list[str]):
+  """``results.csv``, ``report.json`` and ``results.md`` (header, table, figures) in ``out``."""
+  cls_metrics.write_csv(report, os.path.join(out, "results.csv"))
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(lines))
+    f.write("\n".join(header + ["", cls_metrics.format_table(report), ""] + figures))
+
+
+def _evaluate_multilabel(trained, split: str, *, n_boot: int, seed: int,
+                         threshold: float) -> dict[str, Any]:
+  """Multi-label runs: every label scored as its own binary task (`multilabel_report`)."""
+  pred = trained.predict(trained.source(split))
+  labels, probs = pred["label"], pred["probs"]
+  names = list(trained.class_names)
+  report = cls_metrics.multilabel_report(labels, probs, threshold=threshold, n_boot=n_boot,
+                                         seed=seed, label_names=names)
+  report = {**report, "step": trained.step, "split": split, "temperature": None}
+  out = os.path.join(trained.workdir, "evaluation", split)
+  os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+  cls_metrics.plot_roc(labels, probs, os.path.join(out, "plots", "roc.png"),
+                       f"{trained.config.data.name} {split}", class_names=names)
+  with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["index", *(f"label_{n}" for n in names), *(f"p_{n}" for n in names)])
+    for i, y, p in zip(pred["index"], labels, probs):
+      w.writerow([int(i), *(int(v) for v in y), *(f"{v:.6f}" for v in p)])
+  header = [f"# {trained.config.data.name} / {trained.config.model.name}: {split} split "
+            "(multi-label)", "",
+            f"Checkpoint step {trained.step}; {len(labels)} cases; each label at threshold "
+            f"{threshold}. Intervals: 95% bootstrap over cases, {n_boot} resamples, seed {seed}."]
+  _write_tables(out, report, header, ["![ROC](plots/roc.png)", ""])
   return report
 
 

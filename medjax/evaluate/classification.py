@@ -421,7 +421,51 @@ def classification_report(labels: np.ndarray, probs: np.ndarray, threshold: floa
       "n_boot": n_boot, "seed": seed, "confidence": confidence, "num_bins": num_bins}
 
 
-_DISPLAY = {"auc": "AUC", "acc": "Accuracy", "balanced_acc": "Balanced accuracy", "f1": "F1",
+MULTILABEL_METRICS = ("auc", "acc", "sensitivity", "specificity", "f1")
+
+
+def multilabel_report(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5,
+                      n_boot: int = N_BOOT, seed: int = 0,
+                      label_names: Sequence[str] | None = None, *,
+                      confidence: float = CONFIDENCE) -> dict[str, Any]:
+  """Multi-label predictions (one sigmoid per label, e.g. ChestMNIST) scored label by label.
+
+  Each label is a binary task (`headline_metrics` at ``threshold``); cases are resampled together
+  (not stratified: a case carries all its labels), so ``macro_auc``'s interval is that of the
+  mean over labels. Keys are ``"<metric>[<label>]"`` and ``"macro_auc"``, in the same
+  ``metrics`` layout as `classification_report`, so `format_table` and `write_csv` take it.
+
+  Args:
+    labels: ``[N, L]`` 0/1.
+    probs: ``[N, L]`` per-label probabilities.
+  """
+  labels = np.asarray(labels).astype(np.int64)
+  probs = np.asarray(probs, np.float64)
+  if labels.ndim != 2 or labels.shape != probs.shape:
+    raise ValueError(f"multi-label labels {labels.shape} and probs {probs.shape} must both be "
+                     "[N, L]")
+  names = _class_names(label_names, labels.shape[1])
+
+  def statistic(idx: np.ndarray) -> dict[str, float]:
+    out, aucs = {}, []
+    for j, name in enumerate(names):
+      y, p = labels[idx, j], probs[idx, j]
+      both = np.stack([1 - p, p], axis=1)
+      values = headline_metrics(y, both, threshold, ["0", "1"]) if len(np.unique(y)) == 2 \
+          else {"auc": float("nan"), "acc": accuracy(y, both, threshold)}
+      for key in MULTILABEL_METRICS:
+        out[f"{key}[{name}]"] = values.get(key, float("nan"))
+      aucs.append(out[f"auc[{name}]"])
+    finite = [a for a in aucs if np.isfinite(a)]
+    return {"macro_auc": float(np.mean(finite)) if finite else float("nan"), **out}
+
+  metrics = bootstrap(statistic, len(labels), n_boot=n_boot, seed=seed, confidence=confidence)
+  return {"metrics": metrics, "num_cases": len(labels), "class_names": names,
+          "label_counts": labels.sum(0).tolist(), "threshold": threshold, "n_boot": n_boot,
+          "seed": seed, "confidence": confidence, "multi_label": True}
+
+
+_DISPLAY = {"macro_auc": "Macro AUC", "auc": "AUC", "acc": "Accuracy", "balanced_acc": "Balanced accuracy", "f1": "F1",
             "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV",
             "npv": "NPV", "youden_threshold": "Youden threshold", "ece": "ECE", "nll": "NLL"}
 

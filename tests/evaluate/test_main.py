@@ -72,3 +72,32 @@ def test_sequence_model_saves_and_plots_its_slice_attention(tmp_path):
   np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
   assert os.path.getsize(os.path.join(out, "plots", "slice_attention.png")) > 0
   assert "slice_attention.png" in open(os.path.join(out, "results.md")).read()
+
+
+def test_multilabel_run_is_scored_label_by_label(tmp_path):
+  import numpy as np
+  from helpers import config as make_config
+
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "medmnist"
+  folder.mkdir()
+  arrays = {}
+  for split, n in (("train", 64), ("val", 32)):
+    arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
+    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14)).astype(np.uint8)
+  np.savez(folder / "chestmnist.npz", **arrays)
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(make_config(str(folder), steps=2, **{"data.name": "chestmnist"}),
+                          workdir)
+  report = evaluate_classification(workdir, "val", n_boot=10)
+  assert report["multi_label"] and len(report["class_names"]) == 14
+  name = report["class_names"][0]
+  assert {"macro_auc", f"auc[{name}]", f"sensitivity[{name}]"} <= set(report["metrics"])
+  from sklearn.metrics import roc_auc_score
+
+  rows = list(csv.DictReader(open(os.path.join(workdir, "evaluation", "val",
+                                               "predictions.csv"))))
+  y = np.array([int(r[f"label_{name}"]) for r in rows])
+  p = np.array([float(r[f"p_{name}"]) for r in rows])
+  assert report["metrics"][f"auc[{name}]"]["value"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+  assert "Macro AUC" in open(os.path.join(workdir, "evaluation", "val", "results.md")).read()
