@@ -12,6 +12,7 @@ NIfTI label map in the input file's orientation, overlay PNGs, and a table in ``
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -127,6 +128,12 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
             "per_class_dice": {names[c]: summary.mean[c]["dice"] for c in classes},
             "dice_ci95": {**{names[c]: ci["per_class"][c] for c in classes},
                           "foreground": ci["foreground"]}}
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:  # one row per case × class
+    w = csv.writer(f)
+    w.writerow(["case", "class", *seg_metrics.METRICS])
+    for r in cases:
+      for c in classes:
+        w.writerow([r["case"], names[c], *(r[str(c)][m] for m in seg_metrics.METRICS)])
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump({**result, "per_case": cases}, f, indent=1, default=float)
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"

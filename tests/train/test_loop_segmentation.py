@@ -48,6 +48,10 @@ def test_trains_validates_and_writes_in_the_input_geometry(msd_root, tmp_path, d
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
   assert "HD95 (mm)" in open(os.path.join(workdir, "results.md")).read()
+  rows = open(os.path.join(workdir, "validation", "results.csv")).read().splitlines()
+  assert rows[0] == "case,class,dice,iou,hd95,msd" and len(rows) == 1 + 2 * 2
+  assert os.path.getsize(os.path.join(workdir, "validation", "dice_boxes.png")) > 0
+  assert set(result["dice_ci95"]) == {"outer", "core", "foreground"}
 
 
 def test_learns_the_synthetic_structures(msd_root, tmp_path):
