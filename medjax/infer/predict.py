@@ -595,7 +595,7 @@ def _detail(error: Exception) -> str:
   return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
 
 
-def _stem(name: str, taken: set[str]) -> str:
+def output_stem(name: str, taken: set[str]) -> str:
   """A unique output file stem for an input name (``a/b.nii.gz`` → ``a_b``)."""
   low = name.lower()
   for suffix in NIFTI_SUFFIXES[::-1] + IMAGE_SUFFIXES + DICOM_SUFFIXES:
@@ -701,7 +701,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
         raise RuntimeError(f"prediction is not on the input's grid: {problem}")
       labels = volume.replace(array=np.argmax(probs.array, -1)[..., None].astype(np.uint8),
                               metadata={})
-      stem = _stem(item.name, taken)
+      stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
              "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": ""}
       write_nifti(labels, os.path.join(output, row["segmentation"]), dtype=np.uint8)

@@ -31,8 +31,7 @@ from matplotlib.figure import Figure
 
 from medjax.data import pipeline
 from medjax.data.sources import ArraySource
-from medjax.infer.trained import TrainedModel
-from medjax.io.nifti import NIFTI_SUFFIXES
+from medjax.infer.trained import TrainedModel, find_sown
 from medjax.models.sequence import SLICE_AXES
 
 METHODS = ("gradcam", "gradient")
@@ -44,8 +43,6 @@ SMOOTHGRAD_SIGMA = 0.15
 _OVERLAY_ALPHA = 0.6
 _HEAT_CMAP = "turbo"
 _DPI = 110
-# Input-name endings dropped from the overlay file names (``scan.nii.gz`` → ``scan.png``).
-_INPUT_SUFFIXES = tuple(NIFTI_SUFFIXES) + (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".ima")
 
 
 class Maps(NamedTuple):
@@ -81,19 +78,6 @@ class Layer:
 
 def _path(module: nn.Module) -> str:
   return "/".join(module.path)
-
-
-def _find_sown(tree: Any, name: str) -> jax.Array | None:
-  """The first value sown as ``name`` in an ``intermediates`` tree (``sow`` stores tuples)."""
-  if isinstance(tree, dict):
-    if name in tree:
-      value = tree[name]
-      return value[-1] if isinstance(value, tuple) else value
-    for v in tree.values():
-      found = _find_sown(v, name)
-      if found is not None:
-        return found
-  return None
 
 
 def _logits(outputs: Any) -> jax.Array:
@@ -269,7 +253,7 @@ class Explainer:
     else:
       raise ValueError(f"layer {layer!r} gives maps {cam.shape}, which cannot be placed on "
                        f"inputs {images.shape}")
-    return Maps(_normalise(cam), logits, k, _find_sown(intermediates, "slice_attention"))
+    return Maps(_normalise(cam), logits, k, find_sown(intermediates, "slice_attention"))
 
   def gradcam(self, images: Any, class_index: int | Sequence[int] | None = None) -> Maps:
     """Grad-CAM: ReLU(sum_c mean-gradient_c · A_c) at ``layer``, linearly upsampled.
@@ -309,7 +293,7 @@ class Explainer:
     scale = jnp.where(samples > 0, scale, 0)
     total = jax.lax.fori_loop(0, n, add_sample, jnp.zeros(images.shape, jnp.float32))
     maps = jnp.max(jnp.abs(total / n), axis=-1)  # over channels
-    return Maps(_normalise(maps), logits, k, _find_sown(intermediates, "slice_attention"))
+    return Maps(_normalise(maps), logits, k, find_sown(intermediates, "slice_attention"))
 
   def gradient(self, images: Any, class_index: int | Sequence[int] | None = None, *,
                smoothgrad_samples: int = 0, sigma: float = SMOOTHGRAD_SIGMA,
@@ -448,21 +432,6 @@ def write_overlay(path: str, image: np.ndarray, heatmap: np.ndarray, title: str,
 # medjax.infer.predict --saliency
 
 
-def _file_stem(name: str, taken: set[str]) -> str:
-  """A unique, file-safe stem for an input name (``sub/scan.nii.gz`` → ``sub_scan``)."""
-  for suffix in sorted(_INPUT_SUFFIXES, key=len, reverse=True):
-    if name.lower().endswith(suffix):
-      name = name[:-len(suffix)]
-      break
-  stem = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name).strip("._") or "input"
-  unique, n = stem, 1
-  while unique in taken:
-    n += 1
-    unique = f"{stem}_{n}"
-  taken.add(unique)
-  return unique
-
-
 class PredictHook:
   """`medjax.infer.predict.SaliencyHook`: one overlay PNG per classified input.
 
@@ -514,7 +483,9 @@ class PredictHook:
         attention = dict(slice_attention=weights,
                          slice_indices=np.arange(len(weights)) * trained.model.slice_stride,
                          slice_axis=trained.model.slice_axis)
-      path = os.path.join(output_dir, "saliency", _file_stem(item.name, self._taken) + ".png")
+      from medjax.infer.predict import output_stem  # here: predict imports this module
+
+      path = os.path.join(output_dir, "saliency", output_stem(item.name, self._taken) + ".png")
       # The title names the class and its probability, nothing else: no patient field.
       write_overlay(path, images[i], maps[i], f"{trained.class_names[k]}  p = {probs[i, k]:.3f}",
                     **attention)

@@ -44,14 +44,14 @@ def _read_json(path: str) -> dict[str, Any]:
 SOWN = ("embedding", "slice_attention")
 
 
-def _find_sown(tree: Any, name: str) -> jax.Array | None:
+def find_sown(tree: Any, name: str) -> jax.Array | None:
   """The outermost sowed ``name`` in an ``intermediates`` collection (sow stores tuples)."""
   if isinstance(tree, dict):
     if name in tree:
       value = tree[name]
       return value[-1] if isinstance(value, tuple) else value
     for v in tree.values():
-      found = _find_sown(v, name)
+      found = find_sown(v, name)
       if found is not None:
         return found
   return None
@@ -162,7 +162,7 @@ class TrainedModel:
       if isinstance(outputs, (list, tuple)):
         outputs = outputs[0]
       intermediates = state.get("intermediates", {})
-      sown = {name: _find_sown(intermediates, name) for name in SOWN}
+      sown = {name: find_sown(intermediates, name) for name in SOWN}
       return predict_fn(outputs).astype(jnp.float32), {k: v for k, v in sown.items()
                                                         if v is not None}
 
