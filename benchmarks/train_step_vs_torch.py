@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 
 
 def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
-                mesh_devices: int, stem_stride: int = 1) -> float:
+                mesh_devices: int, stem_stride: int | None = 1, **model_kwargs) -> float:
+  """Images/s of the loop's own train step for registered ``model_name`` (``model_kwargs`` and,
+  unless None, ``stem_stride`` passed to it) on random ``[batch, *spatial, 1]`` inputs."""
   from configs import common
   from medjax import registry
   from medjax.train import loop, optim, sharding, tasks
@@ -37,7 +39,9 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
 
   cfg = common.get_base_config()
   mesh = sharding.make_mesh(mesh_devices)
-  model = registry.lookup(f"models.{model_name}")(num_classes=2, stem_stride=stem_stride)
+  if stem_stride is not None:
+    model_kwargs["stem_stride"] = stem_stride
+  model = registry.lookup(f"models.{model_name}")(num_classes=2, **model_kwargs)
   tx = optim.make_optimizer(cfg.optim, 1000)
   repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 

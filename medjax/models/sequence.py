@@ -30,7 +30,9 @@ from medjax.models.layers import ConvNormAct
 # MedMNIST3D arrays come) axial. A ``Volume`` read from NIfTI/DICOM is ``[i, j, k]`` in RAS+, so
 # its axial axis k is axis 3 here, which these names call "sagittal": check the data's layout.
 SLICE_AXES = {"axial": 1, "coronal": 2, "sagittal": 3}
-CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "simple": nn.SimpleCell}
+# OptimizedLSTMCell: LSTMCell's equations and parameter names, its four gates computed by one fused
+# matmul per input instead of eight small ones (benchmarks/sequence_step_vs_torch.py).
+CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "simple": nn.SimpleCell}
 POOLINGS = ("last", "mean", "attention")
 
 
