@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS",
                       f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-from train_step_vs_torch import time_medjax  # noqa: E402  (the loop's own step, timed)
+from train_step_vs_torch import time_medjax, torch_images_per_s  # noqa: E402
 
 FEATURES = (16, 32, 64)
 HIDDEN = 128
@@ -69,24 +68,9 @@ def time_torch(cell: str, batch_size: int, steps: int, size: int) -> tuple[float
 
   torch.set_num_threads(os.cpu_count() or 1)
   model = torch_model(cell)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
   x = torch.randn(batch_size, size, size, size)
   y = torch.randint(0, 2, (batch_size,))
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-  for _ in range(2):
-    step()
-  t = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return batch_size * steps / (time.perf_counter() - t), sum(p.numel() for p in
-                                                              model.parameters())
+  return torch_images_per_s(model, x, y, steps), sum(p.numel() for p in model.parameters())
 
 
 def medjax_params(cell: str, size: int) -> int:

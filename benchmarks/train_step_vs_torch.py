@@ -77,9 +77,16 @@ def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...],
   dev = torch_device(device)
   model = resnet18(spatial_dims=len(spatial), n_input_channels=1, num_classes=2,
                    conv1_t_size=3, conv1_t_stride=stem_stride, no_max_pool=True).to(dev)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
   x = torch.randn(batch_size, 1, *spatial, device=dev)
   y = torch.randint(0, 2, (batch_size,), device=dev)
+  return torch_images_per_s(model, x, y, steps)
+
+
+def torch_images_per_s(model, x, y, steps: int) -> float:
+  """Inputs/s of ``model``'s AdamW + cross-entropy train step on ``(x, y)``, after 2 warm-ups."""
+  import torch
+
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -93,7 +100,7 @@ def time_torch(batch_size: int, steps: int, spatial: tuple[int, ...],
   t = time.perf_counter()
   for _ in range(steps):
     step()
-  return batch_size * steps / (time.perf_counter() - t)
+  return len(x) * steps / (time.perf_counter() - t)
 
 
 def time_pipeline(batch_size: int, batches: int) -> float:

@@ -45,6 +45,19 @@ def write_synthetic_medmnist(root, flag="pneumoniamnist", n_train=96, n_val=40, 
   return folder
 
 
+def write_multilabel_medmnist(root, flag="chestmnist", labels=14, n_train=64, n_val=32, seed=0):
+  """A random multi-label MedMNIST-format file (``[N, labels]`` 0/1); returns its folder."""
+  rng = np.random.default_rng(seed)
+  folder = os.path.join(root, "medmnist")
+  os.makedirs(folder, exist_ok=True)
+  arrays = {}
+  for split, n in (("train", n_train), ("val", n_val)):
+    arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
+    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, labels)).astype(np.uint8)
+  np.savez(os.path.join(folder, f"{flag}.npz"), **arrays)
+  return folder
+
+
 def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26, 18),
               spacing=(1.0, 1.0, 1.0), lps=False):
   """A small MSD-style dataset: each case an ellipsoid (class 1) with a core (class 2)."""

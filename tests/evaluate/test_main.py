@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, write_synthetic_medmnist
+from conftest import REPO, write_multilabel_medmnist, write_synthetic_medmnist
 from helpers import config as _config
 
 from medjax.evaluate.__main__ import evaluate_classification
@@ -78,16 +78,9 @@ def test_multilabel_run_is_scored_label_by_label(tmp_path):
   import numpy as np
   from helpers import config as make_config
 
-  rng = np.random.default_rng(0)
-  folder = tmp_path / "medmnist"
-  folder.mkdir()
-  arrays = {}
-  for split, n in (("train", 64), ("val", 32)):
-    arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
-    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14)).astype(np.uint8)
-  np.savez(folder / "chestmnist.npz", **arrays)
+  folder = write_multilabel_medmnist(str(tmp_path))
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(make_config(str(folder), steps=2, **{"data.name": "chestmnist"}),
+  loop.train_and_evaluate(make_config(folder, steps=2, **{"data.name": "chestmnist"}),
                           workdir)
   report = evaluate_classification(workdir, "val", n_boot=10)
   assert report["multi_label"] and len(report["class_names"]) == 14

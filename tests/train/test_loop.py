@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import write_synthetic_medmnist
+from conftest import write_multilabel_medmnist, write_synthetic_medmnist
 from helpers import config as _config
 from helpers import final_params as _final_params
 from helpers import launch
@@ -119,15 +119,8 @@ def test_unknown_key_and_wrong_type_name_the_key(synthetic_medmnist, tmp_path):
 
 
 def test_multilabel_data_trains_with_one_sigmoid_per_label(tmp_path):
-  rng = np.random.default_rng(0)
-  folder = tmp_path / "medmnist"
-  folder.mkdir()
-  arrays = {}
-  for split, n in (("train", 64), ("val", 32)):
-    arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28)).astype(np.uint8)
-    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14)).astype(np.uint8)
-  np.savez(folder / "chestmnist.npz", **arrays)
-  c = _config(str(folder), steps=2, **{"data.name": "chestmnist", "eval.every_steps": 2})
+  folder = write_multilabel_medmnist(str(tmp_path))
+  c = _config(folder, steps=2, **{"data.name": "chestmnist", "eval.every_steps": 2})
   summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert set(summary["best"]) == {"acc", "auc", "nll"}
   assert os.path.exists(tmp_path / "run" / "plots" / "roc_val.png")
