@@ -38,6 +38,7 @@ def get_config(arg: str | None = None, cell: str = "lstm"):
   c.model.kwargs = ml_collections.ConfigDict({
       "slice_axis": "axial",  # axis 1 of [B, D, H, W, C]
       "slice_stride": 1,
+      "context": 0,  # neighbouring slices each side as encoder channels
       "encoder": "small_cnn(features=(16, 32, 64))",
       "hidden": 128,
       "num_layers": 1,

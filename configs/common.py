@@ -51,6 +51,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
   c.train.label_smoothing = 0.0
   c.train.ema_decay = 0.0  # > 0: evaluate (and select checkpoints on) an EMA of the weights.
+  # > 0: before each evaluation, recompute BatchNorm statistics on this many eval-size batches of
+  # training images under the eval transforms (medjax/train/batch_norm.py: "precise BN").
+  c.train.bn_recalibration_batches = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | sgd

@@ -29,7 +29,8 @@ throwaway process) the default is one worker per GPU, and each worker gets ``gpu
 of them through ``CUDA_VISIBLE_DEVICES``.
 
 A member is finished when its workdir holds ``summary.json``, which the training loop writes
-last, and the config in its ``config.json`` is the member's. Re-running the sweep command skips
+last (a segmentation member also ``validation/summary.json``, which launch.py's sliding-window
+validation writes last), and the config in its ``config.json`` is the member's. Re-running the sweep command skips
 finished members and restarts the others, and launch.py resumes those from their last
 checkpoint. SIGINT or SIGTERM stops the running members. If the sweep process itself is killed,
 its members get SIGTERM from the kernel (Linux ``PR_SET_PDEATHSIG``). Each member's output goes
@@ -410,13 +411,18 @@ class Member:
   error: str = ""
 
   def finished(self) -> bool:
-    """Whether its training ended (``summary.json``) with this member's config."""
+    """Whether its run ended with this member's config: training wrote ``summary.json`` and,
+    for segmentation, launch.py's sliding-window validation wrote ``validation/summary.json``."""
     try:
       with open(os.path.join(self.workdir, "config.json")) as f:
         saved = json.load(f)
     except (OSError, ValueError):
       return False
-    return os.path.exists(os.path.join(self.workdir, "summary.json")) and saved == self.config
+    markers = ["summary.json"]
+    if saved.get("task") == "segmentation":
+      markers.append(os.path.join("validation", "summary.json"))
+    return saved == self.config and all(os.path.exists(os.path.join(self.workdir, m))
+                                        for m in markers)
 
 
 def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = None,
@@ -585,12 +591,12 @@ def _end(r: _Running, workdir: str, stopped: bool = False) -> None:
   m, rc = r.member, r.proc.returncode
   if stopped:
     m.status = "stopped"
-  elif rc == 0 and os.path.exists(os.path.join(m.workdir, "summary.json")):
+  elif rc == 0 and m.finished():
     m.status = "done"
   else:
     m.status = "failed"
     m.error = f"exit {rc}" + (f": {_last_error(m.name, workdir)}" if rc else
-                              ": no summary.json written")
+                              ": its summary.json files were not written")
   with open(os.path.join(workdir, "attempts.jsonl"), "a") as f:
     f.write(json.dumps({"member": m.name, "started": round(r.started, 3),
                         "seconds": round(time.time() - r.started, 3), "returncode": rc,

@@ -367,3 +367,18 @@ def test_sweep_killed_part_way_resumes_and_ranks(tmp_path):
   md = open(os.path.join(workdir, "leaderboard.md")).read()
   assert f"| 1 | **{best[0]['member']}** (best) | done | {auc:.4f} |" in md, md
   assert f"best: {best[0]['member']}: val_auc {auc:.4f}" in out
+
+
+def test_segmentation_member_is_finished_only_after_its_validation(tmp_path):
+  config = {"task": "segmentation", "optim": {"lr": 1e-3}}
+  member = sweep.Member(0, "m00", {"optim.lr": 1e-3}, str(tmp_path), config)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(config, f)
+  (tmp_path / "summary.json").write_text("{}")
+  # Killed during launch.py's sliding-window validation: training is done, the member is not.
+  assert not member.finished()
+  (tmp_path / "validation").mkdir()
+  (tmp_path / "validation" / "summary.json").write_text("{}")
+  assert member.finished()
+  classification = sweep.Member(0, "m00", {}, str(tmp_path), {**config, "task": "classification"})
+  assert not classification.finished()  # config.json is another member's

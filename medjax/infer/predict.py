@@ -802,7 +802,9 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
              "failures": failures, "skipped_files": skipped}
   settings = ({"probabilities": probabilities, "mirror": mirror,
                "dicom_seg_type": segmentation_type.upper()} if segmentation else
-              {"threshold": threshold, "intensity": intensity})
+              {"threshold": threshold, "intensity": intensity,
+               # A hook's own settings (saliency.PredictHook has them), else that there was one.
+               "saliency": getattr(saliency, "settings", None if saliency is None else "custom")})
   with open(os.path.join(output, "predict.json"), "w") as f:
     json.dump({"workdir": os.path.abspath(workdir), "step": model.step, "settings": settings,
                **{k: v for k, v in summary.items() if k != "failures"}}, f, indent=1)

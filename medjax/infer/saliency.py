@@ -456,6 +456,11 @@ class PredictHook:
     self._explainer: Explainer | None = None  # built on the first batch, compiled once
     self._taken: set[str] = set()
 
+  @property
+  def settings(self) -> dict[str, Any]:
+    """What predict records in ``predict.json``: the method and its options."""
+    return {"method": self.method, "layer": self.layer, **self.options}
+
   def _chosen(self, trained: TrainedModel, probs: np.ndarray) -> np.ndarray:
     if trained.task.name == "classification" and probs.shape[1] == 2:
       return (probs[:, 1] >= self.threshold).astype(np.int32)

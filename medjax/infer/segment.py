@@ -134,8 +134,10 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     for r in cases:
       for c in classes:
         w.writerow([r["case"], names[c], *(r[str(c)][m] for m in seg_metrics.METRICS)])
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+  # Written last, atomically: a sweep counts a segmentation member finished once it exists.
+  with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
     json.dump({**result, "per_case": cases}, f, indent=1, default=float)
+  os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"
            f"{' + mirroring' if mirror else ''}, checkpoint step {segmenter.step})", "",
            table, "", "Mean Dice with a 95% bootstrap interval over cases (" + ", ".join(

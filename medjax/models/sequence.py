@@ -52,6 +52,23 @@ def slices_first(x: jax.Array, slice_axis: str, slice_stride: int = 1) -> jax.Ar
   return jnp.moveaxis(x, SLICE_AXES[slice_axis], 1)[:, ::slice_stride]
 
 
+def with_neighbours(x: jax.Array, context: int, seq_lengths: jax.Array | None = None) -> jax.Array:
+  """Gives each slice of ``x [B, T, H, W, C]`` its ``context`` neighbours on each side as extra
+  channels: ``[B, T, H, W, (2 * context + 1) * C]``, ordered from slice ``t - context`` to
+  ``t + context``. Neighbours outside the volume, or at or beyond ``seq_lengths``, are zeros, so
+  padding slices still change nothing."""
+  if context < 0:
+    raise ValueError(f"context must be >= 0, got {context}")
+  if not context:
+    return x
+  t = x.shape[1]
+  if seq_lengths is not None:
+    valid = jnp.arange(t)[None, :] < jnp.asarray(seq_lengths, jnp.int32)[:, None]
+    x = jnp.where(valid[:, :, None, None, None], x, 0)
+  padded = jnp.pad(x, ((0, 0), (context, context)) + ((0, 0),) * (x.ndim - 2))
+  return jnp.concatenate([padded[:, k:k + t] for k in range(2 * context + 1)], axis=-1)
+
+
 def slice_mask(num_slices: int, seq_lengths: jax.Array | None, slice_stride: int = 1):
   """``([B, T] bool mask or None, strided lengths [B] or None)`` for ``seq_lengths`` counted in
   input slices: slice ``t`` of the strided sequence is input slice ``t * slice_stride``."""
@@ -108,6 +125,8 @@ class SliceSequenceClassifier(nn.Module):
     slice_axis: ``"axial"`` (D, axis 1 of ``[B, D, H, W, C]``), ``"coronal"`` (H) or
       ``"sagittal"`` (W): the axis the RNN steps along.
     slice_stride: keep every k-th slice (cheaper; thin CT slices are highly redundant).
+    context: neighbouring slices on each side given to the encoder as extra channels (a thin
+      slab per step, as 2.5-D models read; 0: the slice alone). Taken before striding.
     encoder: a ``models.`` registry spec called with ``num_classes=0``, e.g. ``"small_cnn"`` or
       ``"resnet18(width=32, stem_stride=2)"``; it must return pooled ``[N, F]`` features.
     cell: ``"lstm"``, ``"gru"`` or ``"simple"`` (flax's ``LSTMCell``/``GRUCell``/``SimpleCell``).
@@ -125,6 +144,7 @@ class SliceSequenceClassifier(nn.Module):
   num_classes: int = 2
   slice_axis: str = "axial"
   slice_stride: int = 1
+  context: int = 0
   encoder: str = "small_cnn"
   cell: str = "lstm"
   hidden: int = 128
@@ -149,7 +169,8 @@ class SliceSequenceClassifier(nn.Module):
     _check_choice("pooling", self.pooling, POOLINGS)
     if self.num_layers < 1:
       raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
-    x = slices_first(x, self.slice_axis, self.slice_stride)
+    x = slices_first(x, self.slice_axis)
+    x = with_neighbours(x, self.context, seq_lengths)[:, ::self.slice_stride]
     b, t = x.shape[:2]
     mask, lengths = slice_mask(t, seq_lengths, self.slice_stride)
 

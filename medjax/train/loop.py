@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,7 @@ from medjax import models, registry  # noqa: F401  (models: registers the zoo)
 from medjax.data import pipeline, segmentation, sources, transforms
 from medjax.evaluate import report
 from medjax.io import msd
-from medjax.train import optim, sharding, tasks
+from medjax.train import batch_norm, optim, sharding, tasks
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.state import TrainState
 from medjax.train.writers import MetricWriter, read_jsonl
@@ -246,6 +246,39 @@ def evaluate(state, eval_step, source, eval_tf, batch_size: int, mesh, task: tas
   return task.metrics_fn(labels_np, preds_np), labels_np, preds_np
 
 
+def make_bn_recalibration(apply_fn, train_src, eval_tf, config: ml_collections.ConfigDict,
+                          mesh) -> Callable[[TrainState], TrainState]:
+  """``state -> state`` with the evaluated BatchNorm statistics (the EMA's when enabled)
+  recomputed on the first ``train.bn_recalibration_batches`` eval-size batches of training
+  images under the eval transforms (`medjax.train.batch_norm`)."""
+  num_batches = min(config.train.bn_recalibration_batches,
+                    len(train_src) // config.eval.batch_size)
+  if num_batches < 1:
+    raise ValueError(f"train.bn_recalibration_batches: the {len(train_src)} training records do "
+                     f"not fill one eval batch of {config.eval.batch_size}")
+  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  scaled, momenta = batch_norm.make_batch_stats_fns(apply_fn)
+  scaled, momenta = (jax.jit(f, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
+                     for f in (scaled, momenta))
+
+  def images():
+    batches = pipeline.eval_batches(train_src, eval_tf, global_batch_size=config.eval.batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    for _, batch in zip(range(num_batches), batches):
+      yield sharding.to_global({"image": batch["image"]}, mesh)["image"]
+
+  def recalibrate(state: TrainState) -> TrainState:
+    variables = state.eval_variables()
+    stats = batch_norm.recalibrate(scaled, momenta, variables["params"],
+                                   variables["batch_stats"], images())
+    if state.ema_decay:
+      return state.replace(ema={**state.ema, "batch_stats": stats})
+    return state.replace(batch_stats=stats)
+
+  return recalibrate
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task), in_shardings=(repl, data_sharding),
                       out_shardings=repl)
+  recalibrate = None
+  if config.train.bn_recalibration_batches:
+    recalibrate = make_bn_recalibration(model.apply, train_src, eval_tf, config, mesh)
 
   # Restore.
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
@@ -355,6 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t_log, steps_since_log = time.perf_counter(), 0
     eval_now = itstime(step, eval_every, total_steps)
     if eval_now:
+      if recalibrate is not None:
+        state = recalibrate(state)
       last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf, config.eval.batch_size,
                                     mesh, task)
       writer.write(step, {f"{config.eval.split}/{k}": v for k, v in last_metrics.items()})

@@ -138,6 +138,7 @@ def test_a_bad_input_is_reported_and_skipped_and_the_exit_status_says_so(cls_out
   assert [r["input"] for r in rows] == ["ct", "sub/scan.nii.gz", "xray.png"]  # note.txt skipped
   summary = json.load(open(os.path.join(cls_out["out"], "predict.json")))
   assert (summary["inputs"], summary["predicted"], summary["failed"]) == (4, 3, 1)
+  assert summary["settings"]["saliency"] is None  # every setting the outputs depend on
 
 
 def test_png_and_nifti_get_exactly_the_runs_evaluation_preprocessing(cls_out):

@@ -3,6 +3,7 @@ check, and ``predict --saliency`` writing overlays."""
 
 import contextlib
 import io
+import json
 import os
 
 import jax
@@ -213,3 +214,5 @@ def test_predict_with_saliency_writes_an_overlay_per_input(run, tmp_path):
   for name in written:
     with Image.open(out / "saliency" / name) as png:
       assert png.format == "PNG" and png.size[0] > 200
+  with open(out / "predict.json") as f:
+    assert json.load(f)["settings"]["saliency"] == {"method": "gradcam", "layer": None}

@@ -163,12 +163,13 @@ def test_backward_direction_reads_slices_in_reverse():
 # (c) Padding slices beyond seq_lengths change nothing; (d) attention weights.
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pooling,bidirectional,slice_stride,num_layers", [
-    ("last", False, 1, 1), ("mean", False, 1, 1), ("attention", False, 2, 1),
-    ("last", True, 2, 2), ("mean", True, 1, 1), ("attention", True, 1, 1)])
-def test_padding_slices_change_nothing(pooling, bidirectional, slice_stride, num_layers):
+@pytest.mark.parametrize("pooling,bidirectional,slice_stride,num_layers,context", [
+    ("last", False, 1, 1, 0), ("mean", False, 1, 1, 1), ("attention", False, 2, 1, 0),
+    ("last", True, 2, 2, 2), ("mean", True, 1, 1, 0), ("attention", True, 1, 1, 1)])
+def test_padding_slices_change_nothing(pooling, bidirectional, slice_stride, num_layers,
+                                       context):
   model = _model(pooling=pooling, bidirectional=bidirectional, num_layers=num_layers,
-                 slice_stride=slice_stride)
+                 slice_stride=slice_stride, context=context)
   apply = jax.jit(functools.partial(model.apply, train=False))
   x = _volumes(0, (2, 8, 8, 8, 1))
   variables = _init(model, x)
@@ -181,6 +182,17 @@ def test_padding_slices_change_nothing(pooling, bidirectional, slice_stride, num
   np.testing.assert_allclose(apply(variables, padded, seq_lengths=lengths), logits, atol=1e-5)
   # ...and the same logits as the shorter volume with no padding at all.
   np.testing.assert_allclose(apply(variables, x[1:, :3])[0], logits[1], atol=1e-5)
+
+
+def test_neighbouring_slices_become_channels():
+  x = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4, 1, 1, 1) + 1  # slice t of volume b
+  slab = np.asarray(sequence.with_neighbours(x, 1, seq_lengths=jnp.array([4, 3])))[:, :, 0, 0]
+  np.testing.assert_array_equal(slab[0], [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0]])
+  # Volume 1 has 3 valid slices: its padding slice (8) is never anyone's neighbour.
+  np.testing.assert_array_equal(slab[1, :3], [[0, 5, 6], [5, 6, 7], [6, 7, 0]])
+  assert sequence.with_neighbours(x, 0) is x
+  with pytest.raises(ValueError, match="context"):
+    sequence.with_neighbours(x, -1)
 
 
 def test_attention_weights_are_sown_and_masked():
