@@ -211,7 +211,9 @@ class SliceSequenceClassifier(nn.Module):
         pooled = jnp.sum(h, axis=1) / lengths[:, None].astype(h.dtype)
     else:
       e = jnp.tanh(nn.Dense(self.hidden, name="attention_hidden")(h))
-      scores = nn.Dense(1, name="attention_score")(e)[..., 0]  # [B, T]
+      # No bias: softmax ignores a shift shared by all slices, so its gradient is exactly 0 and
+      # Adam would turn the summation noise in it into lr-sized random steps.
+      scores = nn.Dense(1, use_bias=False, name="attention_score")(e)[..., 0]  # [B, T]
       if mask is not None:
         scores = jnp.where(mask, scores, -jnp.inf)  # exp(-inf) = 0: padding gets no weight
       weights = jax.nn.softmax(scores, axis=-1)
