@@ -29,6 +29,7 @@ def test_conv_equals_flax_conv_values_and_gradients(shape, kernel, strides, padd
 
 _DEPTH_TAPS = conv_lowering._conv3d_by_depth_taps
 _PATCHES = conv_lowering._conv_by_patches
+_DEPTH_FOLD = conv_lowering._conv3d_by_depth_fold
 
 
 @pytest.mark.parametrize("lowering,shape,kernel,strides,padding", [
@@ -38,6 +39,11 @@ _PATCHES = conv_lowering._conv_by_patches
     (_DEPTH_TAPS, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
     (_DEPTH_TAPS, (2, 4, 6, 6, 3), (1, 1, 1), (2, 2, 2), "SAME"),
     (_DEPTH_TAPS, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_FOLD, (2, 7, 6, 5, 1), (3, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_FOLD, (2, 8, 6, 6, 2), (3, 3, 3), (2, 1, 2), "SAME"),
+    (_DEPTH_FOLD, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
+    (_DEPTH_FOLD, (1, 5, 4, 4, 1), (4, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_FOLD, (2, 4, 6, 6, 1), (1, 1, 1), (2, 2, 2), "SAME"),
     (_PATCHES, (3, 2, 2, 4), (3, 3), (1, 1), "SAME"),
     (_PATCHES, (3, 4, 4, 4), (3, 3), (2, 2), "SAME"),
     (_PATCHES, (3, 5, 3, 4), (3, 2), (2, 1), "VALID"),
