@@ -157,8 +157,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
   return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **kwargs)
 
 
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes ``config.json``, or checks that an existing one matches ``config``.
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
+                         write: bool = True) -> None:
+  """Checks that an existing ``config.json`` matches ``config``, or (``write``) writes it.
 
   Raises:
     ConfigMismatchError: the workdir holds another experiment; names the differing keys.
@@ -173,7 +174,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
       raise ConfigMismatchError(
           f"{workdir} holds a run with a different config ({', '.join(diffs[:8])}); use a new "
           "--workdir, or the same config to resume")
-  elif jax.process_index() == 0:
+  elif write and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -299,6 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    ("eval.batch_size", config.eval.batch_size)):
     if bs % mesh.size:
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
+
+  # Another experiment's workdir is refused before the data step writes anything there
+  # (segmentation: plan.json, splits.json, the preprocessed cache).
+  check_workdir_config(workdir, config, write=False)
 
   # Input.
   data = build_data(config, workdir)

@@ -78,3 +78,13 @@ def test_resume_equals_uninterrupted_and_data_parallel_matches(msd_root, tmp_pat
   one = str(tmp_path / "one")
   loop.train_and_evaluate(_config(msd_root, steps=6, **{**keep, "mesh.data": 1}), one)
   assert rel_diff(final_params(one, 6)["params"], final_params(straight, 6)["params"]) < 1e-4
+
+
+def test_another_experiments_workdir_is_refused_before_anything_is_written(msd_root, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  other = _config(msd_root, **{"optim.lr": 0.5})
+  loop.check_workdir_config(str(workdir), other)  # as a run of another config leaves it
+  with pytest.raises(loop.ConfigMismatchError, match="optim.lr"):
+    loop.train_and_evaluate(_config(msd_root), str(workdir))
+  assert sorted(os.listdir(workdir)) == ["config.json"]  # no plan, splits or cache beside it
