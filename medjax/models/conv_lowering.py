@@ -89,21 +89,25 @@ def _conv_by_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
+def _depth_tap_inputs(x: jax.Array, kd: int, sd: int, padding: str) -> list[jax.Array]:
+  """For each depth tap ``k`` of a ``kd``-deep kernel, the depth slices ``k, k + sd, ...`` of
+  the padded ``x [B, D, H, W, C]`` that it meets: ``kd`` arrays ``[B, D_out, H, W, C]``."""
+  lo, hi = _pads(x.shape[1], kd, sd, padding)
+  d_out = _out_size(x.shape[1], kd, sd, padding)
+  if lo or hi:
+    x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+  return [lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1) for k in range(kd)]
+
+
 def _conv3d_by_depth_taps(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                           padding: str) -> jax.Array:
   """A 3-D convolution as a sum of 2-D ones: tap ``k`` of the kernel's depth convolves the
   depth slices ``k, k + stride, ...`` of the padded input, folded into the batch."""
-  b, d, h, w, c = x.shape
-  kd = kernel.shape[0]
   sd, sh, sw = strides
-  lo, hi = _pads(d, kd, sd, padding)
-  if lo or hi:
-    x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-  d_out = _out_size(d, kd, sd, padding)
   out = None
-  for k in range(kd):
-    slices = lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1)
-    y = _cpu_conv2d(slices.reshape(b * d_out, h, w, c), kernel[k], (sh, sw), padding)
+  for k, slices in enumerate(_depth_tap_inputs(x, kernel.shape[0], sd, padding)):
+    b, d_out = slices.shape[:2]
+    y = _cpu_conv2d(slices.reshape(b * d_out, *slices.shape[2:]), kernel[k], (sh, sw), padding)
     out = y if out is None else out + y
   return out.reshape(b, d_out, *out.shape[1:])
 
@@ -112,17 +116,13 @@ def _conv3d_by_depth_fold(x: jax.Array, kernel: jax.Array, strides: Sequence[int
                           padding: str) -> jax.Array:
   """A 3-D convolution as one 2-D one: the ``kd`` depth slices each output slice reads,
   side by side as channels (a slab of ``kd × C``), against the kernel folded the same way."""
-  b, d, h, w, c = x.shape
-  kd = kernel.shape[0]
+  kd, c = kernel.shape[0], x.shape[-1]
   sd, sh, sw = strides
-  lo, hi = _pads(d, kd, sd, padding)
-  if lo or hi:
-    x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-  d_out = _out_size(d, kd, sd, padding)
-  slab = jnp.concatenate([lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1)
-                          for k in range(kd)], axis=-1)  # channel k * C + i: tap k, channel i
+  # Channel k * C + i of the slab: tap k, input channel i (the kernel folds the same way).
+  slab = jnp.concatenate(_depth_tap_inputs(x, kd, sd, padding), axis=-1)
+  b, d_out = slab.shape[:2]
   folded = jnp.moveaxis(kernel, 0, 2).reshape(*kernel.shape[1:3], kd * c, kernel.shape[-1])
-  y = _cpu_conv2d(slab.reshape(b * d_out, h, w, kd * c), folded, (sh, sw), padding)
+  y = _cpu_conv2d(slab.reshape(b * d_out, *slab.shape[2:]), folded, (sh, sw), padding)
   return y.reshape(b, d_out, *y.shape[1:])
 
 
