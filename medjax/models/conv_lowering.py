@@ -13,7 +13,7 @@ Measured on the 2-core CPU (jax 0.10.2, one core, forward + both gradients):
   channels instead — one 2-D convolution of ``kd × C`` channels (``_conv3d_by_depth_fold``).
   Forward + both gradients, one core: U-Net first layer (1→16, 40×56×40, batch 2) 36 → 13 ms;
   3-D ResNet stem (1→64, stride 2, 28³, batch 16) 27 → 16 ms; 4→16 61 → 26 ms. At 16 channels
-  and more the fold is slower (16→16 at 40×56×40: 80 vs 108 ms), so there the taps stay.
+  and more the fold is slower (16→16 at 40×56×40: 95 ms taps vs 109 ms fold), so there the taps stay.
 - Tiny outputs (≤ ``SMALL_OUTPUT_PIXELS`` per slice, e.g. ResNet stage 4 at 2×2): XLA:CPU sends
   some of their gradients to a generic loop, 400 ms for a 300-MFLOP conv; im2col + one matmul
   (``_conv_by_patches``) is cheap at that size. Together: 3-D ResNet-18 train step at 28³, batch
