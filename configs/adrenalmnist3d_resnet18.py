@@ -2,13 +2,25 @@ r"""AdrenalMNIST3D (28³ abdominal CT, normal vs adrenal hyperplasia) with a 3-D
 
 Run:
   python launch.py --config configs/adrenalmnist3d_resnet18.py --workdir runs/adrenal
-Quick smoke run: --config configs/adrenalmnist3d_resnet18.py:runlocal
+Variants, comma-separated after the colon: ``cpu`` (a stride-2 stem, about 10× cheaper: the one
+to train on a few CPU cores) and ``runlocal`` (a seconds-long smoke run), e.g. ``:cpu,runlocal``.
+
+The default keeps stage 1 at the full 28³, like MedMNIST's small-input ResNets and the 2-D
+PneumoniaMNIST config. Val AUC over seeds 0/1/2 on one H100 (``--config.seed=N``; about 100 s of
+training each): 0.885 / 0.885 / 0.906 at full resolution; 0.876 / 0.860 / 0.879 with the
+``cpu`` stem (a 2-core CPU run of it: 0.874 in 924 s; the full-resolution step takes about 25 s
+there, about 2.6 hours for these 370 steps). Also tried on the GPU with the stride-2 stem and no
+better than it: precise BN, an EMA of the weights, both, a 7³ stem, a stride-1 stem + max-pool,
+flips without the affine.
 """
 
 from configs import common
 
+VARIANTS = ("cpu", "runlocal")
+
 
 def get_config(arg: str | None = None):
+  args = common.parse_variants(arg, VARIANTS)
   c = common.get_base_config()
   c.data.name = "adrenalmnist3d"
   c.data.size = 28
@@ -16,13 +28,16 @@ def get_config(arg: str | None = None):
   c.data.train_transforms = (
       "to_float|flip(axes=(2,))|affine(rotate=10, scale=0.1, translate=0.05)|normalize(0.5, 0.5)")
   c.model.name = "resnet18"
-  # A stride-2 stem: stage 1 runs at 14³ instead of 28³ (8× fewer voxels), which is what makes
-  # a 3-D ResNet-18 trainable on a 2-core CPU.
-  c.model.kwargs.stem_stride = 2
+  c.model.kwargs.stem_kernel = 3
+  c.model.kwargs.stem_stride = 1
+  c.model.kwargs.stem_pool = False
+  if "cpu" in args:
+    # Stage 1 at 14³ instead of 28³: 8× fewer voxels where most of the compute is.
+    c.model.kwargs.stem_stride = 2
   c.train.batch_size = 32
   c.train.epochs = 10.0
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-2
-  if arg == "runlocal":
+  if "runlocal" in args:
     common.runlocal(c)
   return c
