@@ -30,6 +30,8 @@ def test_conv_equals_flax_conv_values_and_gradients(shape, kernel, strides, padd
 _DEPTH_TAPS = conv_lowering._conv3d_by_depth_taps
 _PATCHES = conv_lowering._conv_by_patches
 _DEPTH_FOLD = conv_lowering._conv3d_by_depth_fold
+_TAP_CHANNELS = conv_lowering._conv3d_by_tap_channels
+_DEPTH_STRIDE1 = conv_lowering._conv3d_depth_stride1  # tap channels forward, custom gradients
 
 
 @pytest.mark.parametrize("lowering,shape,kernel,strides,padding", [
@@ -44,6 +46,16 @@ _DEPTH_FOLD = conv_lowering._conv3d_by_depth_fold
     (_DEPTH_FOLD, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
     (_DEPTH_FOLD, (1, 5, 4, 4, 1), (4, 3, 3), (1, 1, 1), "SAME"),
     (_DEPTH_FOLD, (2, 4, 6, 6, 1), (1, 1, 1), (2, 2, 2), "SAME"),
+    (_TAP_CHANNELS, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),
+    (_TAP_CHANNELS, (2, 7, 6, 5, 3), (2, 3, 1), (1, 2, 1), "VALID"),
+    (_TAP_CHANNELS, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),  # input gradient by tap channels
+    (_DEPTH_STRIDE1, (2, 6, 6, 6, 3), (1, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_STRIDE1, (2, 2, 6, 6, 3), (3, 3, 3), (1, 1, 1), "SAME"),  # fewer slices than taps
+    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (3, 3, 3), (1, 2, 2), "SAME"),  # gradients by the taps
+    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (2, 3, 1), (1, 1, 1), "VALID"),
+    (_DEPTH_STRIDE1, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
+    (_DEPTH_STRIDE1, (1, 1, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),  # one slice
     (_PATCHES, (3, 2, 2, 4), (3, 3), (1, 1), "SAME"),
     (_PATCHES, (3, 4, 4, 4), (3, 3), (2, 2), "SAME"),
     (_PATCHES, (3, 5, 3, 4), (3, 2), (2, 1), "VALID"),
