@@ -17,11 +17,13 @@ Measured on the 2-core CPU (jax 0.10.2, one core, forward + both gradients):
 - 3-D with depth stride 1 and more channels (most U-Net convolutions): the forward is one 2-D
   convolution whose ``kd × O`` outputs are every depth tap's, summed with each tap's depth shift
   in one fused pass (``_conv3d_by_tap_channels``): no padded, sliced copies of the input, and a
-  wider matmul. Its input gradient, for stride 1 / SAME, is the same kind of convolution; the
-  kernel gradient stays per tap (``_conv3d_depth_stride1``, a custom VJP). Sliding-window
-  inference of the hippocampus U-Net 1.48 → 1.13 s (1.31×), its train step 1.12 → 0.98 s
-  (forward) → 0.95 s (input gradient), same process (``TAP_CHANNELS`` switches it off); the
-  3-D ResNet-18 step (14³ and smaller, 64+ channels) is unchanged (13.0–14.5 images/s either way).
+  wider matmul. Its input gradient, for stride 1 / SAME, is the same kind of convolution; its
+  kernel gradient is one 2-D kernel gradient per tap over all input slices against the output
+  gradient shifted by the tap (``_conv3d_depth_stride1``, a custom VJP): shifting the gradient
+  copies less than slicing a padded input (32→16 at 40×56×40, batch 2: 174 → 80 ms). Same
+  process, ``TAP_CHANNELS`` on/off: sliding-window inference of the hippocampus U-Net 1.48 →
+  1.13 s (1.31×); its train step 1.15 → 0.82 s (1.40×); the 3-D ResNet-18 step (14³ and
+  smaller, 64+ channels) about the same (12.5–13.8 images/s either way).
 - Tiny outputs (≤ ``SMALL_OUTPUT_PIXELS`` per slice, e.g. ResNet stage 4 at 2×2): XLA:CPU sends
   some of their gradients to a generic loop, 400 ms for a 300-MFLOP conv; im2col + one matmul
   (``_conv_by_patches``) is cheap at that size. Together: 3-D ResNet-18 train step at 28³, batch
@@ -176,16 +178,37 @@ def _conv3d_depth_stride1_fwd(x, kernel, strides, padding):
   return _conv3d_by_tap_channels(x, kernel, strides, padding), (x, kernel)
 
 
+def _depth_stride1_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array,
+                               strides: Sequence[int], padding: str) -> jax.Array:
+  """The kernel gradient of a depth-stride-1 3-D convolution, one 2-D kernel gradient per depth
+  tap over all input slices, against the output gradient shifted by the tap (zero outside).
+  Shifting the gradient instead of slicing a padded input copies less."""
+  _, sh, sw = strides
+  b, d = x.shape[:2]
+  kd, d_out = kernel.shape[0], grad.shape[1]
+  lo, _ = _pads(d, kd, 1, padding)
+  slices = x.reshape(b * d, *x.shape[2:])
+  taps = []
+  for t in range(kd):
+    # Input slice i meets output slice i - (t - lo) through tap t; lax.pad crops where negative.
+    shift = t - lo
+    g = lax.pad(grad, jnp.zeros((), grad.dtype),
+                ((0, 0, 0), (shift, d - d_out - shift, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+    _, vjp = jax.vjp(lambda k: _cpu_conv2d(slices, k, (sh, sw), padding), kernel[t])
+    taps.append(vjp(g.reshape(b * d, *g.shape[2:]))[0])
+  return jnp.stack(taps)
+
+
 def _conv3d_depth_stride1_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  # The taps' own forward inside this vjp is unused and removed by XLA; only its transposes run.
-  _, vjp = jax.vjp(lambda x, k: _conv3d_by_depth_taps(x, k, strides, padding), x, kernel)
+  dk = _depth_stride1_kernel_grad(x, kernel, grad, strides, padding)
   if all(s == 1 for s in strides) and padding == "SAME" and all(k % 2 for k in kernel.shape[:3]):
     # Stride 1, SAME, odd kernel: the input gradient is the same kind of convolution, of the
     # output gradient with the kernel flipped in space and its channel axes swapped.
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2)
-    return _conv3d_by_tap_channels(grad, flipped, strides, padding), vjp(grad)[1]
-  return vjp(grad)
+    return _conv3d_by_tap_channels(grad, flipped, strides, padding), dk
+  _, vjp = jax.vjp(lambda x: _conv3d_by_depth_taps(x, kernel, strides, padding), x)
+  return vjp(grad)[0], dk
 
 
 _conv3d_depth_stride1.defvjp(_conv3d_depth_stride1_fwd, _conv3d_depth_stride1_bwd)
