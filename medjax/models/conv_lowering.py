@@ -149,7 +149,7 @@ def _conv3d_by_tap_channels(x: jax.Array, kernel: jax.Array, strides: Sequence[i
   _, sh, sw = strides
   b, d, h, w, c = x.shape
   kd, o = kernel.shape[0], kernel.shape[-1]
-  lo, hi = _pads(d, kd, 1, padding)
+  lo, _ = _pads(d, kd, 1, padding)
   d_out = _out_size(d, kd, 1, padding)
   # Output channel t * O + j: tap t, output channel j.
   wide = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:3], c, kd * o)
@@ -170,7 +170,7 @@ def _conv3d_by_tap_channels(x: jax.Array, kernel: jax.Array, strides: Sequence[i
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv3d_depth_stride1(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                           padding: str) -> jax.Array:
-  """Forward by ``_conv3d_by_tap_channels``, gradients by ``_conv3d_by_depth_taps``."""
+  """Forward by ``_conv3d_by_tap_channels``; gradients as ``_conv3d_depth_stride1_bwd`` says."""
   return _conv3d_by_tap_channels(x, kernel, strides, padding)
 
 
@@ -200,6 +200,8 @@ def _depth_stride1_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array,
 
 
 def _conv3d_depth_stride1_bwd(strides, padding, residuals, grad):
+  """Kernel gradient by ``_depth_stride1_kernel_grad``; input gradient by tap channels where
+  it is a convolution of the same kind, otherwise by transposing ``_conv3d_by_depth_taps``."""
   x, kernel = residuals
   dk = _depth_stride1_kernel_grad(x, kernel, grad, strides, padding)
   if all(s == 1 for s in strides) and padding == "SAME" and all(k % 2 for k in kernel.shape[:3]):
