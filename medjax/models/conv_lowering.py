@@ -155,16 +155,17 @@ def _conv3d_by_tap_channels(x: jax.Array, kernel: jax.Array, strides: Sequence[i
   wide = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:3], c, kd * o)
   y = _cpu_conv2d(x.reshape(b * d, h, w, c), wide, (sh, sw), padding)
   y = y.reshape(b, d, *y.shape[1:3], kd, o)
-  out = None
-  for t in range(kd):
-    # Output slice i reads input slice i + t - lo through tap t; slices outside the input are 0.
-    first = max(lo - t, 0)  # output slices [first, last) are the ones tap t reaches
-    last = max(min(d_out, d + lo - t), first)
-    part = y[:, first + t - lo:last + t - lo, :, :, t, :]
-    # Padding each tap's part (not y) lets XLA fuse pad, slice and sum into one pass.
-    part = jnp.pad(part, ((0, 0), (first, d_out - last), (0, 0), (0, 0), (0, 0)))
-    out = part if out is None else out + part
-  return out
+  # Output slice i reads input slice i + t - lo through tap t. Shifting each tap's part (not a
+  # padded y) lets XLA fuse the shifts and the sum into one pass.
+  return sum(_shift_depth(y[..., t, :], lo - t, d_out) for t in range(kd))
+
+
+def _shift_depth(a: jax.Array, shift: int, length: int) -> jax.Array:
+  """``a [B, D, ...]`` moved ``shift`` slices along D and cut or zero-filled to ``length``
+  slices: element ``i`` is ``a[:, i - shift]``, zero where that is outside ``a``."""
+  pads = [(0, 0, 0)] * a.ndim
+  pads[1] = (shift, length - a.shape[1] - shift, 0)  # lax.pad crops where negative
+  return lax.pad(a, jnp.zeros((), a.dtype), pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -185,15 +186,11 @@ def _depth_stride1_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array,
   Shifting the gradient instead of slicing a padded input copies less."""
   _, sh, sw = strides
   b, d = x.shape[:2]
-  kd, d_out = kernel.shape[0], grad.shape[1]
-  lo, _ = _pads(d, kd, 1, padding)
+  lo, _ = _pads(d, kernel.shape[0], 1, padding)
   slices = x.reshape(b * d, *x.shape[2:])
   taps = []
-  for t in range(kd):
-    # Input slice i meets output slice i - (t - lo) through tap t; lax.pad crops where negative.
-    shift = t - lo
-    g = lax.pad(grad, jnp.zeros((), grad.dtype),
-                ((0, 0, 0), (shift, d - d_out - shift, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+  for t in range(kernel.shape[0]):
+    g = _shift_depth(grad, t - lo, d)  # input slice i meets output slice i - (t - lo)
     _, vjp = jax.vjp(lambda k: _cpu_conv2d(slices, k, (sh, sw), padding), kernel[t])
     taps.append(vjp(g.reshape(b * d, *g.shape[2:]))[0])
   return jnp.stack(taps)
