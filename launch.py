@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 import sys
 
-# On CPU, XLA runs each device's convolutions on one thread; one host "device" per core lets the
-# data-parallel mesh use every core. Must be set before JAX starts; an explicit flag wins.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={os.cpu_count() or 1}")
+from medjax import host
+
+# Before JAX starts (see medjax/host.py).
+host.use_every_core()
+host.keep_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -24,9 +24,13 @@ import json
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS",
-                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from medjax import host  # noqa: E402
+
+# As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
+# both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
+host.use_every_core()
+MALLOC_KEPT = host.keep_freed_memory()
 
 import jax  # noqa: E402
 from train_step_vs_torch import time_medjax, torch_images_per_s  # noqa: E402
@@ -106,7 +110,7 @@ def main():
   torch_vps, torch_params = time_torch(a.cell, a.batch, a.steps, a.size, a.context)
   print(json.dumps({
       "cell": a.cell, "context": a.context, "volume": [a.size] * 3, "batch": a.batch,
-      "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+      "cores": os.cpu_count(), "malloc_kept": MALLOC_KEPT, "jax_backend": jax.default_backend(),
       "params_medjax": medjax_params(a.cell, a.size, a.context),
       "params_torch": torch_params, "medjax_volumes_per_s": round(jax_vps, 2),
       "torch_volumes_per_s": round(torch_vps, 2),

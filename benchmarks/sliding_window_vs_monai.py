@@ -37,9 +37,13 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS",
-                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from medjax import host  # noqa: E402
+
+# As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
+# both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
+host.use_every_core()
+MALLOC_KEPT = host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -164,7 +168,8 @@ def main():
   print(json.dumps({
       "volume": list(volume_shape), "patch": list(patch), "features": list(features),
       "batch_size": a.batch_size, "mirror": a.mirror, "repeats": a.repeats,
-      "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+      "cores": os.cpu_count(), "malloc_kept": MALLOC_KEPT,
+      "jax_backend": jax.default_backend(),
       "torch_device": a.torch_device, "medjax_devices": devices, "windows_medjax": jax_windows,
       "windows_monai": th_windows, "medjax_s": round(jax_s, 4), "monai_s": round(th_s, 4),
       "ratio_monai_over_medjax_time": round(th_s / jax_s, 3)}))

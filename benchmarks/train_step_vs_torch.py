@@ -19,9 +19,13 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS",
-                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from medjax import host  # noqa: E402
+
+# As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
+# both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
+host.use_every_core()
+MALLOC_KEPT = host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -137,7 +141,8 @@ def main():
   jax_ips = time_medjax(a.batch, a.steps, spatial, "resnet18", a.mesh_devices, a.stem_stride)
   torch_ips = time_torch(a.batch, a.steps, spatial, a.stem_stride, a.torch_device)
   result = {"shape": list(spatial), "batch": a.batch, "stem_stride": a.stem_stride,
-            "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "cores": os.cpu_count(), "malloc_kept": MALLOC_KEPT,
+            "jax_backend": jax.default_backend(),
             "torch_device": a.torch_device, "mesh_devices": a.mesh_devices if a.mesh_devices > 0 else
             jax.device_count(), "medjax_images_per_s": round(jax_ips, 1),
             "torch_monai_images_per_s": round(torch_ips, 1),

@@ -39,9 +39,13 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS",
-                      f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from medjax import host  # noqa: E402
+
+# As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
+# both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
+host.use_every_core()
+MALLOC_KEPT = host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -195,7 +199,8 @@ def main():
   print(json.dumps({
       "features": list(features), "patch": list(patch), "batch": a.batch,
       "deep_supervision": a.deep_supervision, "steps": a.steps, "cores": os.cpu_count(),
-      "jax_backend": jax.default_backend(), "torch_device": a.torch_device,
+      "malloc_kept": MALLOC_KEPT, "jax_backend": jax.default_backend(),
+      "torch_device": a.torch_device,
       "medjax_devices": devices, "params_medjax": jax_params, "params_monai": th_params,
       "medjax_s_per_step": round(jax_s, 4), "monai_s_per_step": round(th_s, 4),
       "medjax_voxels_per_s": round(voxels / jax_s), "monai_voxels_per_s": round(voxels / th_s),

@@ -12,6 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `import configs` as launch.py does
 
+from medjax import host  # noqa: E402
+
+host.keep_freed_memory()  # as launch.py: XLA's large temporaries stop faulting in on every call
+
 import json  # noqa: E402
 
 import nibabel as nib  # noqa: E402

@@ -143,6 +143,9 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags defined here only, so importing the module defines none
+  from medjax import host
+
+  host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
   flags.DEFINE_string("workdir", None, "a finished medjax run", required=True)
   flags.DEFINE_string("split", "val", "train | val | test (classification)")
   flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)")

@@ -72,6 +72,9 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags defined here only, so importing the module defines none
+  from medjax import host
+
+  host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
   flags.DEFINE_string("workdir", None, "a finished medjax run", required=True)
   flags.DEFINE_string("split", "val", "comma-separated splits, e.g. train,val")
   flags.DEFINE_string("out", None, "output folder", required=True)

@@ -857,5 +857,8 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
 
 
 if __name__ == "__main__":
+  from medjax import host
+
+  host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
   define_flags()
   app.run(main)

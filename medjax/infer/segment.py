@@ -159,6 +159,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from medjax import host
+
+  host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
   flags.DEFINE_string("workdir", None, "a trained segmentation run", required=True)
   flags.DEFINE_bool("no_mirror", False, "skip mirroring test-time augmentation (8× faster 3-D)")
   app.run(main)
