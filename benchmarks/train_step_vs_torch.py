@@ -107,21 +107,30 @@ def torch_images_per_s(model, x, y, steps: int) -> float:
   return len(x) * steps / (time.perf_counter() - t)
 
 
-def time_pipeline(batch_size: int, batches: int) -> float:
+def time_pipeline(batch_size: int, batches: int, workers: int | None) -> tuple[float, int]:
+  """``(batches/s, workers)`` of the PneumoniaMNIST config's train stream; ``workers=None``
+  resolves its ``data.workers`` for this backend, as the training loop does."""
+  from absl import flags
+
   from configs import pneumoniamnist_resnet18
   from medjax.data import pipeline, sources, transforms
 
+  flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
   cfg = pneumoniamnist_resnet18.get_config()
+  if workers is None:
+    workers = pipeline.resolve_workers(cfg.data.workers, jax.default_backend())
   src, _ = sources.medmnist_source("pneumoniamnist", "train")
   it = iter(pipeline.train_dataset(src, transforms.parse(cfg.data.train_transforms),
                                    global_batch_size=batch_size, seed=0,
                                    num_threads=cfg.data.num_threads,
-                                   prefetch=cfg.data.prefetch))
-  next(it)
+                                   prefetch=cfg.data.prefetch, workers=workers))
+  next(it)  # starts the threads and worker processes
   t = time.perf_counter()
   for _ in range(batches):
     next(it)
-  return batches / (time.perf_counter() - t)
+  rate = batches / (time.perf_counter() - t)
+  it.close()
+  return rate, workers
 
 
 def main():
@@ -134,6 +143,9 @@ def main():
                  help="devices on the data axis (-1: one per core; 1: the single-device baseline)")
   p.add_argument("--stem_stride", type=int, default=1)
   p.add_argument("--skip_pipeline", action="store_true")
+  p.add_argument("--pipeline_workers", type=int, default=None,
+                 help="Grain worker processes (default: the config's data.workers, resolved for "
+                      "this backend as in training)")
   p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
                  help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   a = p.parse_args()
@@ -148,7 +160,8 @@ def main():
             "torch_monai_images_per_s": round(torch_ips, 1),
             "ratio_medjax_over_torch": round(jax_ips / torch_ips, 3)}
   if not a.skip_pipeline and a.dims == 2 and a.size == 28:
-    bps = time_pipeline(a.batch, 4 * a.steps)
+    bps, workers = time_pipeline(a.batch, max(4 * a.steps, 100), a.pipeline_workers)
+    result["pipeline_workers"] = workers
     result["pipeline_batches_per_s"] = round(bps, 2)
     result["pipeline_over_step_consumption"] = round(bps / (jax_ips / a.batch), 2)
   print(json.dumps(result))

@@ -34,6 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.foreground = 0.33  # share of training patches centred on a foreground voxel.
   c.data.num_threads = 4  # Grain read threads per process.
   c.data.prefetch = 16  # records buffered ahead per process.
+  # Grain worker processes preparing train batches; -1: none on CPU (its cores run the model),
+  # else half the cores up to 8 (a GPU outruns one interpreter's per-record transforms).
+  c.data.workers = -1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet18"  # a name in the models registry.

@@ -9,10 +9,12 @@ single-process run of the same global batch.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 Transform = grain.transforms.Map | grain.transforms.RandomMap
 
@@ -29,7 +31,7 @@ def _apply(ds: grain.MapDataset, transforms: Sequence[Transform], seed: int) -> 
 
 def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 4, prefetch: int = 8) -> grain.IterDataset:
+                  num_threads: int = 4, prefetch: int = 8, workers: int = 0) -> grain.IterDataset:
   """An endless stream of this process's share of each global batch.
 
   Args:
@@ -39,6 +41,10 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
     seed: shuffle seed (a new permutation each epoch) and base seed of random transforms.
     process_index, process_count: this process's place (``jax.process_index()/count()``).
     num_threads, prefetch: Grain read threads and prefetch buffer (records).
+    workers: Grain worker processes (``mp_prefetch``) that prepare batches beside the training
+      process; 0: none. Threads share one interpreter lock, so only processes scale the
+      per-record Python work to a GPU's appetite. Batches and their order are the same either
+      way, and so is the checkpointable state.
 
   Returns:
     A ``grain.IterDataset``; ``iter()`` of it is checkpointable (``get_state``/``set_state``).
@@ -54,8 +60,23 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
   ds = _apply(ds, transforms, seed)
   ds = ds[process_index::process_count]
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=prefetch))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # a notebook or test: Grain's workers read absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def resolve_workers(workers: int, backend: str, cores: int | None = None) -> int:
+  """``workers`` as configured, or for -1 (auto): none on a CPU backend, whose cores all run
+  the model, else half the cores up to 8."""
+  if workers >= 0:
+    return workers
+  if workers != -1:
+    raise ValueError(f"data.workers must be >= 0, or -1 for auto, got {workers}")
+  return 0 if backend == "cpu" else min(8, max(1, (cores or os.cpu_count() or 2) // 2))
 
 
 def eval_batches(source, transforms: Sequence[Transform], *, global_batch_size: int,

@@ -321,6 +321,14 @@ class CaseSource:
     self.cases = [load_cached(folder, c) for c in self.case_ids]
     self.locations = locations  # off for evaluation: batching needs equal-shaped fields
 
+  def __getstate__(self):
+    # Grain's worker processes get the cache's paths and map the files themselves; pickling the
+    # memory maps would copy every case into each worker.
+    return {"folder": self.folder, "case_ids": self.case_ids, "locations": self.locations}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
   def __len__(self) -> int:
     return len(self.cases)
 
@@ -341,9 +349,16 @@ class SliceSource:
   (``index`` numbers the slices in order, case by case)."""
 
   def __init__(self, folder: str, case_ids: Sequence[str], axis: int):
-    self.cases = [load_cached(folder, c) for c in case_ids]
+    self.folder, self.case_ids = folder, list(case_ids)
+    self.cases = [load_cached(folder, c) for c in self.case_ids]
     self.axis = axis
     self.slices = [(n, k) for n, c in enumerate(self.cases) for k in range(c.image.shape[axis])]
+
+  def __getstate__(self):  # as CaseSource: paths, not memory maps
+    return {"folder": self.folder, "case_ids": self.case_ids, "axis": self.axis}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
 
   def __len__(self) -> int:
     return len(self.slices)

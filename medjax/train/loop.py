@@ -315,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = iter(pipeline.train_dataset(
       train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
       process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch))
+      prefetch=config.data.prefetch,
+      workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
   task_name = config.task
@@ -409,6 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ok_metric = metric is not None and math.isfinite(metric)
       ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
   bar.close()
+  train_iter.close()  # stops Grain's prefetch threads and worker processes
   train_seconds = time.perf_counter() - t0
   writer.write(total_steps, {"time/train_seconds": train_seconds})
   writer.close()

@@ -55,6 +55,40 @@ def test_iterator_state_restores_the_exact_position():
     np.testing.assert_array_equal(a["image"], b["image"])
 
 
+def test_worker_processes_give_the_same_batches_and_resumable_state():
+  src = _source(40)
+  tf = transforms.parse("to_float|flip(axes=(0, 1))|intensity")
+  threads = _take(iter(pipeline.train_dataset(src, tf, global_batch_size=8, seed=3)), 9)
+  ds = pipeline.train_dataset(src, tf, global_batch_size=8, seed=3, workers=2)
+  it = iter(ds)
+  try:
+    first = _take(it, 4)
+    state = it.get_state()
+  finally:
+    it.close()
+  resumed = iter(ds)
+  resumed.set_state(state)
+  try:
+    rest = _take(resumed, 5)
+  finally:
+    resumed.close()
+  for a, b in zip(threads, first + rest):
+    np.testing.assert_array_equal(a["index"], b["index"])
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("workers,backend,cores,expected",
+                         [(3, "gpu", 16, 3), (0, "gpu", 16, 0), (-1, "cpu", 16, 0),
+                          (-1, "gpu", 16, 8), (-1, "gpu", 6, 3), (-1, "tpu", 1, 1)])
+def test_resolve_workers(workers, backend, cores, expected):
+  assert pipeline.resolve_workers(workers, backend, cores) == expected
+
+
+def test_resolve_workers_rejects_other_negatives():
+  with pytest.raises(ValueError, match="data.workers"):
+    pipeline.resolve_workers(-2, "gpu", 16)
+
+
 def test_eval_batches_cover_every_record_once_with_a_mask():
   src = _source(37)
   for pc in (1, 2):

@@ -1,6 +1,7 @@
 """Segmentation data: MSD folders, plan, cache, folds and the patch sampler, on synthetic cases."""
 
 import os
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -108,6 +109,21 @@ def test_cache_round_trip_and_reuse(tmp_path):
     one_hot = np.eye(3, dtype=np.float32)[cached.label[..., 0]]
     restored = seg.restore_geometry(one_hot, cached.props)
     np.testing.assert_array_equal(np.argmax(restored, -1), label.array[..., 0])
+
+
+def test_sources_pickle_as_paths_and_map_the_cache_again(tmp_path):
+  dataset = msd.read_msd_dataset(write_msd(tmp_path, n=3))
+  folder = seg.prepare_cache(dataset, seg.make_plan(seg.fingerprint(dataset)),
+                             str(tmp_path / "cache"))
+  ids = [c.case_id for c in dataset.cases]
+  for source in (seg.CaseSource(folder, ids), seg.SliceSource(folder, ids, axis=2)):
+    blob = pickle.dumps(source)
+    assert len(blob) < 2_000  # paths only: Grain's worker processes map the files themselves
+    copy = pickle.loads(blob)
+    assert len(copy) == len(source) and isinstance(copy.cases[0].image, np.memmap)
+    for i in (0, len(source) - 1):
+      for key, value in source[i].items():
+        np.testing.assert_array_equal(copy[i][key], value)
 
 
 def test_cache_with_resampling_restores_the_original_grid(tmp_path):

@@ -52,6 +52,16 @@ def test_data_parallel_matches_single_device(synthetic_medmnist, tmp_path):
                        _final_params(str(tmp_path / "one"))["params"]) <= 1e-5
 
 
+def test_grain_worker_processes_train_the_same_model(synthetic_medmnist, tmp_path):
+  threads = loop.train_and_evaluate(_config(synthetic_medmnist, **{"data.workers": 0}),
+                                    str(tmp_path / "threads"))
+  workers = loop.train_and_evaluate(_config(synthetic_medmnist, **{"data.workers": 2}),
+                                    str(tmp_path / "workers"))
+  assert threads["steps"] == workers["steps"]
+  assert _rel_diff(_final_params(str(tmp_path / "workers"))["params"],
+                   _final_params(str(tmp_path / "threads"))["params"]) == 0.0
+
+
 def test_workdir_of_another_experiment_is_refused(synthetic_medmnist, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(_config(synthetic_medmnist, steps=2), workdir)
