@@ -1,4 +1,4 @@
-"""Process set-up of a CPU host, done once before JAX starts: every core a device, memory kept.
+"""Set-up of the host process, done once before JAX starts: every CPU core a device, memory kept.
 
 Both must run before JAX creates its CPU client (its first array or device query): the device
 count is read from ``XLA_FLAGS`` then, and glibc binds each XLA worker thread to a malloc arena
@@ -57,4 +57,3 @@ def keep_freed_memory() -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
   return all(mallopt(param, value) == 1 for param, value in settings)
-
