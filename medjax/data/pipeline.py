@@ -71,12 +71,14 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
 
 def resolve_workers(workers: int, backend: str, cores: int | None = None) -> int:
   """``workers`` as configured, or for -1 (auto): none on a CPU backend, whose cores all run
-  the model, else half the cores up to 8."""
+  the model, else half of this process's cores up to 8."""
   if workers >= 0:
     return workers
   if workers != -1:
     raise ValueError(f"data.workers must be >= 0, or -1 for auto, got {workers}")
-  return 0 if backend == "cpu" else min(8, max(1, (cores or os.cpu_count() or 2) // 2))
+  if cores is None:  # the cores this process may run on (taskset, container limits)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return 0 if backend == "cpu" else min(8, max(1, (cores or 2) // 2))
 
 
 def eval_batches(source, transforms: Sequence[Transform], *, global_batch_size: int,
