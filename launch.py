@@ -23,9 +23,7 @@ import sys
 
 from medjax import host
 
-# Before JAX starts (see medjax/host.py).
-host.use_every_core()
-host.keep_freed_memory()
+host.prepare()  # before JAX starts (see medjax/host.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -42,8 +42,7 @@ from medjax import host  # noqa: E402
 
 # As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
 # both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
-host.use_every_core()
-MALLOC_KEPT = host.keep_freed_memory()
+MALLOC_KEPT = host.prepare()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

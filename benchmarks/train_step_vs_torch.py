@@ -24,8 +24,7 @@ from medjax import host  # noqa: E402
 
 # As launch.py, before JAX or PyTorch starts. Freed memory is kept for the whole process, so for
 # both frameworks (MEDJAX_KEEP_FREED_MEMORY=0: for neither); the JSON line says which.
-host.use_every_core()
-MALLOC_KEPT = host.keep_freed_memory()
+MALLOC_KEPT = host.prepare()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -110,12 +109,9 @@ def torch_images_per_s(model, x, y, steps: int) -> float:
 def time_pipeline(batch_size: int, batches: int, workers: int | None) -> tuple[float, int]:
   """``(batches/s, workers)`` of the PneumoniaMNIST config's train stream; ``workers=None``
   resolves its ``data.workers`` for this backend, as the training loop does."""
-  from absl import flags
-
   from configs import pneumoniamnist_resnet18
   from medjax.data import pipeline, sources, transforms
 
-  flags.FLAGS.mark_as_parsed()  # Grain's workers read absl flags
   cfg = pneumoniamnist_resnet18.get_config()
   if workers is None:
     workers = pipeline.resolve_workers(cfg.data.workers, jax.default_backend())

@@ -57,3 +57,10 @@ def keep_freed_memory() -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def prepare() -> bool:
+  """Both of the above, as ``launch.py`` and the benchmarks start; returns whether freed memory
+  is kept."""
+  use_every_core()
+  return keep_freed_memory()

@@ -20,6 +20,13 @@ def test_use_every_core_sets_one_device_per_core(monkeypatch):
                                      f"--xla_force_host_platform_device_count={os.cpu_count()}")
 
 
+def test_prepare_does_both(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("MEDJAX_KEEP_FREED_MEMORY", "0")  # this process's allocator stays as it is
+  assert host.prepare() is False
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={os.cpu_count()}"
+
+
 def test_use_every_core_keeps_an_explicit_count(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
   host.use_every_core()
@@ -55,8 +62,10 @@ _FAULTS = textwrap.dedent("""
 
 
 def _last_round_faults(mode: str) -> int:
+  env = {k: v for k, v in os.environ.items()
+         if k != "MEDJAX_KEEP_FREED_MEMORY" and not k.startswith("MALLOC_")}
   out = subprocess.run([sys.executable, "-c", _FAULTS, REPO, mode], capture_output=True,
-                       text=True, check=True, timeout=60)
+                       text=True, check=True, timeout=60, env=env)
   return int(out.stdout.strip())
 
 
