@@ -9,18 +9,28 @@ import textwrap
 import pytest
 
 from medjax import host
+from medjax.models import onednn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_use_every_core_sets_one_device_per_core(monkeypatch):
+def test_use_every_core_sets_one_device_per_core_for_xla_convolutions(monkeypatch):
+  monkeypatch.setattr(onednn, "available", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   host.use_every_core()
   assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
                                      f"--xla_force_host_platform_device_count={os.cpu_count()}")
 
 
+def test_use_every_core_keeps_one_device_for_onednn_convolutions(monkeypatch):
+  monkeypatch.setattr(onednn, "available", lambda: True)  # they thread over every core
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  host.use_every_core()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
 def test_prepare_does_both(monkeypatch):
+  monkeypatch.setattr(onednn, "available", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("MEDJAX_KEEP_FREED_MEMORY", "0")  # this process's allocator stays as it is
   assert host.prepare() is False

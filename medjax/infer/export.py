@@ -35,6 +35,7 @@ from absl import app, flags, logging
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
+from medjax.models import conv_lowering
 
 # CUDA lowering needs no GPU (it is StableHLO plus platform-specific custom calls), so one file
 # serves a CPU box and a GPU server alike; the module picks its branch from the running backend.
@@ -83,10 +84,8 @@ def _classification(trained: TrainedModel) -> tuple[Callable, tuple[int, ...], d
       "eval_transforms": data.eval_transforms,
       "ops": [_op_record(s, op) for s, op in zip(specs, ops)],
   }
-  apply = trained.apply
-
   def serve(images):
-    return apply(images)[0]
+    return trained.forward(images)[0]
 
   return serve, input_shape, preprocessing
 
@@ -113,10 +112,8 @@ def _segmentation(trained: TrainedModel) -> tuple[Callable, tuple[int, ...], dic
           "the windows' logits, one softmax at the end, mirroring on all axes by default)",
       ],
   }
-  logits = trained.logits
-
   def serve(patches):
-    return jax.nn.softmax(logits(patches), axis=-1)
+    return jax.nn.softmax(trained.forward_logits(patches), axis=-1)
 
   return serve, input_shape, preprocessing
 
@@ -184,8 +181,10 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
   make = _segmentation if trained.plan is not None else _classification
   fn, input_shape, preprocessing = make(trained)
   (batch,) = jax.export.symbolic_shape("b")
-  exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32))
+  # XLA's own convolutions: the module must run where medjax's oneDNN handlers do not exist.
+  with conv_lowering.portable():
+    exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
+        jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32))
   output_shape = [int(d) for d in exported.out_avals[0].shape[1:]]
   blob = exported.serialize()
   task = trained.task.name

@@ -136,37 +136,34 @@ class TrainedModel:
 
   # --- Prediction -----------------------------------------------------------------------------
 
+  def forward_logits(self, images: jax.Array) -> jax.Array:
+    """``images [B, ...] -> outputs [B, ...]`` (the full-resolution head's, float32), unjitted."""
+    outputs = self.model.apply(self.variables, images, train=False)
+    if isinstance(outputs, (list, tuple)):  # deep-supervision heads: the full-size one
+      outputs = outputs[0]
+    return outputs.astype(jnp.float32)
+
+  def forward(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``images [B, ...] -> (probabilities [B, K], {name: sowed array})``, unjitted, for the
+    names in ``SOWN`` the model sows (``embedding [B, F]``, ``slice_attention [B, T]``)."""
+    outputs, state = self.model.apply(self.variables, images, train=False,
+                                      mutable=["intermediates"])
+    if isinstance(outputs, (list, tuple)):
+      outputs = outputs[0]
+    intermediates = state.get("intermediates", {})
+    sown = {name: find_sown(intermediates, name) for name in SOWN}
+    return self.task.predict_fn(outputs).astype(jnp.float32), {k: v for k, v in sown.items()
+                                                                 if v is not None}
+
   @functools.cached_property
   def logits(self):
-    """Jitted ``images [B, ...] -> outputs [B, ...]`` (the full-resolution head's, float32)."""
-    model, variables = self.model, self.variables
-
-    @jax.jit
-    def logits(images):
-      outputs = model.apply(variables, images, train=False)
-      if isinstance(outputs, (list, tuple)):  # deep-supervision heads: the full-size one
-        outputs = outputs[0]
-      return outputs.astype(jnp.float32)
-
-    return logits
+    """`forward_logits`, jitted."""
+    return jax.jit(self.forward_logits)
 
   @functools.cached_property
   def apply(self):
-    """Jitted ``images [B, ...] -> (probabilities [B, K], {name: sowed array})`` for the names
-    in ``SOWN`` the model sows (``embedding [B, F]``, ``slice_attention [B, T]``)."""
-    model, variables, predict_fn = self.model, self.variables, self.task.predict_fn
-
-    @jax.jit
-    def apply(images):
-      outputs, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-      if isinstance(outputs, (list, tuple)):
-        outputs = outputs[0]
-      intermediates = state.get("intermediates", {})
-      sown = {name: find_sown(intermediates, name) for name in SOWN}
-      return predict_fn(outputs).astype(jnp.float32), {k: v for k, v in sown.items()
-                                                        if v is not None}
-
-    return apply
+    """`forward`, jitted."""
+    return jax.jit(self.forward)
 
   def predict(self, source, batch_size: int | None = None,
               progress: bool = True) -> dict[str, np.ndarray]:

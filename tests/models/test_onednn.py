@@ -1,0 +1,122 @@
+"""Tests of medjax/models/onednn.py: the oneDNN convolutions equal XLA's, and their build."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax.models import conv_lowering, onednn
+
+# Where the toolchain exists (this repository's CI machine) the handlers must build: a broken
+# build would otherwise only show as slower training.
+_CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
+              and shutil.which(os.environ.get("CXX", "g++")) is not None)
+needs_onednn = pytest.mark.skipif(not _CAN_BUILD, reason="needs Linux x86-64 and a C++ compiler")
+
+
+@needs_onednn
+def test_builds_and_loads_here():
+  assert onednn.available(), onednn._load()
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 9, 11, 3), (3, 3), (1, 1), "SAME"),
+    ((2, 9, 11, 3), (3, 3), (2, 2), "SAME"),  # odd sizes: the high side pads one more
+    ((2, 8, 8, 4), (1, 1), (2, 2), "SAME"),
+    ((3, 2, 2, 4), (3, 3), (1, 1), "SAME"),  # smaller than the kernel
+    ((2, 5, 7, 3), (3, 2), (2, 1), "VALID"),  # rows of the input no output reads
+    ((2, 12, 3), (5,), (1,), "SAME"),
+    ((2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),
+    ((2, 7, 6, 5, 1), (3, 3, 3), (2, 1, 2), "SAME"),
+    ((2, 6, 7, 6, 2), (1, 3, 3), (1, 2, 2), "VALID"),
+    ((2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID")])
+def test_equals_xla_values_and_gradients(shape, kernel, strides, padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), kernel + (shape[-1], 5))
+  pads = tuple(conv_lowering._pads(n, k, s, padding) for n, k, s in zip(shape[1:-1], kernel,
+                                                                         strides))
+  ours = lambda x, w: onednn.conv(x, w, strides, pads)
+  ref = lambda x, w: conv_lowering.native_conv(x, w, strides, padding)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w),
+                  jax.grad(loss(ref), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_conv_lowering_sends_float32_cpu_convolutions_to_onednn():
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+  hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
+  assert "medjax_onednn_forward" in hlo and "convolution" not in hlo
+  # Other dtypes keep XLA's convolution.
+  hlo16 = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(
+      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+  assert "medjax_onednn" not in hlo16 and "convolution" in hlo16
+  # Modules for jax.export stay XLA-only, to run without medjax.
+  with conv_lowering.portable():
+    hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
+  assert "medjax_onednn" not in hlo and "convolution" in hlo
+
+
+@needs_onednn
+def test_vmapped_conv_equals_looped():
+  xs = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 6, 6, 2))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+  f = lambda x: onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(jax.vmap(f)(xs), np.stack([f(x) for x in xs]), rtol=1e-6)
+
+
+@needs_onednn
+def test_build_is_cached_and_rebuilt_elsewhere(tmp_path, monkeypatch):
+  monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path))
+  path = onednn.build()
+  assert os.path.dirname(path) == str(tmp_path) and os.listdir(tmp_path) == [
+      os.path.basename(path)]  # no temporary left behind
+  mtime = os.stat(path).st_mtime_ns
+  assert onednn.build() == path and os.stat(path).st_mtime_ns == mtime  # not compiled again
+
+
+def test_missing_compiler_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    pytest.skip("builds only on Linux x86-64")
+  with pytest.raises(onednn.BuildError, match="no-such-compiler-xyz"):
+    onednn.build()
+
+
+@needs_onednn
+def test_compiler_failure_quotes_it_and_leaves_nothing(tmp_path, monkeypatch):
+  fake = tmp_path / "bin" / "fakecxx"
+  fake.parent.mkdir()
+  fake.write_text("#!/bin/sh\necho 'fatal: out of cheese' >&2\nexit 1\n")
+  fake.chmod(0o755)
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("MEDJAX_CACHE_DIR", str(cache))
+  monkeypatch.setenv("CXX", str(fake))
+  with pytest.raises(onednn.BuildError, match="out of cheese"):
+    onednn.build()
+  assert os.listdir(cache) == []
+
+
+def test_turned_off_falls_back_to_xla(tmp_path):
+  """``MEDJAX_ONEDNN=0``: XLA's convolution instead."""
+  code = ("import jax, jax.numpy as jnp\n"
+          "from medjax.models import conv_lowering, onednn\n"
+          "x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))\n"
+          "hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), 'SAME')).lower(x, w)"
+          ".as_text()\n"
+          "print(onednn.available(), 'medjax_onednn' in hlo, 'convolution' in hlo)\n")
+  env = {**os.environ, "MEDJAX_ONEDNN": "0", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["False", "False", "True"]
