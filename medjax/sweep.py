@@ -23,8 +23,9 @@ the sweep, with a message that names it.
 
 Members finish in any order, at most ``--sweep_workers`` at a time. On CPU the default is 1
 worker. Each worker is pinned to ``cores // workers`` cores, so the workers do not oversubscribe
-the machine, and its member gets that many XLA host devices (``XLA_FLAGS``), or fewer where that
-count does not divide the member's batch sizes. With CUDA GPUs (found by asking JAX in a
+the machine. Its member gets one XLA host device, whose oneDNN convolutions use those cores; where
+oneDNN is unavailable, as many host devices as cores (``XLA_FLAGS``), or fewer where that count
+does not divide the member's batch sizes. With CUDA GPUs (found by asking JAX in a
 throwaway process) the default is one worker per GPU, and each worker gets ``gpus // workers``
 of them through ``CUDA_VISIBLE_DEVICES``.
 
@@ -331,12 +332,15 @@ class Worker:
   label: str
 
   def member_env(self, config: dict[str, Any]) -> dict[str, str]:
-    """The environment of a member with ``config`` (its config.json): on CPU the most host
-    devices, up to ``host_devices``, that divide both of its batch sizes, so its mesh fits."""
+    """The environment of a member with ``config`` (its config.json). On CPU: one host device
+    where oneDNN's convolutions thread over the worker's cores (as ``medjax.host``), else the
+    most host devices, up to ``host_devices``, that divide both of its batch sizes."""
     if self.host_devices is None:
       return dict(self.env)
+    from medjax.models import onednn  # imports JAX, whose CPU client stays unstarted here
     batch = math.gcd(config["train"]["batch_size"], config["eval"]["batch_size"])
-    n = max(d for d in range(1, self.host_devices + 1) if batch % d == 0)
+    n = 1 if onednn.available() else max(d for d in range(1, self.host_devices + 1)
+                                         if batch % d == 0)
     xla = self.env.get("XLA_FLAGS", "").split() + [f"--xla_force_host_platform_device_count={n}"]
     return dict(self.env, XLA_FLAGS=" ".join(xla))
 

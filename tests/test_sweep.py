@@ -382,3 +382,15 @@ def test_segmentation_member_is_finished_only_after_its_validation(tmp_path):
   assert member.finished()
   classification = sweep.Member(0, "m00", {}, str(tmp_path), {**config, "task": "classification"})
   assert not classification.finished()  # config.json is another member's
+
+
+@pytest.mark.parametrize("onednn_available,expected", [(True, 1), (False, 4)])
+def test_cpu_member_gets_one_device_for_onednn_else_one_per_core(monkeypatch, onednn_available,
+                                                                   expected):
+  from medjax.models import onednn
+  monkeypatch.setattr(onednn, "available", lambda: onednn_available)
+  worker = sweep.Worker({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}, {0, 1, 2, 3}, 4,
+                        "test")
+  env = worker.member_env({"train": {"batch_size": 128}, "eval": {"batch_size": 256}})
+  assert env["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
+                                      f"--xla_force_host_platform_device_count={expected}"]
