@@ -15,8 +15,8 @@ compared, so the weights need not match):
 - MONAI: ``DynUNet`` (as in ``unet_step_vs_monai.py``) under ``torch.inference_mode()`` with
   ``torch.set_num_threads(cores)``, called by ``sliding_window_inference``, then a softmax.
 The work is the same on both sides: overlap 0.5, Gaussian blending with sigma 0.125 × patch,
-``--batch_size`` windows per network call and the same windows (both counts are printed; medjax
-fills its last batch with zeros so that it compiles once). ``--mirror`` averages the logits of all
+``--batch_size`` windows per network call and the same windows (both counts are printed; the
+last batch of each holds the windows left over). ``--mirror`` averages the logits of all
 8 flip combinations: medjax with ``mirror_axes=(0, 1, 2)`` per batch of windows, MONAI with the
 flips done by hand around ``sliding_window_inference``. Timed: numpy volume in, numpy
 probabilities out.
@@ -75,7 +75,7 @@ def medjax_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_si
     return sliding_window_predict(lambda x: apply(variables, x), volume, patch, NUM_CLASSES,
                                   overlap=OVERLAP, batch_size=batch_size,
                                   mirror_axes=(0, 1, 2) if mirror else (), gaussian=True,
-                                  sigma_scale=SIGMA_SCALE)
+                                  sigma_scale=SIGMA_SCALE, batch_multiple=mesh.devices.size)
 
   return predict, mesh.devices.size
 

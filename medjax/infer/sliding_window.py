@@ -156,14 +156,15 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
                            mirror_axes: Sequence[int] = (), gaussian: bool = True,
                            pad_value: float = 0.0, return_logits: bool = False,
                            sigma_scale: float = SIGMA_SCALE,
-                           min_weight: float = MIN_WEIGHT) -> np.ndarray:
+                           min_weight: float = MIN_WEIGHT, batch_multiple: int = 1) -> np.ndarray:
   """Class probabilities (or logits) of a whole image from a patch model.
 
   Args:
-    apply_fn: ``[batch_size, *patch_size, C]`` float32 → logits
-      ``[batch_size, *patch_size, num_classes]``, usually ``jax.jit(lambda x: model.apply(v, x))``.
-      It is only called with that one input shape (the last batch of windows is filled with
-      zeros, whose outputs are dropped), so it compiles once.
+    apply_fn: ``[n, *patch_size, C]`` float32 → logits ``[n, *patch_size, num_classes]``,
+      usually ``jax.jit(lambda x: model.apply(v, x))``. ``n`` is ``batch_size`` but for the last
+      batch, which holds the remaining windows (padded with zero windows, whose outputs are
+      dropped, up to a multiple of ``batch_multiple``): a jitted function compiles once per
+      size, and an image smaller than ``batch_size`` windows costs no wasted windows.
     image: ``[*spatial, C]`` with 2 or 3 spatial axes, cast to float32.
     patch_size: spatial patch shape, one entry per spatial axis.
     num_classes: channels of the logits.
@@ -176,6 +177,8 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
     return_logits: return the blended logits instead of their softmax.
     sigma_scale: as `gaussian_importance_map`.
     min_weight: as `gaussian_importance_map`.
+    batch_multiple: every batch's size is a multiple of this (a mesh's device count, where
+      ``apply_fn`` splits its batch over devices); it must divide ``batch_size``.
 
   Returns:
     float32 ``[*spatial, num_classes]``: softmax probabilities, or the blended logits.
@@ -188,6 +191,8 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
                      f"{patch_size} (2 or 3), got {image.shape}")
   if num_classes < 1 or batch_size < 1:
     raise ValueError(f"need num_classes >= 1 and batch_size >= 1, got {num_classes}, {batch_size}")
+  if batch_multiple < 1 or batch_size % batch_multiple:
+    raise ValueError(f"batch_multiple {batch_multiple} must divide batch_size {batch_size}")
   mirror_axes = sorted({int(a) for a in mirror_axes})
   if any(not 0 <= a < ndim for a in mirror_axes):
     raise ValueError(f"mirror_axes {mirror_axes} must be spatial axes in [0, {ndim})")
@@ -207,7 +212,6 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
              else np.ones(patch_size, np.float32))
   # _predict_batch sums over flips; the mean's 1/len(flips) rides on the weights.
   flip_weights = (weights / len(flips))[..., None]
-  out_shape = (batch_size, *patch_size, num_classes)
   logits = np.zeros((*shape, num_classes), np.float32)
 
   def stitch(chunk: list[Slices], out: jax.Array) -> None:
@@ -218,10 +222,11 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
   pending = None
   for i in range(0, len(slices), batch_size):
     chunk = slices[i:i + batch_size]
-    batch = np.zeros((batch_size, *patch_size, image.shape[-1]), np.float32)
+    n = -(-len(chunk) // batch_multiple) * batch_multiple
+    batch = np.zeros((n, *patch_size, image.shape[-1]), np.float32)
     for b, sl in enumerate(chunk):
       batch[b] = image[sl]
-    out = _predict_batch(apply_fn, batch, flips, out_shape)
+    out = _predict_batch(apply_fn, batch, flips, (n, *patch_size, num_classes))
     # Pull the previous batch only after dispatching this one, so the device keeps working while
     # the host blends.
     if pending is not None:

@@ -93,18 +93,49 @@ def test_window_starts_nnunet_values_and_errors():
     sw.window_starts((9,), (8,), overlap=1.0)
 
 
-def test_apply_fn_compiles_once():
-  traces = []
+def test_apply_fn_compiles_once_per_batch_size_and_runs_no_padding_windows():
+  traces, calls = [], []
 
   @jax.jit
   def model(x):
-    traces.append(x.shape)  # runs at trace time only
+    traces.append(x.shape[0])  # runs at trace time only
     return jnp.concatenate([x, 2 * x], axis=-1)
 
-  for shape in [(37, 29, 23), (30, 17, 9)]:  # 60 and 12 windows, neither a multiple of 7
-    sw.sliding_window_predict(model, _image(shape), (16, 16, 8), num_classes=2, batch_size=7,
-                              mirror_axes=(0, 1, 2))
-  assert traces == [(7, 16, 16, 8, 1)]
+  def counted(x):
+    calls.append(x.shape[0])
+    return model(x)
+
+  # 60 windows: 8 batches of 7 and one of 4; 12 windows: 7 and 5; again: nothing new to trace.
+  for shape in [(37, 29, 23), (30, 17, 9), (30, 17, 9)]:
+    sw.sliding_window_predict(counted, _image(shape), (16, 16, 8), num_classes=2, batch_size=7)
+  assert traces == [7, 4, 5]
+  assert calls == [7] * 8 + [4] + [7, 5] * 2
+
+
+def test_batch_multiple_pads_the_last_batch():
+  calls = []
+
+  def model(x):
+    calls.append(x.shape[0])
+    return jnp.concatenate([x, 2 * x], axis=-1)
+
+  image = _image((30, 17, 9))  # 12 windows
+  want = sw.sliding_window_predict(model, image, (16, 16, 8), num_classes=2, batch_size=8)
+  got = sw.sliding_window_predict(model, image, (16, 16, 8), num_classes=2, batch_size=8,
+                                  batch_multiple=4)
+  assert calls == [8, 4, 8, 4]  # 4 windows left over: no padding needed
+  np.testing.assert_array_equal(got, want)
+  calls.clear()
+  sw.sliding_window_predict(model, image, (16, 16, 8), num_classes=2, batch_size=9,
+                            batch_multiple=3)
+  assert calls == [9, 3]  # 3 left over
+  calls.clear()
+  sw.sliding_window_predict(model, image, (16, 16, 8), num_classes=2, batch_size=10,
+                            batch_multiple=5)
+  assert calls == [10, 5]  # 2 left over, padded to 5
+  with pytest.raises(ValueError, match="must divide"):
+    sw.sliding_window_predict(model, image, (16, 16, 8), num_classes=2, batch_size=8,
+                              batch_multiple=3)
 
 
 def test_wrong_output_shape_is_reported():
