@@ -14,8 +14,10 @@ build. Where any of that is missing — another platform, no compiler, no wheel 
 ``MEDJAX_ONEDNN=0`` is set, `available()` is False, one log line says why, and
 ``conv_lowering`` keeps XLA's lowerings: same results, slower.
 
-Threads: XLA may run one call per host device at the same time (``launch.py`` makes a device per
-core), so each call gets this process's cores divided by its CPU devices.
+Threads: each call gets this process's cores divided by its CPU devices, since XLA starts the
+calls of several devices together. oneDNN then runs them one after another (2 devices: 349 ms a
+step where one pinned core takes 156 ms; cause not found), so ``medjax.host`` keeps one CPU
+device and lets each convolution thread over every core.
 """
 
 from __future__ import annotations
