@@ -19,7 +19,6 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
-#include <utility>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -101,6 +100,13 @@ struct Problem {
         Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
         kernel_any, dst, strides, pad_lo, pad_hi, Attr());
   }
+
+  // A gradient's primitive descriptor (backward data or backward weights), hinted by Forward().
+  template <typename PrimitiveDesc>
+  PrimitiveDesc Backward() const {
+    return PrimitiveDesc(Engine(), dnnl::algorithm::convolution_direct, src, kernel_any, dst,
+                         strides, pad_lo, pad_hi, Forward(), Attr());
+  }
 };
 
 struct Cached {
@@ -145,9 +151,7 @@ ffi::Error Guard(int64_t threads, F&& body) {
     omp_set_num_threads(static_cast<int>(threads));
     body();
     return ffi::Error::Success();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // dnnl::error among them
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
   }
 }
@@ -175,9 +179,7 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kern
     Problem p(dx->dimensions(), kernel.dimensions(), dy.dimensions(), strides, pad_lo, pad_hi,
               threads);
     const Cached& c = Lookup('d', p, [&] {
-      dnnl::convolution_backward_data::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, p.src, p.kernel_any, p.dst, p.strides,
-          p.pad_lo, p.pad_hi, p.Forward(), p.Attr());
+      auto pd = p.Backward<dnnl::convolution_backward_data::primitive_desc>();
       return Cached{dnnl::convolution_backward_data(pd), pd.weights_desc(), pd.scratchpad_desc()};
     });
     Run(c, {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
@@ -193,9 +195,7 @@ ffi::Error BackwardKernelImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     Problem p(x.dimensions(), dkernel->dimensions(), dy.dimensions(), strides, pad_lo, pad_hi,
               threads);
     const Cached& c = Lookup('w', p, [&] {
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, p.src, p.kernel_any, p.dst, p.strides,
-          p.pad_lo, p.pad_hi, p.Forward(), p.Attr());
+      auto pd = p.Backward<dnnl::convolution_backward_weights::primitive_desc>();
       return Cached{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
                     pd.scratchpad_desc()};
     });
