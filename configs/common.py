@@ -53,6 +53,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
   c.train.label_smoothing = 0.0
+  c.train.mixup = 0.0  # > 0: mixup's Beta(α, α) (classification; loop.make_train_step).
   c.train.ema_decay = 0.0  # > 0: evaluate (and select checkpoints on) an EMA of the weights.
   # > 0: before each evaluation, recompute BatchNorm statistics on this many eval-size batches of
   # training images under the eval transforms (medjax/train/batch_norm.py: "precise BN").

@@ -203,17 +203,31 @@ def _batch_digest(batch: dict[str, np.ndarray]) -> str:
 # Steps.
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(task: tasks.Task):
-  """``(state, batch) -> (state, {"loss", "finite"})``: one optimiser update on a global batch."""
+def make_train_step(task: tasks.Task, mixup: float = 0.0):
+  """``(state, batch) -> (state, {"loss", "finite"})``: one optimiser update on a global batch.
+
+  ``mixup > 0``: mixup (Zhang et al., 2018) with ``λ ~ Beta(mixup, mixup)`` per step: each image
+  is blended with its neighbour in the (already shuffled) batch, ``λ·x_i + (1-λ)·x_{i-1}``, and the
+  loss is the same blend of the two targets' losses — the loss of the blended target for a loss
+  linear in its target, as cross-entropy is.
+  """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
+    images, partner, lam = batch["image"], batch, 1.0
+    if mixup:
+      lam = jax.random.beta(jax.random.fold_in(dropout_rng, 1), mixup, mixup)
+      partner = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), batch)
+      images = lam * images + (1.0 - lam) * partner["image"]
 
     def loss_fn(params):
       outputs, updates = state.apply_fn(
-          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
           mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-      return jnp.mean(task.loss_fn(outputs, batch)), updates.get("batch_stats", {})
+      loss = task.loss_fn(outputs, batch)
+      if mixup:
+        loss = lam * loss + (1.0 - lam) * task.loss_fn(outputs, partner)
+      return jnp.mean(loss), updates.get("batch_stats", {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & jax.tree.reduce(
@@ -301,6 +315,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if bs % mesh.size:
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
 
+  if config.train.mixup and config.task == "segmentation":
+    # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
+    raise ValueError("train.mixup applies to classification tasks, not segmentation")
+
   # Another experiment's workdir is refused before the data step writes anything there
   # (segmentation: plan.json, splits.json, the preprocessed cache).
   check_workdir_config(workdir, config, write=False)
@@ -347,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
                config.model.name, num_params / 1e6, input_shape, mesh.size, pcount)
 
-  train_step = jax.jit(make_train_step(task), in_shardings=(repl, data_sharding),
+  train_step = jax.jit(make_train_step(task, config.train.mixup), in_shardings=(repl, data_sharding),
                        out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task), in_shardings=(repl, data_sharding),
                       out_shardings=repl)

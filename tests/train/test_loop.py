@@ -184,3 +184,41 @@ def test_sequence_model_resumes_exactly(synthetic_volumes, tmp_path):
   assert int(a["step"]) == int(b["step"]) == 4
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a["params"], b["params"])
   assert max(jax.tree.leaves(diffs)) <= 1e-6
+
+
+def test_mixup_blends_neighbouring_images_and_their_losses():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+
+  from medjax.train import tasks
+  from medjax.train.state import TrainState
+
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+  labels = jnp.array([0, 1, 2, 1])
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  tx = optax.sgd(0.1)
+  rng = jax.random.PRNGKey(2)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                     opt_state=tx.init(params), rng=rng, ema={},
+                     apply_fn=lambda v, x, **_: (model.apply({"params": v["params"]}, x), {}),
+                     tx=tx)
+  batch = {"image": x, "label": labels}
+  _, out = loop.make_train_step(tasks.classification(), mixup=0.4)(state, batch)
+  lam = jax.random.beta(jax.random.fold_in(jax.random.fold_in(rng, 0), 1), 0.4, 0.4)
+  assert 0.0 < float(lam) < 1.0
+  logits = model.apply({"params": params}, lam * x + (1 - lam) * jnp.roll(x, 1, axis=0))
+  ce = lambda y: optax.softmax_cross_entropy_with_integer_labels(logits, y)  # noqa: E731
+  expected = jnp.mean(lam * ce(labels) + (1 - lam) * ce(jnp.roll(labels, 1)))
+  np.testing.assert_allclose(float(out["loss"]), float(expected), rtol=1e-6)
+  # ...which the plain step's loss is not (so the match above is not a coincidence of no mixing).
+  _, plain = loop.make_train_step(tasks.classification())(state, batch)
+  assert abs(float(plain["loss"]) - float(expected)) > 10 * 1e-6 * float(expected)
+
+
+def test_mixup_is_refused_for_segmentation(synthetic_medmnist, tmp_path):
+  c = _config(synthetic_medmnist, **{"task": "segmentation", "train.mixup": 0.2})
+  with pytest.raises(ValueError, match="mixup"):
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
