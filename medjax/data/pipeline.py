@@ -1,10 +1,10 @@
 """Input pipelines from Grain: a checkpointable, per-process-sharded train stream and eval batches.
 
-The train stream is ``source → shuffle(seed) → repeat → transforms → [process slice] → batch``.
+The train stream is ``source → shuffle(seed) → repeat → transforms → batch → [process slice]``.
 Shuffling and random transforms happen on *global* indices before the per-process slice, so a
-global batch holds the same records whatever the number of processes: process ``p`` of ``P``
-takes records ``p, p + P, ...`` of each global batch. That makes multi-process training match a
-single-process run of the same global batch.
+global batch holds the same records in the same order whatever the number of processes: process
+``p`` of ``P`` holds the ``p``-th of its ``P`` consecutive blocks. That makes multi-process
+training match a single-process run of the same global batch, mixup's pairs included.
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
                      f"({global_batch_size})")
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   ds = _apply(ds, transforms, seed)
-  ds = ds[process_index::process_count]
+  # Consecutive blocks, one per process: global batch k is records [kG, (k+1)G) of the stream in
+  # order, however many processes share it (so what mixes with what in a batch does not depend
+  # on the topology either).
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
   if workers:

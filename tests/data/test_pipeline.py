@@ -32,12 +32,11 @@ def test_processes_split_each_global_batch_exactly():
            for p in range(2)]
   for b, (p0, p1) in enumerate(zip(*parts)):
     assert p0["image"].shape[0] == 4
-    merged = np.concatenate([p0["index"], p1["index"]])
-    assert sorted(merged) == sorted(single[b]["index"])
-    by_index = {i: im for i, im in zip(single[b]["index"], single[b]["image"])}
-    for part in (p0, p1):  # same augmentation as the single-process run, record by record
-      for i, im in zip(part["index"], part["image"]):
-        np.testing.assert_array_equal(im, by_index[i])
+    # The processes' blocks in process order are the single-process batch, in its order (what a
+    # batch-order-dependent step such as mixup pairs must not depend on the topology)...
+    np.testing.assert_array_equal(np.concatenate([p0["index"], p1["index"]]), single[b]["index"])
+    # ...with the same augmentation, record by record.
+    np.testing.assert_array_equal(np.concatenate([p0["image"], p1["image"]]), single[b]["image"])
 
 
 def test_iterator_state_restores_the_exact_position():
