@@ -315,6 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if bs % mesh.size:
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
 
+  if config.train.mixup < 0:
+    raise ValueError(f"train.mixup is Beta(α, α)'s α, >= 0 (0: off); got {config.train.mixup}")
   if config.train.mixup and config.task == "segmentation":
     # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
     raise ValueError("train.mixup applies to classification tasks, not segmentation")

@@ -217,8 +217,10 @@ def test_mixup_blends_neighbouring_images_and_their_losses():
   assert abs(float(plain["loss"]) - float(expected)) > 10 * 1e-6 * float(expected)
 
 
-def test_mixup_is_refused_for_segmentation(synthetic_medmnist, tmp_path):
-  c = _config(synthetic_medmnist, **{"task": "segmentation", "train.mixup": 0.2})
+@pytest.mark.parametrize("overrides", [{"task": "segmentation", "train.mixup": 0.2},
+                                       {"train.mixup": -0.2}])
+def test_mixup_is_refused_for_segmentation_or_below_zero(synthetic_medmnist, tmp_path, overrides):
+  c = _config(synthetic_medmnist, **overrides)
   with pytest.raises(ValueError, match="mixup"):
     loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
