@@ -5,8 +5,11 @@ import os
 import signal
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import write_multilabel_medmnist, write_synthetic_medmnist
 from helpers import config as _config
@@ -14,7 +17,8 @@ from helpers import final_params as _final_params
 from helpers import launch
 from helpers import rel_diff as _rel_diff
 
-from medjax.train import loop
+from medjax.train import loop, tasks
+from medjax.train.state import TrainState
 
 
 def test_train_and_evaluate_writes_a_complete_workdir(synthetic_medmnist, tmp_path):
@@ -187,13 +191,6 @@ def test_sequence_model_resumes_exactly(synthetic_volumes, tmp_path):
 
 
 def test_mixup_blends_neighbouring_images_and_their_losses():
-  import flax.linen as nn
-  import jax.numpy as jnp
-  import optax
-
-  from medjax.train import tasks
-  from medjax.train.state import TrainState
-
   model = nn.Dense(3)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
   labels = jnp.array([0, 1, 2, 1])
@@ -211,6 +208,7 @@ def test_mixup_blends_neighbouring_images_and_their_losses():
   logits = model.apply({"params": params}, lam * x + (1 - lam) * jnp.roll(x, 1, axis=0))
   ce = lambda y: optax.softmax_cross_entropy_with_integer_labels(logits, y)  # noqa: E731
   expected = jnp.mean(lam * ce(labels) + (1 - lam) * ce(jnp.roll(labels, 1)))
+  # The step's loss is the blend of both targets' losses on the blended images...
   np.testing.assert_allclose(float(out["loss"]), float(expected), rtol=1e-6)
   # ...which the plain step's loss is not (so the match above is not a coincidence of no mixing).
   _, plain = loop.make_train_step(tasks.classification())(state, batch)
