@@ -214,7 +214,7 @@ def make_train_step(task: tasks.Task, mixup: float = 0.0):
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-    images, partner, lam = batch["image"], batch, 1.0
+    images = batch["image"]
     if mixup:
       lam = jax.random.beta(jax.random.fold_in(dropout_rng, 1), mixup, mixup)
       partner = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), batch)
