@@ -68,8 +68,9 @@ def medjax_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_si
   repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *patch, 1))),
                       out_shardings=repl)()
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False), in_shardings=(repl, data),
-                  out_shardings=data)
+  apply = sharding.one_at_a_time(
+      jax.jit(lambda v, x: model.apply(v, x, train=False), in_shardings=(repl, data),
+              out_shardings=data), mesh)
 
   def predict(volume: np.ndarray) -> np.ndarray:
     return sliding_window_predict(lambda x: apply(variables, x), volume, patch, NUM_CLASSES,

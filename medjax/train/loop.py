@@ -273,7 +273,9 @@ def make_bn_recalibration(apply_fn, train_src, eval_tf, config: ml_collections.C
                      f"not fill one eval batch of {config.eval.batch_size}")
   repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   scaled, momenta = batch_norm.make_batch_stats_fns(apply_fn)
-  scaled, momenta = (jax.jit(f, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
+  # Called back to back: over several CPU devices, one at a time (see `sharding.one_at_a_time`).
+  scaled, momenta = (sharding.one_at_a_time(
+      jax.jit(f, in_shardings=(repl, repl, data_sharding), out_shardings=repl), mesh)
                      for f in (scaled, momenta))
 
   def images():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -35,3 +35,25 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def one_at_a_time(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """``fn``, returning only once its result is ready where ``mesh`` spans several CPU devices.
+
+  XLA:CPU (jaxlib 0.10.2) can deadlock when two programs with collectives are in flight at once
+  on several host devices: one device never reaches the collective, and after 40 s XLA aborts
+  the process ("Termination timeout for `all gather ...`"). A jitted all-gather called in a loop
+  with 3 busy processes beside it aborted within about 100 calls; waiting for each result before
+  the next call, it ran 300,000 calls clean (``tests/train/test_sharding.py`` repeats this).
+  Programs over such a mesh therefore run one at a time: the training loop and `evaluate` wait
+  for every step's output already, and other callers of several programs in a row wrap them
+  here. On one device or another backend, ``fn`` comes back unchanged.
+  """
+  devices = mesh.devices.flat
+  if mesh.devices.size == 1 or any(d.platform != "cpu" for d in devices):
+    return fn
+
+  def waited(*args, **kwargs):
+    return jax.block_until_ready(fn(*args, **kwargs))
+
+  return waited
