@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.infer import tta
+
 OVERLAP = 0.5
 SIGMA_SCALE = 1 / 8
 MIN_WEIGHT = 1e-3
@@ -193,12 +195,7 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
     raise ValueError(f"need num_classes >= 1 and batch_size >= 1, got {num_classes}, {batch_size}")
   if batch_multiple < 1 or batch_size % batch_multiple:
     raise ValueError(f"batch_multiple {batch_multiple} must divide batch_size {batch_size}")
-  mirror_axes = sorted({int(a) for a in mirror_axes})
-  if any(not 0 <= a < ndim for a in mirror_axes):
-    raise ValueError(f"mirror_axes {mirror_axes} must be spatial axes in [0, {ndim})")
-  # The batch axis comes first in apply_fn's input, so spatial axis a is batch axis a + 1.
-  flips = [tuple(a + 1 for a in axes) for r in range(len(mirror_axes) + 1)
-           for axes in itertools.combinations(mirror_axes, r)]
+  flips = tta.flip_sets(mirror_axes, ndim)  # as batch axes of apply_fn's input
 
   spatial = image.shape[:ndim]
   short = [max(p - s, 0) for s, p in zip(spatial, patch_size)]

@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from medjax.data import pipeline, sources, transforms
+from medjax.infer import tta
 from medjax.io import medmnist
 from medjax.io.errors import MedjaxIOError
 from medjax.train import loop, tasks
@@ -145,15 +146,23 @@ class TrainedModel:
 
   def forward(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``images [B, ...] -> (probabilities [B, K], {name: sowed array})``, unjitted, for the
-    names in ``SOWN`` the model sows (``embedding [B, F]``, ``slice_attention [B, T]``)."""
+    names in ``SOWN`` the model sows (``embedding [B, F]``, ``slice_attention [B, T]``).
+
+    Probabilities are averaged over the run's ``eval.flip_axes`` flips, as its evaluation was;
+    the sowed arrays are the plain images'."""
     outputs, state = self.model.apply(self.variables, images, train=False,
                                       mutable=["intermediates"])
     if isinstance(outputs, (list, tuple)):
       outputs = outputs[0]
     intermediates = state.get("intermediates", {})
     sown = {name: find_sown(intermediates, name) for name in SOWN}
-    return self.task.predict_fn(outputs).astype(jnp.float32), {k: v for k, v in sown.items()
-                                                                 if v is not None}
+    probs = self.task.predict_fn(outputs).astype(jnp.float32)
+    # The flips the training loop's evaluation averaged over (runs saved before: none).
+    flip_axes = tuple(self.config.eval.get("flip_axes", ()))
+    if flip_axes:
+      probs = tta.flip_averaged(lambda x: self.task.predict_fn(self.forward_logits(x)), images,
+                                flip_axes, plain=probs)
+    return probs, {k: v for k, v in sown.items() if v is not None}
 
   @functools.cached_property
   def logits(self):

@@ -26,6 +26,7 @@ from absl import logging
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
 from medjax.data import pipeline, segmentation, sources, transforms
 from medjax.evaluate import report
+from medjax.infer import tta
 from medjax.io import msd
 from medjax.train import batch_norm, optim, sharding, tasks
 from medjax.train.checkpoint import Checkpointer
@@ -237,12 +238,15 @@ def make_train_step(task: tasks.Task, mixup: float = 0.0):
   return train_step
 
 
-def make_eval_step(task: tasks.Task):
-  """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch."""
+def make_eval_step(task: tasks.Task, flip_axes: tuple[int, ...] = ()):
+  """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch; predictions are
+  averaged over the flips of ``flip_axes`` (`medjax.infer.tta`)."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    outputs = state.apply_fn(state.eval_variables(), batch["image"], train=False)
-    return task.predict_fn(outputs), batch["label"], batch["mask"]
+    def predict(images):
+      return task.predict_fn(state.apply_fn(state.eval_variables(), images, train=False))
+
+    return tta.flip_averaged(predict, batch["image"], flip_axes), batch["label"], batch["mask"]
 
   return eval_step
 
@@ -322,6 +326,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.train.mixup and config.task == "segmentation":
     # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
     raise ValueError("train.mixup applies to classification tasks, not segmentation")
+  if config.eval.flip_axes and config.task == "segmentation":
+    # Per-voxel predictions would need un-flipping; the final validation mirrors (eval.mirror).
+    raise ValueError("eval.flip_axes applies to classification tasks; segmentation: eval.mirror")
 
   # Another experiment's workdir is refused before the data step writes anything there
   # (segmentation: plan.json, splits.json, the preprocessed cache).
@@ -371,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_step = jax.jit(make_train_step(task, config.train.mixup), in_shardings=(repl, data_sharding),
                        out_shardings=(repl, repl), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task), in_shardings=(repl, data_sharding),
+  eval_step = jax.jit(make_eval_step(task, tuple(config.eval.flip_axes)),
+                      in_shardings=(repl, data_sharding),
                       out_shardings=repl)
   recalibrate = None
   if config.train.bn_recalibration_batches:

@@ -51,3 +51,15 @@ def test_predict_images_pads_the_last_batch_and_matches_predict(run):
 def test_a_workdir_without_a_run_names_the_missing_file(tmp_path):
   with pytest.raises(MedjaxIOError, match="config.json"):
     TrainedModel.load(str(tmp_path))
+
+
+def test_probabilities_average_the_flips_the_run_evaluated_with(run):
+  tta = TrainedModel.load(run[0])
+  assert tuple(tta.config.eval.flip_axes) == (1,)  # the PneumoniaMNIST config's left-right flip
+  plain = TrainedModel.load(run[0])
+  plain.config.eval.flip_axes = ()
+  src = plain.source("val")
+  images = next(pipeline.eval_batches(src, plain.eval_transforms(), global_batch_size=8))["image"]
+  expected = (plain.predict_images(images) + plain.predict_images(images[:, :, ::-1])) / 2
+  np.testing.assert_allclose(tta.predict_images(images), expected, atol=1e-6)
+  assert np.max(np.abs(plain.predict_images(images) - expected)) > 1e-4  # the flip mattered

@@ -222,3 +222,11 @@ def test_mixup_is_refused_for_segmentation_or_below_zero(synthetic_medmnist, tmp
   with pytest.raises(ValueError, match="mixup"):
     loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_flip_averaging_is_refused_for_segmentation(synthetic_medmnist, tmp_path):
+  c = _config(synthetic_medmnist,
+              **{"task": "segmentation", "train.mixup": 0.0, "eval.flip_axes": (0,)})
+  with pytest.raises(ValueError, match="eval.flip_axes"):
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
