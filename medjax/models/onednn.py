@@ -15,9 +15,11 @@ build. Where any of that is missing — another platform, no compiler, no wheel 
 ``conv_lowering`` keeps XLA's lowerings: same results, slower.
 
 Threads: each call gets this process's cores divided by its CPU devices, since XLA starts the
-calls of several devices together. oneDNN then runs them one after another (2 devices: 349 ms a
-step where one pinned core takes 156 ms; cause not found), so ``medjax.host`` keeps one CPU
-device and lets each convolution thread over every core.
+calls of several devices together. Over a mesh each device convolves its own share of the batch
+(`_partitioned`: without that rule XLA gathered the whole batch onto every device first). On 2
+cores a ResNet-18 step (28², batch 128) runs about as fast on one device threaded over both
+cores as on two devices of one core each (136 vs 142 images/s, `benchmarks/train_step_vs_torch.py`
+with ``--mesh_devices``), so ``medjax.host`` keeps one CPU device.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 from absl import logging
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = os.path.join(os.path.dirname(__file__), "onednn_conv.cc")
 LIBRARY_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
@@ -156,6 +160,77 @@ def _call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
       threads=np.int64(threads_per_call()))
 
 
+def _sharding_rule(target: str, rank: int) -> str:
+  """The call's dimensions for the partitioner: x ``b s… c``, kernel ``k… c o``, y ``b t… o``."""
+  def dims(prefix):
+    return " ".join(f"{prefix}{i}" for i in range(rank))
+  x, kernel, y = f"b {dims('s')} c", f"{dims('k')} c o", f"b {dims('t')} o"
+  return {"forward": f"{x}, {kernel} -> {y}",        # (x, kernel) -> y
+          "input_grad": f"{y}, {kernel} -> {x}",     # (dy, kernel) -> dx
+          "kernel_grad": f"{x}, {y} -> {kernel}"}[target]  # (x, dy) -> dkernel
+
+
+@functools.cache
+def _partitioned(target: str):
+  """``target``'s call as ``(a, b, out_shape, strides, padding) -> out``, split over the batch.
+
+  XLA's partitioner cannot see inside an FFI call, so by itself it gathers the whole batch onto
+  every device before the call: several devices would each convolve the global batch. This rule
+  keeps each device on its own images, as XLA's convolution does: the batch-sharded operands
+  stay sharded and the kernel is replicated; the kernel gradient, a sum over the batch, is each
+  device's partial sum added over the batch's mesh axes.
+  """
+
+  @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+  def call(a, b, out_shape, strides, padding):
+    return _call(target, out_shape, a, b, strides, padding)
+
+  def partition(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+    del result_shape
+    spec = arg_shapes[0].sharding.spec
+    axes = spec[0] if len(spec) else None  # the mesh axes of the batch; None: not split
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    parts = int(np.prod([mesh.shape[n] for n in names]))
+    batch, replicated = NamedSharding(mesh, PartitionSpec(axes)), NamedSharding(mesh,
+                                                                               PartitionSpec())
+    if target == "kernel_grad":
+      def lower(x, dy):
+        partial = _call(target, out_shape, x, dy, strides, padding)
+        return jax.lax.psum(partial, names) if names else partial
+      return mesh, lower, replicated, (batch, batch)
+
+    def lower(a, b):
+      return _call(target, (out_shape[0] // parts, *out_shape[1:]), a, b, strides, padding)
+    return mesh, lower, batch, (batch, replicated)
+
+  call.def_partition(
+      partition=partition,
+      sharding_rule=lambda out_shape, strides, padding, mesh, arg_shapes, result_shape:
+      _sharding_rule(target, len(strides)))
+  return call
+
+
+def _split_call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
+                strides: Sequence[int], padding: Padding) -> jax.Array:
+  """`_call` through `_partitioned`; under ``vmap`` (which custom partitioning does not batch),
+  the plain call, one mapped element after another."""
+  out_shape, strides = tuple(int(n) for n in out_shape), tuple(strides)
+  padding = tuple(tuple(p) for p in padding)
+
+  @jax.custom_batching.custom_vmap
+  def split(a, b):
+    return _partitioned(target)(a, b, out_shape, strides, padding)
+
+  @split.def_vmap
+  def _(axis_size, in_batched, a, b):
+    del axis_size
+    axes = tuple(0 if batched else None for batched in in_batched)
+    return jax.vmap(lambda a, b: _call(target, out_shape, a, b, strides, padding),
+                    in_axes=axes)(a, b), True
+
+  return split(a, b)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
          padding: tuple[tuple[int, int], ...]) -> jax.Array:
@@ -171,7 +246,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
   """
   out = [(n + lo + hi - k) // s + 1
          for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:-2], strides, padding)]
-  return _call("forward", (x.shape[0], *out, kernel.shape[-1]), x, kernel, strides, padding)
+  return _split_call("forward", (x.shape[0], *out, kernel.shape[-1]), x, kernel, strides,
+                     padding)
 
 
 def _conv_fwd(x, kernel, strides, padding):
@@ -180,8 +256,8 @@ def _conv_fwd(x, kernel, strides, padding):
 
 def _conv_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  return (_call("input_grad", x.shape, grad, kernel, strides, padding),
-          _call("kernel_grad", kernel.shape, x, grad, strides, padding))
+  return (_split_call("input_grad", x.shape, grad, kernel, strides, padding),
+          _split_call("kernel_grad", kernel.shape, x, grad, strides, padding))
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
