@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   # 0.970 / 0.970 after 12 epochs; with it, 0.975 / 0.973 / 0.971 and a higher AUC on each seed.
   c.train.mixup = 0.2
   c.train.epochs = 12.0
-  # Evaluation averages each image's prediction with its left-right flip's (the training flip).
+  # Evaluation averages each image's prediction with its left-right flip's (the training flip):
+  # val ACC 0.977 / 0.983 / 0.977, AUC 0.997 / 0.997 / 0.998 over seeds 0/1/2.
   c.eval.flip_axes = (1,)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-2

@@ -23,8 +23,9 @@ def use_every_core() -> None:
   Where medjax's oneDNN convolutions run (``medjax.models.onednn``), each one is threaded over
   all of this process's cores, so XLA keeps its one CPU device. Without them, XLA:CPU runs each
   convolution on one thread, and the data-parallel mesh needs one host device per core. Measured
-  on 2 cores (ResNet-18 train step, 28², batch 128): one device with oneDNN 135 images/s, two
-  devices with oneDNN 72, two devices with XLA's convolutions 85.
+  on 2 cores (ResNet-18 train step, 28², batch 128): one device with oneDNN 136 images/s, two
+  devices with oneDNN 142 (72 before its calls were split over the mesh), two devices with XLA's
+  convolutions 85.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
