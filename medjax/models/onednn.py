@@ -203,10 +203,11 @@ def _partitioned(target: str):
       return _call(target, (out_shape[0] // parts, *out_shape[1:]), a, b, strides, padding)
     return mesh, lower, batch, (batch, replicated)
 
-  call.def_partition(
-      partition=partition,
-      sharding_rule=lambda out_shape, strides, padding, mesh, arg_shapes, result_shape:
-      _sharding_rule(target, len(strides)))
+  def sharding_rule(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+    del out_shape, padding, mesh, arg_shapes, result_shape
+    return _sharding_rule(target, len(strides))
+
+  call.def_partition(partition=partition, sharding_rule=sharding_rule)
   return call
 
 
