@@ -18,13 +18,18 @@ Conventions:
   value; its scale exists for float16 accumulation, and blending divides it out anyway.
 - **Mirror TTA**: the logits, not the probabilities, are averaged over all ``2**len(mirror_axes)``
   flip combinations (nnU-Net does the same), on the device, before one transfer per batch.
-- **Blending**: the Gaussian-weighted sum of logits divided by the sum of weights, accumulated
-  in float32 host memory (device memory then only holds one batch, whatever the image size); one
-  softmax over the blended logits at the end, as nnU-Net.
+- **Blending**: the Gaussian-weighted sum of logits divided by the sum of weights, in float32,
+  then one softmax over the blended logits, as nnU-Net. The sum is kept beside the model's
+  output (nnU-Net's ``perform_everything_on_device``): each batch's windows are added by one
+  jitted, in-place update that the host does not wait for, and one array comes back at the end.
+  On the CPU that saves the host's numpy stitching (6 % of a hippocampus-sized volume's time);
+  an accelerator keeps it while it takes at most a quarter of its memory, else the sum is kept
+  in host memory and each batch is stitched there while the next one runs.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -152,13 +157,44 @@ def _softmax_(logits: np.ndarray) -> np.ndarray:
   return logits
 
 
+@functools.partial(jax.jit, static_argnames="count", donate_argnums=0)
+def _accumulate(logits: jax.Array, out: jax.Array, starts: jax.Array, weights: jax.Array,
+                count: int) -> jax.Array:
+  """``logits`` plus the first ``count`` windows of ``out``, weighted, at ``starts``, in place."""
+  for b in range(count):
+    corner = (*(starts[b, a] for a in range(starts.shape[1])), 0)
+    region = jax.lax.dynamic_slice(logits, corner, out.shape[1:])
+    logits = jax.lax.dynamic_update_slice(logits, region + out[b] * weights, corner)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("crop", "softmax"))
+def _finish(logits: jax.Array, weight_sum: jax.Array, crop: tuple[tuple[int, int], ...],
+            softmax: bool) -> jax.Array:
+  logits = (logits / weight_sum[..., None])[tuple(slice(lo, lo + n) for lo, n in crop)]
+  return jax.nn.softmax(logits, axis=-1) if softmax else logits
+
+
+def _blends_on_device(out: jax.Array, nbytes: int) -> bool:
+  """Whether a ``nbytes`` accumulator belongs beside ``out``: always on the host's CPU (it is
+  host memory), on an accelerator while it takes at most a quarter of its memory."""
+  if len(out.devices()) != 1:
+    return False  # a batch split over devices would be gathered for every window
+  device, = out.devices()
+  if device.platform == "cpu":
+    return True
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  return limit is not None and nbytes <= limit // 4
+
+
 def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np.ndarray,
                            patch_size: Sequence[int], num_classes: int,
                            overlap: float = OVERLAP, batch_size: int = 4,
                            mirror_axes: Sequence[int] = (), gaussian: bool = True,
                            pad_value: float = 0.0, return_logits: bool = False,
                            sigma_scale: float = SIGMA_SCALE,
-                           min_weight: float = MIN_WEIGHT, batch_multiple: int = 1) -> np.ndarray:
+                           min_weight: float = MIN_WEIGHT, batch_multiple: int = 1,
+                           blend_on_device: bool | None = None) -> np.ndarray:
   """Class probabilities (or logits) of a whole image from a patch model.
 
   Args:
@@ -181,6 +217,9 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
     min_weight: as `gaussian_importance_map`.
     batch_multiple: every batch's size is a multiple of this (a mesh's device count, where
       ``apply_fn`` splits its batch over devices); it must divide ``batch_size``.
+    blend_on_device: accumulate the blended logits beside ``apply_fn``'s output, in one jitted
+      update per batch that the host never waits for, rather than in host memory; ``None``:
+      wherever the output lives on one device and the accumulator fits (`_blends_on_device`).
 
   Returns:
     float32 ``[*spatial, num_classes]``: softmax probabilities, or the blended logits.
@@ -209,7 +248,9 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
              else np.ones(patch_size, np.float32))
   # _predict_batch sums over flips; the mean's 1/len(flips) rides on the weights.
   flip_weights = (weights / len(flips))[..., None]
-  logits = np.zeros((*shape, num_classes), np.float32)
+  starts = np.asarray([[s.start for s in sl] for sl in slices], np.int32)
+  crop = tuple((lo, s) for (lo, _), s in zip(pads, spatial))
+  logits = None  # the weighted sum of the windows' logits, on the device or the host
 
   def stitch(chunk: list[Slices], out: jax.Array) -> None:
     out = np.asarray(out)
@@ -224,14 +265,33 @@ def sliding_window_predict(apply_fn: Callable[[jax.Array], jax.Array], image: np
     for b, sl in enumerate(chunk):
       batch[b] = image[sl]
     out = _predict_batch(apply_fn, batch, flips, (n, *patch_size, num_classes))
+    if logits is None:
+      nbytes = 4 * num_classes * int(np.prod(shape))
+      on_device = blend_on_device
+      if on_device is None:
+        on_device = isinstance(out, jax.Array) and _blends_on_device(out, nbytes)
+      if on_device:
+        if not isinstance(out, jax.Array) or len(out.devices()) != 1:
+          raise ValueError("blend_on_device=True needs apply_fn's output on one device")
+        device, = out.devices()
+        logits = jnp.zeros((*shape, num_classes), jnp.float32, device=device)
+        flip_weights = jax.device_put(flip_weights, device)
+      else:
+        logits = np.zeros((*shape, num_classes), np.float32)
+    if isinstance(logits, jax.Array):
+      # Dispatched without waiting: the host never blocks until the end.
+      logits = _accumulate(logits, out, starts[i:i + len(chunk)], flip_weights, len(chunk))
+      continue
     # Pull the previous batch only after dispatching this one, so the device keeps working while
     # the host blends.
     if pending is not None:
       stitch(*pending)
     pending = (chunk, out)
-  stitch(*pending)
 
-  logits /= _weight_sum(shape, slices, weights)[..., None]
-  crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial))
-  logits = np.ascontiguousarray(logits[crop])
+  weight_sum = _weight_sum(shape, slices, weights)
+  if isinstance(logits, jax.Array):
+    return np.asarray(_finish(logits, weight_sum, crop, not return_logits))
+  stitch(*pending)
+  logits /= weight_sum[..., None]
+  logits = np.ascontiguousarray(logits[tuple(slice(lo, lo + s) for lo, s in crop)])
   return logits if return_logits else _softmax_(logits)

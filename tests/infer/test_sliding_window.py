@@ -158,3 +158,36 @@ def test_mirror_tta_averages_unflipped_outputs(mirror_axes):
                                   mirror_axes=mirror_axes, return_logits=True)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert not np.allclose(got, image * a + b, atol=1e-3)
+
+
+@pytest.mark.parametrize("mirror_axes,return_logits", [((), True), ((0, 2), False)])
+def test_blending_on_the_device_equals_blending_on_the_host(mirror_axes, return_logits):
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(16, 16, 8, 1)).astype(np.float32)
+  model = jax.jit(lambda x: jnp.concatenate([x * a, x - a, jnp.sin(x)], axis=-1))
+  image = _image((37, 29, 23))
+  kwargs = dict(batch_size=3, mirror_axes=mirror_axes, return_logits=return_logits,
+                overlap=0.4)
+  host = sw.sliding_window_predict(model, image, (16, 16, 8), 3, blend_on_device=False, **kwargs)
+  device = sw.sliding_window_predict(model, image, (16, 16, 8), 3, blend_on_device=True, **kwargs)
+  auto = sw.sliding_window_predict(model, image, (16, 16, 8), 3, **kwargs)
+  np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(auto, device)  # on the CPU, the default is the device
+
+
+def test_where_the_blend_happens():
+  one = jnp.zeros((2, 3))
+  assert sw._blends_on_device(one, nbytes=10**12)  # the host's CPU: host memory either way
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  split = jax.device_put(jnp.zeros((2, 3)),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  assert not sw._blends_on_device(split, nbytes=1)
+  model = jax.jit(lambda x: jnp.concatenate([x, x], axis=-1),
+                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  image = _image((20, 20))
+  got = sw.sliding_window_predict(model, image, (8, 8), 2, batch_size=2)  # auto: the host
+  want = sw.sliding_window_predict(jax.jit(lambda x: jnp.concatenate([x, x], axis=-1)), image,
+                                   (8, 8), 2, batch_size=2, blend_on_device=False)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(ValueError, match="one device"):
+    sw.sliding_window_predict(model, image, (8, 8), 2, batch_size=2, blend_on_device=True)
