@@ -160,17 +160,22 @@ def test_mirror_tta_averages_unflipped_outputs(mirror_axes):
   assert not np.allclose(got, image * a + b, atol=1e-3)
 
 
-@pytest.mark.parametrize("mirror_axes,return_logits", [((), True), ((0, 2), False)])
-def test_blending_on_the_device_equals_blending_on_the_host(mirror_axes, return_logits):
+@pytest.mark.parametrize("shape,mirror_axes,return_logits", [
+    ((37, 29, 23), (), True),
+    ((37, 29, 23), (0, 2), False),
+    ((37, 11, 23), (1,), True),  # shorter than the patch along axis 1: padded, cropped back
+])
+def test_blending_on_the_device_equals_blending_on_the_host(shape, mirror_axes, return_logits):
   rng = np.random.default_rng(5)
   a = rng.normal(size=(16, 16, 8, 1)).astype(np.float32)
   model = jax.jit(lambda x: jnp.concatenate([x * a, x - a, jnp.sin(x)], axis=-1))
-  image = _image((37, 29, 23))
+  image = _image(shape)
   kwargs = dict(batch_size=3, mirror_axes=mirror_axes, return_logits=return_logits,
                 overlap=0.4)
   host = sw.sliding_window_predict(model, image, (16, 16, 8), 3, blend_on_device=False, **kwargs)
   device = sw.sliding_window_predict(model, image, (16, 16, 8), 3, blend_on_device=True, **kwargs)
   auto = sw.sliding_window_predict(model, image, (16, 16, 8), 3, **kwargs)
+  assert device.shape == image.shape[:-1] + (3,)
   np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(auto, device)  # on the CPU, the default is the device
 

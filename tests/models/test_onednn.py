@@ -149,3 +149,24 @@ def test_turned_off_falls_back_to_xla(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["False", "False", "True"]
+
+
+@needs_onednn
+def test_strided_1x1_convolutions_keep_the_heap_intact():
+  """A strided 1×1 convolution is taken by slicing, so oneDNN sees unit strides: its own strided
+  1×1 kernel gradient corrupted the heap (glibc's checks aborted 2 runs of 3 of this loop)."""
+  code = ("import jax, jax.numpy as jnp\n"
+          "from medjax.models import onednn\n"
+          "assert onednn.available()\n"
+          "x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))\n"
+          "w = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 4, 5))\n"
+          "f = lambda x, w: jnp.sum(jnp.cos(onednn.conv(x, w, (2, 2), ((0, 0), (0, 0)))))\n"
+          "hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()\n"
+          "assert 'strides = dense<2>' not in hlo and 'strides = dense<1>' in hlo\n"
+          "for _ in range(10):\n"
+          "  jax.block_until_ready(jax.jit(jax.grad(f, argnums=(0, 1)))(x, w))\n"
+          "print('ok')\n")
+  env = {**os.environ, "MALLOC_CHECK_": "3", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-2000:]
