@@ -107,7 +107,11 @@ def _assert_same_training(workdir, reference, results):
   assert int(mine["step"]) == int(ref["step"]) == STEPS
   for part in ("params", "batch_stats"):
     diff = rel_diff(mine[part], ref[part])
-    assert diff <= 1e-5, f"{part}: relative difference {diff:.2e}\n{outputs_message(results)}"
+    # Float rounding only: each process's oneDNN kernel gradient sums its half batch in another
+    # order than one process sums the whole. After 6 Adam steps that gave up to 1e-5 on AVX-512
+    # cores and 1.81e-5 on AVX2 (Zen 3) ones; a wrong gradient or a skipped batch moves the
+    # parameters by orders of magnitude more.
+    assert diff <= 5e-5, f"{part}: relative difference {diff:.2e}\n{outputs_message(results)}"
 
 
 @pytest.mark.parametrize("devices_per_process", [1, 2])
