@@ -196,3 +196,8 @@ def test_where_the_blend_happens():
   np.testing.assert_allclose(got, want, atol=1e-6)
   with pytest.raises(ValueError, match="one device"):
     sw.sliding_window_predict(model, image, (8, 8), 2, batch_size=2, blend_on_device=True)
+
+
+def test_the_result_is_a_writable_array():
+  probs = sw.sliding_window_predict(identity, _image((9, 9), 2), (8, 8), num_classes=2)
+  probs[0, 0] = 0.0  # callers post-process in place
