@@ -20,6 +20,13 @@ _CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
 needs_onednn = pytest.mark.skipif(not _CAN_BUILD, reason="needs Linux x86-64 and a C++ compiler")
 
 
+def _run_python(code, **env):
+  """``python -c code`` on the CPU from the repository root, with ``env`` added."""
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+
 @needs_onednn
 def test_builds_and_loads_here():
   assert onednn.available(), onednn._load()
@@ -144,9 +151,7 @@ def test_turned_off_falls_back_to_xla(tmp_path):
           "hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), 'SAME')).lower(x, w)"
           ".as_text()\n"
           "print(onednn.available(), 'medjax_onednn' in hlo, 'convolution' in hlo)\n")
-  env = {**os.environ, "MEDJAX_ONEDNN": "0", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  out = _run_python(code, MEDJAX_ONEDNN="0")
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["False", "False", "True"]
 
@@ -166,7 +171,5 @@ def test_strided_1x1_convolutions_keep_the_heap_intact():
           "for _ in range(10):\n"
           "  jax.block_until_ready(jax.jit(jax.grad(f, argnums=(0, 1)))(x, w))\n"
           "print('ok')\n")
-  env = {**os.environ, "MALLOC_CHECK_": "3", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  out = _run_python(code, MALLOC_CHECK_="3")
   assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-2000:]
