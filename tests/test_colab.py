@@ -1,0 +1,46 @@
+"""The colab/ notebooks: each ``.ipynb`` is its jupytext script's pair, and each runs top to bottom."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jupytext
+import pytest
+from helpers import tail
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "colab", "*.py")))
+DATA = os.environ.get("MEDJAX_DATA_DIR", "")
+# Notebooks that train: about 3 minutes each on 2 cores even at 2 steps (compiling the train,
+# evaluation and Grad-CAM programs), so `pytest -m slow` runs them (.ci/run does when time allows).
+TRAINING = {"02_classify_and_explain.py"}
+
+
+def _cells(notebook):
+  return [(c.cell_type, c.source.strip()) for c in notebook.cells]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_notebook_pairs_its_script_without_outputs(script):
+  notebook = script[:-len(".py")] + ".ipynb"
+  assert os.path.exists(notebook), f"{notebook} is missing: jupytext --sync {script}"
+  assert _cells(jupytext.read(notebook)) == _cells(jupytext.read(script)), (
+      f"{notebook} and {script} differ: edit the script, then jupytext --sync {script}")
+  outputs = [c for c in jupytext.read(notebook).cells if c.get("outputs")]
+  assert not outputs, f"{notebook} holds outputs: strip them before committing"
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(s, marks=pytest.mark.slow) if os.path.basename(s) in TRAINING else s
+    for s in SCRIPTS], ids=os.path.basename)
+def test_runs_top_to_bottom(script, tmp_path):
+  if not os.path.exists(os.path.join(DATA, "medmnist", "pneumoniamnist.npz")):
+    pytest.skip("needs $MEDJAX_DATA_DIR/medmnist/pneumoniamnist.npz (without it the notebooks "
+                "download the file, and tests make no downloads)")
+  # Figures go to the Agg backend; the training notebook runs 2 steps instead of its recipe.
+  env = {**os.environ, "MPLBACKEND": "Agg", "NOTEBOOK_STEPS": "2", "TMPDIR": str(tmp_path),
+         "MEDJAX_DATA_DIR": os.path.abspath(DATA)}
+  done = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, tail(done.stdout + done.stderr, 40)
