@@ -12,9 +12,12 @@ from helpers import tail
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "colab", "*.py")))
 DATA = os.environ.get("MEDJAX_DATA_DIR", "")
-# Notebooks that train: about 3 minutes each on 2 cores even at 2 steps (compiling the train,
+# Notebooks that train: 2.5-3 minutes each on 2 cores even at 2 steps (compiling the train,
 # evaluation and Grad-CAM programs), so `pytest -m slow` runs them (.ci/run does when time allows).
-TRAINING = {"02_classify_and_explain.py"}
+TRAINING = {"02_classify_and_explain.py", "03_segment_hippocampus.py"}
+# The file of $MEDJAX_DATA_DIR each reads (without it they download it, or stop saying where to
+# get it; tests make no downloads).
+NEEDS = {"03_segment_hippocampus.py": "msd_task04_hippocampus/dataset.json"}
 
 
 def _cells(notebook):
@@ -35,10 +38,10 @@ def test_notebook_pairs_its_script_without_outputs(script):
     pytest.param(s, marks=pytest.mark.slow) if os.path.basename(s) in TRAINING else s
     for s in SCRIPTS], ids=os.path.basename)
 def test_runs_top_to_bottom(script, tmp_path):
-  if not os.path.exists(os.path.join(DATA, "medmnist", "pneumoniamnist.npz")):
-    pytest.skip("needs $MEDJAX_DATA_DIR/medmnist/pneumoniamnist.npz (without it the notebooks "
-                "download the file, and tests make no downloads)")
-  # Figures go to the Agg backend; the training notebook runs 2 steps instead of its recipe.
+  needs = NEEDS.get(os.path.basename(script), "medmnist/pneumoniamnist.npz")
+  if not os.path.exists(os.path.join(DATA, needs)):
+    pytest.skip(f"needs $MEDJAX_DATA_DIR/{needs}")
+  # Figures go to the Agg backend; the training notebooks run 2 steps instead of their recipes.
   env = {**os.environ, "MPLBACKEND": "Agg", "NOTEBOOK_STEPS": "2", "TMPDIR": str(tmp_path),
          "MEDJAX_DATA_DIR": os.path.abspath(DATA)}
   done = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True,
