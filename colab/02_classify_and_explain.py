@@ -127,7 +127,7 @@ plt.show()
 
 # %%
 transforms = trained.eval_transforms()
-records = [source[i] for i in range(8)]
+records = [source[i] for i in range(4)]
 for t in transforms:
   records = [t.map(r) for r in records]
 images = jnp.asarray(np.stack([r["image"] for r in records]), jnp.float32)
