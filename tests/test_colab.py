@@ -28,9 +28,10 @@ def _cells(notebook):
 def test_notebook_pairs_its_script_without_outputs(script):
   notebook = script[:-len(".py")] + ".ipynb"
   assert os.path.exists(notebook), f"{notebook} is missing: jupytext --sync {script}"
-  assert _cells(jupytext.read(notebook)) == _cells(jupytext.read(script)), (
+  paired = jupytext.read(notebook)
+  assert _cells(paired) == _cells(jupytext.read(script)), (
       f"{notebook} and {script} differ: edit the script, then jupytext --sync {script}")
-  outputs = [c for c in jupytext.read(notebook).cells if c.get("outputs")]
+  outputs = [c for c in paired.cells if c.get("outputs")]
   assert not outputs, f"{notebook} holds outputs: strip them before committing"
 
 
