@@ -274,3 +274,21 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) 
     if x.ndim == 4:
       return _cpu_conv2d(x, kernel, tuple(strides), padding)
   return native_conv(x, kernel, strides, padding)
+
+
+def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   padding: Sequence[tuple[int, int]], x_shape: Sequence[int]) -> jax.Array:
+  """The adjoint of the convolution of ``x_shape`` inputs with ``kernel [*k, C, O]``, strides and
+  explicit ``(low, high)`` padding, applied to ``y [B, *t, O]``: a transposed convolution to
+  ``x_shape``. oneDNN runs it where it runs `conv` (as its input gradient); elsewhere it is the
+  linear transpose of XLA's convolution.
+  """
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  if (jax.default_backend() == "cpu" and y.dtype == kernel.dtype == jnp.float32
+      and y.ndim in (3, 4, 5) and not _PORTABLE.get() and onednn.available()):
+    return onednn.conv_transpose(y, kernel, strides, padding, x_shape)
+  x = jax.ShapeDtypeStruct(tuple(x_shape), y.dtype)
+  return jax.linear_transpose(
+      lambda x: lax.conv_general_dilated(x, kernel, strides, padding,
+                                         dimension_numbers=dimension_numbers(len(x_shape) - 2)),
+      x)(y)[0]

@@ -3,8 +3,8 @@
 XLA:CPU's own convolutions are slow where oneDNN is fast: its 2-D kernel gradient runs at half
 oneDNN's speed, and its 3-D convolutions a quarter (``conv_lowering``'s docstring has the
 figures). oneDNN is the library made for the job, so medjax calls it: ``onednn_conv.cc`` holds
-three XLA FFI handlers (forward, input gradient, kernel gradient), and `conv` is a custom-VJP
-convolution over them.
+three XLA FFI handlers (forward, input gradient, kernel gradient); `conv` is a custom-VJP
+convolution over them, and `conv_transpose` its adjoint (the input-gradient handler run forward).
 
 The handlers are compiled on first use, not at install: against the FFI headers of the jaxlib
 that will load them (so the two always match) and the oneDNN wheel (``onednn-cpu-gomp``, GNU
@@ -276,3 +276,31 @@ def _conv_bwd(strides, padding, residuals, grad):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_transpose(y: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                   padding: tuple[tuple[int, int], ...], x_shape: Sequence[int]) -> jax.Array:
+  """The adjoint of ``conv(·, kernel, strides, padding)`` on inputs of ``x_shape``, applied to
+  ``y``: a transposed convolution, ``[B, *t, O] -> x_shape = [B, *s, C]`` for ``kernel [*k, C, O]``.
+  """
+  return _conv_transpose(y, kernel, tuple(strides), tuple(tuple(p) for p in padding),
+                         tuple(int(n) for n in x_shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose(y, kernel, strides, padding, x_shape):
+  return _split_call("input_grad", x_shape, y, kernel, strides, padding)
+
+
+def _conv_transpose_fwd(y, kernel, strides, padding, x_shape):
+  return _conv_transpose(y, kernel, strides, padding, x_shape), (y, kernel)
+
+
+def _conv_transpose_bwd(strides, padding, x_shape, residuals, grad):
+  # out = Aᵀy for A = conv(·, kernel): d/dy = A·grad, and d/dkernel of <conv(grad, kernel), y>.
+  y, kernel = residuals
+  return (_split_call("forward", y.shape, grad, kernel, strides, padding),
+          _split_call("kernel_grad", kernel.shape, grad, y, strides, padding))
+
+
+_conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)

@@ -75,6 +75,16 @@ def test_cpu_lowerings_equal_native_values_and_gradients(lowering, shape, kernel
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_list_of_parts_is_convolved_as_their_concatenation():
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 5, 4, c)) for i, c in ((0, 3), (1, 2)))
+  conv = Conv(5, 3)
+  params = conv.init(jax.random.PRNGKey(2), [a, b])
+  assert params["params"]["kernel"].shape == (3, 3, 3, 5, 5)
+  np.testing.assert_allclose(conv.apply(params, [a, b]),
+                             conv.apply(params, jnp.concatenate([a, b], axis=-1)),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_conv_rejects_4d_spatial():
   with pytest.raises(ValueError, match="rank 4"):
     Conv(2).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 3, 3, 3, 1)))

@@ -59,6 +59,29 @@ def test_equals_xla_values_and_gradients(shape, kernel, strides, padding):
 
 
 @needs_onednn
+@pytest.mark.parametrize("x_shape,kernel,strides,padding", [
+    ((2, 8, 6, 5), (4, 4), (2, 2), ((1, 1), (1, 1))),  # a folded U-Net up-sampling (2-D)
+    ((2, 8, 6, 4, 3), (4, 3, 4), (2, 1, 2), ((1, 1), (1, 1), (1, 1))),
+    ((2, 7, 5, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))])
+def test_conv_transpose_is_the_adjoint_of_conv_values_and_gradients(x_shape, kernel, strides,
+                                                                   padding):
+  w = jax.random.normal(jax.random.PRNGKey(1), kernel + (x_shape[-1], 4))
+  y_shape = jax.eval_shape(lambda x: onednn.conv(x, w, strides, padding),
+                           jax.ShapeDtypeStruct(x_shape, jnp.float32)).shape
+  y = jax.random.normal(jax.random.PRNGKey(0), y_shape)
+  ours = lambda y, w: onednn.conv_transpose(y, w, strides, padding, x_shape)
+  ref = lambda y, w: jax.linear_transpose(
+      lambda x: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=(
+          conv_lowering.dimension_numbers(len(x_shape) - 2))),
+      jax.ShapeDtypeStruct(x_shape, jnp.float32))(y)[0]
+  np.testing.assert_allclose(jax.jit(ours)(y, w), ref(y, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda y, w: jnp.sum(jnp.cos(f(y, w)))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(y, w),
+                  jax.grad(loss(ref), argnums=(0, 1))(y, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
 def test_conv_lowering_sends_float32_cpu_convolutions_to_onednn():
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
   hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()

@@ -113,6 +113,35 @@ def test_up_transpose_equals_flax_conv_transpose(x_shape, strides):
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(flipped, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,strides", [
+    ((2, 8, 12, 10, 1), None),
+    ((2, 4, 12, 8, 2), [1, (1, 2, 2), 2]),  # a stride-1 axis; the bottleneck is 1×3×2
+    ((2, 16, 12, 1), None),
+    ((1, 8, 8, 3), [1, (2, 1), 2])])
+def test_folded_up_sampling_equals_the_built_one_values_and_gradients(shape, strides,
+                                                                       monkeypatch):
+  model = UNet(num_classes=3, features=FEATURES, strides=strides)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = _init(model, shape)
+  # Non-zero up-sampling biases: their share is the border-dependent part of the fold.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.3 if "up" in jax.tree_util.keystr(path) else p, variables)
+
+  def value_and_grad():
+    loss = lambda v: jnp.sum(jnp.sin(model.apply(v, x)))
+    return jax.jit(jax.value_and_grad(loss))(variables)
+
+  monkeypatch.setattr(unet, "FOLD_MIN_BYTES", 0)  # every level folds, however small
+  folded = value_and_grad()
+  monkeypatch.setattr(unet, "FOLD_UPSAMPLING", False)
+  built = value_and_grad()
+  np.testing.assert_allclose(folded[0], built[0], rtol=1e-4)
+  for path, a in jax.tree_util.tree_leaves_with_path(folded[1]):
+    b = dict(jax.tree_util.tree_leaves_with_path(built[1]))[path]
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def _expected_params(features, c_in, classes, nd, convs=2, heads=1):
   """Parameters of the encoder convs + norm scale/bias, the transposed convs and the heads."""
   k, total, c = 3**nd, 0, c_in
