@@ -23,7 +23,9 @@ probabilities out.
 
 After one warm-up each (medjax's compiles), ``--repeats`` predictions alternate (medjax, MONAI,
 medjax, ...). Prints one JSON line with the median seconds per volume and ratio = MONAI time /
-medjax time (> 1: medjax is faster); nothing is hard-coded.
+medjax time (> 1: medjax is faster); nothing is hard-coded. ``--compare_fold`` also times, in
+the same rounds, medjax with every up-sampled map built (``unet.FOLD_UPSAMPLING = False``) and
+adds ``medjax_built_s`` and ``fold_speedup`` (the median of the per-round time ratios).
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def main():
   p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
                  help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--compare_fold", action="store_true",
+                 help="also time medjax with its up-sampled maps built, not folded")
   a = p.parse_args()
   volume_shape = tuple(int(s) for s in a.volume.split(","))
   patch = tuple(int(s) for s in a.patch.split(","))
@@ -147,6 +151,14 @@ def main():
   t = time.perf_counter()
   jax_out = jax_predict(volume)
   print(f"medjax warm-up (compile included): {time.perf_counter() - t:.1f} s")
+  predictors = {"medjax": jax_predict}
+  if a.compare_fold:
+    from medjax.models import unet
+    built_predict, _ = medjax_predictor(features, patch, a.batch_size, a.mirror, a.mesh_devices)
+    unet.FOLD_UPSAMPLING = False  # read while tracing: the warm-up compiles it unfolded
+    np.testing.assert_allclose(built_predict(volume), jax_out, atol=1e-4)
+    unet.FOLD_UPSAMPLING = True
+    predictors["medjax_built"] = built_predict
   th_out = th_predict(volume)
   flips = 8 if a.mirror else 1
   th_windows = th_seen[0] // flips
@@ -157,14 +169,20 @@ def main():
   if jax_out.shape != volume_shape + (NUM_CLASSES,) or th_out.shape != (NUM_CLASSES,) + volume_shape:
     raise SystemExit(f"unexpected output shapes: medjax {jax_out.shape}, MONAI {th_out.shape}")
 
-  times = {"medjax": [], "monai": []}
+  predictors["monai"] = th_predict
+  times = {name: [] for name in predictors}
   for _ in range(a.repeats):
-    for name, predict in (("medjax", jax_predict), ("monai", th_predict)):
+    for name, predict in predictors.items():
       t = time.perf_counter()
       predict(volume)
       times[name].append(time.perf_counter() - t)
 
   jax_s, th_s = statistics.median(times["medjax"]), statistics.median(times["monai"])
+  fold = {}
+  if a.compare_fold:
+    fold = {"medjax_built_s": round(statistics.median(times["medjax_built"]), 4),
+            "fold_speedup": round(statistics.median(
+                b / f for b, f in zip(times["medjax_built"], times["medjax"])), 3)}
   print(json.dumps({
       "volume": list(volume_shape), "patch": list(patch), "features": list(features),
       "batch_size": a.batch_size, "mirror": a.mirror, "repeats": a.repeats,
@@ -172,7 +190,7 @@ def main():
       "jax_backend": jax.default_backend(),
       "torch_device": a.torch_device, "medjax_devices": devices, "windows_medjax": jax_windows,
       "windows_monai": th_windows, "medjax_s": round(jax_s, 4), "monai_s": round(th_s, 4),
-      "ratio_monai_over_medjax_time": round(th_s / jax_s, 3)}))
+      "ratio_monai_over_medjax_time": round(th_s / jax_s, 3), **fold}))
 
 
 if __name__ == "__main__":
