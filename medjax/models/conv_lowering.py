@@ -252,14 +252,20 @@ def portable():
     _PORTABLE.reset(token)
 
 
+def _runs_on_onednn(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether a CPU convolution of these operands goes to oneDNN (float32, 1- to 3-D, outside
+  `portable()`, handlers built)."""
+  return (x.dtype == kernel.dtype == jnp.float32 and x.ndim in (3, 4, 5) and not _PORTABLE.get()
+          and onednn.available())
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
   """Convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]``; returns ``[B, *s', O]``.
 
   Uses the fastest correct lowering for the default backend (see the module docstring).
   """
   if jax.default_backend() == "cpu":
-    if (x.dtype == kernel.dtype == jnp.float32 and x.ndim in (3, 4, 5) and not _PORTABLE.get()
-        and onednn.available()):
+    if _runs_on_onednn(x, kernel):
       pads = tuple(_pads(n, k, s, padding)
                    for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides))
       return onednn.conv(x, kernel, tuple(strides), pads)
@@ -284,8 +290,7 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
   linear transpose of XLA's convolution.
   """
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  if (jax.default_backend() == "cpu" and y.dtype == kernel.dtype == jnp.float32
-      and y.ndim in (3, 4, 5) and not _PORTABLE.get() and onednn.available()):
+  if jax.default_backend() == "cpu" and _runs_on_onednn(y, kernel):
     return onednn.conv_transpose(y, kernel, strides, padding, x_shape)
   x = jax.ShapeDtypeStruct(tuple(x_shape), y.dtype)
   return jax.linear_transpose(

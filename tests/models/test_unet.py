@@ -136,8 +136,9 @@ def test_folded_up_sampling_equals_the_built_one_values_and_gradients(shape, str
   monkeypatch.setattr(unet, "FOLD_UPSAMPLING", False)
   built = value_and_grad()
   np.testing.assert_allclose(folded[0], built[0], rtol=1e-4)
+  built_grads = dict(jax.tree_util.tree_leaves_with_path(built[1]))
   for path, a in jax.tree_util.tree_leaves_with_path(folded[1]):
-    b = dict(jax.tree_util.tree_leaves_with_path(built[1]))[path]
+    b = built_grads[path]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
                                err_msg=jax.tree_util.keystr(path))
 
