@@ -23,9 +23,11 @@ probabilities out.
 
 After one warm-up each (medjax's compiles), ``--repeats`` predictions alternate (medjax, MONAI,
 medjax, ...). Prints one JSON line with the median seconds per volume and ratio = MONAI time /
-medjax time (> 1: medjax is faster); nothing is hard-coded. ``--compare_fold`` also times, in
-the same rounds, medjax with every up-sampled map built (``unet.FOLD_UPSAMPLING = False``) and
-adds ``medjax_built_s`` and ``fold_speedup`` (the median of the per-round time ratios).
+medjax time (> 1: medjax is faster); nothing is hard-coded. ``--compare NAME`` also times, in
+the same rounds, medjax with one of its speed-ups turned off, and adds ``medjax_no_NAME_s`` and
+``NAME_speedup`` (the median of the per-round time ratios): ``fold`` builds every up-sampled
+map (``unet.FOLD_UPSAMPLING``), ``winograd`` runs oneDNN's direct 3×3×3 forward instead of the
+Winograd one (``onednn.WINOGRAD``). Repeat the flag to compare several.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ from unet_step_vs_monai import NUM_CLASSES, dynunet  # noqa: E402  (the same net
 
 OVERLAP = 0.5
 SIGMA_SCALE = 0.125
+
+
+def _switches():
+  """``--compare``'s names: (module, flag) of each speed-up that can be turned off."""
+  from medjax.models import onednn, unet
+  return {"fold": (unet, "FOLD_UPSAMPLING"), "winograd": (onednn, "WINOGRAD")}
+
+
+SWITCHES = _switches()
 
 
 def medjax_predictor(features: tuple[int, ...], patch: tuple[int, ...], batch_size: int,
@@ -129,8 +140,8 @@ def main():
   p.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"),
                  help="where PyTorch runs; JAX runs on its default backend (a GPU when it has one)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--compare_fold", action="store_true",
-                 help="also time medjax with its up-sampled maps built, not folded")
+  p.add_argument("--compare", action="append", default=[], choices=sorted(SWITCHES),
+                 help="also time medjax with this speed-up off (repeatable)")
   a = p.parse_args()
   volume_shape = tuple(int(s) for s in a.volume.split(","))
   patch = tuple(int(s) for s in a.patch.split(","))
@@ -152,13 +163,13 @@ def main():
   jax_out = jax_predict(volume)
   print(f"medjax warm-up (compile included): {time.perf_counter() - t:.1f} s")
   predictors = {"medjax": jax_predict}
-  if a.compare_fold:
-    from medjax.models import unet
-    built_predict, _ = medjax_predictor(features, patch, a.batch_size, a.mirror, a.mesh_devices)
-    unet.FOLD_UPSAMPLING = False  # read while tracing: the warm-up compiles it unfolded
-    np.testing.assert_allclose(built_predict(volume), jax_out, atol=1e-4)
-    unet.FOLD_UPSAMPLING = True
-    predictors["medjax_built"] = built_predict
+  for name in a.compare:
+    module, flag = SWITCHES[name]
+    without, _ = medjax_predictor(features, patch, a.batch_size, a.mirror, a.mesh_devices)
+    setattr(module, flag, False)  # read while tracing: the warm-up compiles it switched off
+    np.testing.assert_allclose(without(volume), jax_out, atol=1e-4)
+    setattr(module, flag, True)
+    predictors[f"medjax_no_{name}"] = without
   th_out = th_predict(volume)
   flips = 8 if a.mirror else 1
   th_windows = th_seen[0] // flips
@@ -178,11 +189,12 @@ def main():
       times[name].append(time.perf_counter() - t)
 
   jax_s, th_s = statistics.median(times["medjax"]), statistics.median(times["monai"])
-  fold = {}
-  if a.compare_fold:
-    fold = {"medjax_built_s": round(statistics.median(times["medjax_built"]), 4),
-            "fold_speedup": round(statistics.median(
-                b / f for b, f in zip(times["medjax_built"], times["medjax"])), 3)}
+  compared = {}
+  for name in a.compare:
+    off = times[f"medjax_no_{name}"]
+    compared[f"medjax_no_{name}_s"] = round(statistics.median(off), 4)
+    compared[f"{name}_speedup"] = round(statistics.median(
+        b / f for b, f in zip(off, times["medjax"])), 3)
   print(json.dumps({
       "volume": list(volume_shape), "patch": list(patch), "features": list(features),
       "batch_size": a.batch_size, "mirror": a.mirror, "repeats": a.repeats,
@@ -190,7 +202,7 @@ def main():
       "jax_backend": jax.default_backend(),
       "torch_device": a.torch_device, "medjax_devices": devices, "windows_medjax": jax_windows,
       "windows_monai": th_windows, "medjax_s": round(jax_s, 4), "monai_s": round(th_s, 4),
-      "ratio_monai_over_medjax_time": round(th_s / jax_s, 3), **fold}))
+      "ratio_monai_over_medjax_time": round(th_s / jax_s, 3), **compared}))
 
 
 if __name__ == "__main__":

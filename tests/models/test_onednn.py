@@ -82,6 +82,57 @@ def test_conv_transpose_is_the_adjoint_of_conv_values_and_gradients(x_shape, ker
 
 
 @needs_onednn
+@pytest.mark.parametrize("shape,out_channels,padding", [
+    ((2, 6, 8, 6, 16), 16, ((1, 1),) * 3),  # whole tiles
+    ((1, 7, 5, 9, 8), 24, ((1, 1),) * 3),  # odd sizes: the last tiles reach past the output
+    ((2, 6, 7, 5, 24), 8, ((0, 0),) * 3),  # VALID
+    ((1, 5, 6, 7, 8), 16, ((0, 2), (2, 0), (1, 2))),  # uneven padding
+    ((1, 1, 2, 3, 8), 8, ((1, 1),) * 3)])  # smaller than one input tile
+def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, padding,
+                                                          monkeypatch):
+  monkeypatch.setattr(onednn, "WINOGRAD_MIN_VOXELS", 0)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, shape[-1], out_channels))
+  assert onednn.winograd_applies(x.shape, w.shape, (1, 1, 1), padding)
+  ours = lambda x, w: onednn.conv(x, w, (1, 1, 1), padding)
+  assert "medjax_onednn_winograd" in jax.jit(ours).lower(x, w).as_text()
+  ref = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1, 1), padding, dimension_numbers=conv_lowering.dimension_numbers(3),
+      precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w),
+                  jax.grad(loss(ref), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,kernel,strides,reason", [
+    ((1, 8, 8, 8, 16), (3, 3, 3, 16, 16), (1, 1, 1), "fewer output voxels than the threshold"),
+    ((4, 40, 40, 40, 16), (3, 3, 3, 16, 16), (2, 2, 2), "strided"),
+    ((4, 40, 40, 40, 4), (3, 3, 3, 4, 16), (1, 1, 1), "channels not a multiple of 8"),
+    ((4, 40, 40, 40, 16), (1, 3, 3, 16, 16), (1, 1, 1), "not 3x3x3"),
+    ((4, 40, 40, 16), (3, 3, 16, 16), (1, 1), "2-D")])
+def test_winograd_is_left_to_onednn_where_it_does_not_apply(shape, kernel, strides, reason):
+  padding = ((1, 1),) * (len(shape) - 2)
+  assert not onednn.winograd_applies(shape, kernel, strides, padding), reason
+  hlo = jax.jit(lambda x, w: onednn.conv(x, w, strides, padding)).lower(
+      jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(kernel, jnp.float32))
+  assert "medjax_onednn_winograd" not in hlo.as_text() and "medjax_onednn_forward" in \
+      hlo.as_text()
+
+
+@needs_onednn
+def test_winograd_handler_names_what_it_cannot_do():
+  """Called directly with a kernel it does not take, the handler says so; it does not run."""
+  assert onednn.available()
+  x, w = jnp.ones((1, 6, 6, 6, 8)), jnp.ones((2, 2, 2, 8, 8))
+  with pytest.raises(Exception, match="needs a 3x3x3 stride-1 kernel"):
+    jax.block_until_ready(onednn._call("winograd", (1, 5, 5, 5, 8), x, w, (1, 1, 1),
+                                       ((0, 0),) * 3))
+
+
+@needs_onednn
 def test_conv_lowering_sends_float32_cpu_convolutions_to_onednn():
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
   hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
