@@ -173,6 +173,8 @@ def threads_per_call() -> int:
 
 def _call(target: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
           strides: Sequence[int], padding: Padding) -> jax.Array:
+  if not available():  # also registers the handlers, on the first call
+    raise BuildError(f"the oneDNN convolutions are unavailable: {_load()}")
   return jax.ffi.ffi_call(_PREFIX + target, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
                           vmap_method="sequential")(
       a, b, strides=np.asarray(strides, np.int64),
@@ -282,7 +284,8 @@ def winograd_applies(x_shape: Sequence[int], kernel_shape: Sequence[int],
                      strides: Sequence[int], padding: Padding) -> bool:
   """Whether `conv`'s forward runs ``winograd_conv.cc`` (F(2×2×2, 3×3×3)) instead of oneDNN:
   3-D, 3×3×3 kernel, stride 1, channels in multiples of 8, at least ``WINOGRAD_MIN_VOXELS``
-  output voxels, an AVX2 + FMA CPU. Its gradients stay oneDNN's."""
+  output voxels, an AVX2 + FMA CPU. The input gradient of such a convolution is one too
+  (`_input_grad`); the kernel gradient stays oneDNN's."""
   if not (WINOGRAD and len(x_shape) == 5 and tuple(kernel_shape[:3]) == (3, 3, 3)
           and all(s == 1 for s in strides) and x_shape[-1] % 8 == 0
           and kernel_shape[-1] % 8 == 0 and all(lo >= 0 and hi >= 0 for lo, hi in padding)):
@@ -310,9 +313,23 @@ def _conv_fwd(x, kernel, strides, padding):
   return _conv(x, kernel, strides, padding), (x, kernel)
 
 
+def _input_grad(grad: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                padding: tuple[tuple[int, int], ...], x_shape: Sequence[int]) -> jax.Array:
+  """The convolution's adjoint applied to ``grad``. For a 3×3×3 stride-1 kernel that is itself
+  a convolution (kernel flipped, channels swapped, padding ``2 - pad``), so Winograd runs it
+  where `winograd_applies`; elsewhere oneDNN's input-gradient primitive."""
+  if (len(x_shape) == 5 and tuple(kernel.shape[:3]) == (3, 3, 3) and all(s == 1 for s in strides)
+      and all(lo <= 2 and hi <= 2 for lo, hi in padding)):
+    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2)
+    pads = tuple((2 - lo, 2 - hi) for lo, hi in padding)
+    if winograd_applies(grad.shape, flipped.shape, strides, pads):
+      return _forward(grad, flipped, strides, pads)
+  return _split_call("input_grad", x_shape, grad, kernel, strides, padding)
+
+
 def _conv_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
-  return (_split_call("input_grad", x.shape, grad, kernel, strides, padding),
+  return (_input_grad(grad, kernel, strides, padding, x.shape),
           _split_call("kernel_grad", kernel.shape, x, grad, strides, padding))
 
 
@@ -330,7 +347,7 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_transpose(y, kernel, strides, padding, x_shape):
-  return _split_call("input_grad", x_shape, y, kernel, strides, padding)
+  return _input_grad(y, kernel, strides, padding, x_shape)
 
 
 def _conv_transpose_fwd(y, kernel, strides, padding, x_shape):
