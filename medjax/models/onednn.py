@@ -58,6 +58,12 @@ _TARGETS = {"forward": "MedjaxConvForward", "input_grad": "MedjaxConvBackwardDat
 
 # A/B switch for the Winograd forward (`winograd_applies`); off, oneDNN's direct one runs.
 WINOGRAD = True
+# Where it runs: "auto" (CPUs with AVX2 + FMA but no AVX-512), "1" (every AVX2 + FMA CPU) or "0".
+# On AVX-512 CPUs oneDNN's direct 3-D kernels ran at the cores' float32 peak (README, Speed: 420–
+# 441 GFLOP/s on 2 Zen 5 cores); this AVX2 Winograd, at half that vector width with its
+# transforms about half its time, would come to roughly 300 (estimated, not measured: no AVX-512
+# machine was at hand), so there it is left off unless asked for.
+WINOGRAD_CPUS = os.environ.get("MEDJAX_WINOGRAD", "auto")
 # Below this many output voxels per call the Winograd forward was slower than oneDNN's (its
 # per-call kernel transform; 128→128 at 4 × 5×7×5: 8.9 vs 6.5 ms) and above it faster
 # (64→64 at 4 × 10×14×10: 5.0 vs 7.9 ms; 16→16 at 4 × 40×56×40: 27 vs 38 ms).
@@ -150,14 +156,24 @@ def _load() -> str | None:
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
-    _WINOGRAD_CPU.append(bool(library.MedjaxWinogradSupported()))
+    _WINOGRAD_CPU.append(int(library.MedjaxWinogradSupported()))
   except (BuildError, OSError, AttributeError) as e:
     logging.warning("oneDNN convolutions unavailable, XLA's are used (slower on CPU): %s", e)
     return str(e)
   return None
 
 
-_WINOGRAD_CPU: list[bool] = []  # whether this CPU has AVX2 and FMA, once the library is loaded
+_WINOGRAD_CPU: list[int] = []  # the library's CPU check (bit 0: AVX2 + FMA, bit 1: AVX-512F)
+
+
+def _winograd_cpu() -> bool:
+  """Whether this CPU runs the Winograd forward (``MEDJAX_WINOGRAD``; see `WINOGRAD_CPUS`)."""
+  if WINOGRAD_CPUS not in ("auto", "0", "1"):
+    raise ValueError(f"MEDJAX_WINOGRAD={WINOGRAD_CPUS!r}: expected auto, 0 or 1")
+  if WINOGRAD_CPUS == "0" or not available():
+    return False
+  flags = _WINOGRAD_CPU[0]
+  return bool(flags & 1) and (WINOGRAD_CPUS == "1" or not flags & 2)
 
 
 def available() -> bool:
@@ -284,14 +300,14 @@ def winograd_applies(x_shape: Sequence[int], kernel_shape: Sequence[int],
                      strides: Sequence[int], padding: Padding) -> bool:
   """Whether `conv`'s forward runs ``winograd_conv.cc`` (F(2×2×2, 3×3×3)) instead of oneDNN:
   3-D, 3×3×3 kernel, stride 1, channels in multiples of 8, at least ``WINOGRAD_MIN_VOXELS``
-  output voxels, an AVX2 + FMA CPU. The input gradient of such a convolution is one too
+  output voxels, a CPU it is meant for (`WINOGRAD_CPUS`). The input gradient of such a convolution is one too
   (`_input_grad`); the kernel gradient stays oneDNN's."""
   if not (WINOGRAD and len(x_shape) == 5 and tuple(kernel_shape[:3]) == (3, 3, 3)
           and all(s == 1 for s in strides) and x_shape[-1] % 8 == 0
           and kernel_shape[-1] % 8 == 0 and all(lo >= 0 and hi >= 0 for lo, hi in padding)):
     return False
   voxels = x_shape[0] * np.prod([n + lo + hi - 2 for n, (lo, hi) in zip(x_shape[1:-1], padding)])
-  return voxels >= WINOGRAD_MIN_VOXELS and available() and _WINOGRAD_CPU[0]
+  return voxels >= WINOGRAD_MIN_VOXELS and _winograd_cpu()
 
 
 def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],

@@ -314,7 +314,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinograd, WinogradImpl,
                                   .Attr<Dims>("pad_hi")
                                   .Attr<int64_t>("threads"));
 
-// Whether this CPU runs the handler's AVX2 + FMA code (it is compiled for them whatever the host).
+// This CPU's features for the handler (compiled for AVX2 + FMA whatever the host): bit 0, AVX2
+// and FMA (it can run); bit 1, AVX-512F (oneDNN's direct kernels are likely faster there).
 extern "C" int MedjaxWinogradSupported() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0) |
+         (__builtin_cpu_supports("avx512f") ? 2 : 0);
 }

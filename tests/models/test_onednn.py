@@ -90,7 +90,11 @@ def test_conv_transpose_is_the_adjoint_of_conv_values_and_gradients(x_shape, ker
     ((1, 1, 2, 3, 8), 8, ((1, 1),) * 3)])  # smaller than one input tile
 def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, padding,
                                                           monkeypatch):
+  assert onednn.available()
+  if not onednn._WINOGRAD_CPU[0] & 1:
+    pytest.skip("this CPU has no AVX2 + FMA")
   monkeypatch.setattr(onednn, "WINOGRAD_MIN_VOXELS", 0)
+  monkeypatch.setattr(onednn, "WINOGRAD_CPUS", "1")  # on AVX-512 CPUs too
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, shape[-1], out_channels))
   assert onednn.winograd_applies(x.shape, w.shape, (1, 1, 1), padding)
@@ -123,6 +127,21 @@ def test_winograd_is_left_to_onednn_where_it_does_not_apply(shape, kernel, strid
       jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(kernel, jnp.float32))
   assert "medjax_onednn_winograd" not in hlo.as_text() and "medjax_onednn_forward" in \
       hlo.as_text()
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting,flags,runs", [
+    ("auto", 1, True), ("auto", 3, False), ("auto", 0, False), ("1", 3, True), ("1", 0, False),
+    ("0", 1, False)])
+def test_winograd_runs_on_the_cpus_it_is_meant_for(setting, flags, runs, monkeypatch):
+  """``MEDJAX_WINOGRAD``: auto is AVX2 + FMA without AVX-512 (flags bit 0 and not bit 1)."""
+  assert onednn.available()
+  monkeypatch.setattr(onednn, "WINOGRAD_CPUS", setting)
+  monkeypatch.setattr(onednn, "_WINOGRAD_CPU", [flags])
+  assert onednn._winograd_cpu() == runs
+  monkeypatch.setattr(onednn, "WINOGRAD_CPUS", "yes")
+  with pytest.raises(ValueError, match="MEDJAX_WINOGRAD='yes'"):
+    onednn._winograd_cpu()
 
 
 @needs_onednn
