@@ -268,12 +268,20 @@ ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                         ffi::ResultBuffer<ffi::F32> y, Dims strides, Dims pad_lo, Dims pad_hi,
                         int64_t threads) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() != 5 || kd.size() != 5 || kd[0] != 3 || kd[1] != 3 || kd[2] != 3 ||
-      xd[4] % 8 || kd[4] % 8 || kd[3] != xd[4] ||
+  if (xd.size() != 5 || kd.size() != 5 || yd.size() != 5 || kd[0] != 3 || kd[1] != 3 ||
+      kd[2] != 3 || xd[4] % 8 || kd[4] % 8 || kd[3] != xd[4] ||
       std::any_of(strides.begin(), strides.end(), [](int64_t s) { return s != 1; }))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "Winograd convolution: needs a 3x3x3 stride-1 kernel and channels "
                       "divisible by 8");
+  bool shapes_agree = yd[0] == xd[0] && yd[4] == kd[4];
+  for (int i = 0; i < 3; ++i)
+    shapes_agree = shapes_agree && pad_lo[i] >= 0 && pad_hi[i] >= 0 &&
+                   yd[i + 1] == xd[i + 1] + pad_lo[i] + pad_hi[i] - 2;
+  if (!shapes_agree)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "Winograd convolution: the output shape does not follow from the input's, "
+                      "the kernel's and the padding");
   Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
              pad_lo[0], pad_lo[1], pad_lo[2], (yd[1] + 1) / 2, (yd[2] + 1) / 2, (yd[3] + 1) / 2};
   const int64_t tiles = g.N * g.TD * g.TH * g.TW;
@@ -281,30 +289,52 @@ ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   // ran alike, 48 tiles' transforms 1.4× slower).
   const int64_t T = std::clamp<int64_t>(96 * 1024 / (64 * 4 * (g.C + g.O)), 6, 96);
   const int64_t blocks = (tiles + T - 1) / T;
+  // Every buffer before the threads start, so a failed allocation is an error, not a crash.
+  const int workers = static_cast<int>(std::max<int64_t>(1, threads));
   Scratch U = Allocate(64 * g.C * g.O);
+  std::vector<Scratch> V, M;
+  for (int i = 0; i < workers; ++i)
+    V.push_back(Allocate(64 * T * g.C)), M.push_back(Allocate(64 * T * g.O));
+  if (!U || std::any_of(V.begin(), V.end(), [](const Scratch& s) { return !s; }) ||
+      std::any_of(M.begin(), M.end(), [](const Scratch& s) { return !s; }))
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "Winograd convolution: out of memory for its scratch buffers");
   TransformKernel(kernel.typed_data(), g.C, g.O, U.get());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-#pragma omp parallel num_threads(static_cast<int>(threads))
+#pragma omp parallel num_threads(workers)
   {
-    Scratch V = Allocate(64 * T * g.C), M = Allocate(64 * T * g.O);
+    float* v = V[omp_get_thread_num()].get();
+    float* m = M[omp_get_thread_num()].get();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       int64_t t0 = b * T, n = std::min(T, tiles - t0);
-      InputTiles(g, xp, t0, n, V.get());
+      InputTiles(g, xp, t0, n, v);
       // Rows of V and M are n apart within a block: pass n as the block's T.
       int64_t o0 = 0;
-      for (; o0 + 16 <= g.O; o0 += 16) Products<2>(V.get(), U.get(), M.get(), n, g.C, g.O, o0);
-      for (; o0 < g.O; o0 += 8) Products<1>(V.get(), U.get(), M.get(), n, g.C, g.O, o0);
-      OutputTiles(g, M.get(), t0, n, yp);
+      for (; o0 + 16 <= g.O; o0 += 16) Products<2>(v, U.get(), m, n, g.C, g.O, o0);
+      for (; o0 < g.O; o0 += 8) Products<1>(v, U.get(), m, n, g.C, g.O, o0);
+      OutputTiles(g, m, t0, n, yp);
     }
   }
   return ffi::Error::Success();
 }
 
+// The handler, with any C++ exception (std::bad_alloc from the kernel transform's buffers) turned
+// into an error: none may cross into XLA.
+ffi::Error WinogradGuarded(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                           ffi::ResultBuffer<ffi::F32> y, Dims strides, Dims pad_lo,
+                           Dims pad_hi, int64_t threads) {
+  try {
+    return WinogradImpl(x, kernel, y, strides, pad_lo, pad_hi, threads);
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("Winograd convolution: ") + e.what());
+  }
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinograd, WinogradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinograd, WinogradGuarded,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -152,6 +152,9 @@ def test_winograd_handler_names_what_it_cannot_do():
   with pytest.raises(Exception, match="needs a 3x3x3 stride-1 kernel"):
     jax.block_until_ready(onednn._call("winograd", (1, 5, 5, 5, 8), x, w, (1, 1, 1),
                                        ((0, 0),) * 3))
+  with pytest.raises(Exception, match="output shape does not follow"):  # SAME's shape, VALID's pads
+    jax.block_until_ready(onednn._call("winograd", (1, 6, 6, 6, 8), x, jnp.ones((3, 3, 3, 8, 8)),
+                                       (1, 1, 1), ((0, 0),) * 3))
 
 
 @needs_onednn
