@@ -54,7 +54,8 @@ SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                 for name in ("onednn_conv.cc", "winograd_conv.cc"))
 LIBRARY_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _TARGETS = {"forward": "MedjaxConvForward", "input_grad": "MedjaxConvBackwardData",
-            "kernel_grad": "MedjaxConvBackwardKernel", "winograd": "MedjaxConvWinograd"}
+            "kernel_grad": "MedjaxConvBackwardKernel", "winograd": "MedjaxConvWinograd",
+            "winograd_kernel_grad": "MedjaxConvWinogradKernelGrad"}
 
 # A/B switch for the Winograd forward (`winograd_applies`); off, oneDNN's direct one runs.
 WINOGRAD = True
@@ -207,7 +208,8 @@ def _sharding_rule(target: str, rank: int) -> str:
   return {"forward": f"{x}, {kernel} -> {y}",        # (x, kernel) -> y
           "winograd": f"{x}, {kernel} -> {y}",
           "input_grad": f"{y}, {kernel} -> {x}",     # (dy, kernel) -> dx
-          "kernel_grad": f"{x}, {y} -> {kernel}"}[target]  # (x, dy) -> dkernel
+          "kernel_grad": f"{x}, {y} -> {kernel}",  # (x, dy) -> dkernel
+          "winograd_kernel_grad": f"{x}, {y} -> {kernel}"}[target]
 
 
 @functools.cache
@@ -233,7 +235,7 @@ def _partitioned(target: str):
     parts = int(np.prod([mesh.shape[n] for n in names]))
     batch, replicated = NamedSharding(mesh, PartitionSpec(axes)), NamedSharding(mesh,
                                                                                PartitionSpec())
-    if target == "kernel_grad":
+    if target.endswith("kernel_grad"):
       def lower(x, dy):
         partial = _call(target, out_shape, x, dy, strides, padding)
         return jax.lax.psum(partial, names) if names else partial
@@ -300,8 +302,9 @@ def winograd_applies(x_shape: Sequence[int], kernel_shape: Sequence[int],
                      strides: Sequence[int], padding: Padding) -> bool:
   """Whether `conv`'s forward runs ``winograd_conv.cc`` (F(2×2×2, 3×3×3)) instead of oneDNN:
   3-D, 3×3×3 kernel, stride 1, channels in multiples of 8, at least ``WINOGRAD_MIN_VOXELS``
-  output voxels, a CPU it is meant for (`WINOGRAD_CPUS`). The input gradient of such a convolution is one too
-  (`_input_grad`); the kernel gradient stays oneDNN's."""
+  output voxels, a CPU it is meant for (`WINOGRAD_CPUS`). Its gradients are Winograd's too: the
+  input gradient a forward call with the kernel flipped (`_input_grad`), the kernel gradient
+  its own handler (`_kernel_grad`)."""
   if not (WINOGRAD and len(x_shape) == 5 and tuple(kernel_shape[:3]) == (3, 3, 3)
           and all(s == 1 for s in strides) and x_shape[-1] % 8 == 0
           and kernel_shape[-1] % 8 == 0 and all(lo >= 0 and hi >= 0 for lo, hi in padding)):
@@ -343,10 +346,19 @@ def _input_grad(grad: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
   return _split_call("input_grad", x_shape, grad, kernel, strides, padding)
 
 
+def _kernel_grad(x: jax.Array, grad: jax.Array, kernel_shape: Sequence[int],
+                 strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """The kernel gradient of the convolution of ``x`` given the output's ``grad``: Winograd's
+  (``winograd_conv.cc``) where `winograd_applies`, else oneDNN's."""
+  target = ("winograd_kernel_grad" if winograd_applies(x.shape, kernel_shape, strides, padding)
+            else "kernel_grad")
+  return _split_call(target, kernel_shape, x, grad, strides, padding)
+
+
 def _conv_bwd(strides, padding, residuals, grad):
   x, kernel = residuals
   return (_input_grad(grad, kernel, strides, padding, x.shape),
-          _split_call("kernel_grad", kernel.shape, x, grad, strides, padding))
+          _kernel_grad(x, grad, kernel.shape, strides, padding))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -374,7 +386,7 @@ def _conv_transpose_bwd(strides, padding, x_shape, residuals, grad):
   # out = Aᵀy for A = conv(·, kernel): d/dy = A·grad, and d/dkernel of <conv(grad, kernel), y>.
   y, kernel = residuals
   return (_forward(grad, kernel, strides, padding),
-          _split_call("kernel_grad", kernel.shape, grad, y, strides, padding))
+          _kernel_grad(grad, y, kernel.shape, strides, padding))
 
 
 _conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)

@@ -14,6 +14,8 @@
 //   1. V[64][T][C] = Bᵀ d B of each tile's input (zeros outside the image),
 //   2. M[p] = V[p] · U[p] for each of the 64 positions p (register-blocked 6 tiles × 16 outputs),
 //   3. y tile = Aᵀ m A, written where it falls inside the output.
+// The kernel gradient reuses stage 1 and sums V[p]ᵀ (A dy Aᵀ)[p] over the tiles, then applies Gᵀ
+// (MedjaxConvWinogradKernelGrad); the input gradient is a forward call with the kernel flipped.
 // medjax/models/onednn.py builds this file into the same library as onednn_conv.cc.
 
 #include <immintrin.h>
@@ -264,10 +266,145 @@ __attribute__((target("avx2,fma"))) void OutputTiles(const Geometry g, const flo
   }
 }
 
-ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                        ffi::ResultBuffer<ffi::F32> y, Dims strides, Dims pad_lo, Dims pad_hi,
-                        int64_t threads) {
-  auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
+// The kernel gradient. Per tile M = V · U and y = Aᵀ M A, so with dM = A dy Aᵀ (each axis) the
+// gradient of U[p] is Σ_tiles V[p]ᵀ dM[p], and the kernel's is Gᵀ dU G along each axis.
+
+// Row i of A = [[1, 0], [1, 1], [1, -1], [0, -1]] applied to (u, v).
+template <int i>
+__attribute__((target("avx2,fma"))) inline __m256 GradRow(__m256 u, __m256 v) {
+  if (i == 0) return u;
+  if (i == 1) return _mm256_add_ps(u, v);
+  if (i == 2) return _mm256_sub_ps(u, v);
+  return _mm256_sub_ps(_mm256_setzero_ps(), v);
+}
+
+template <int b>
+__attribute__((target("avx2,fma"))) inline void GradDepth(const __m256 (&r)[2][2][4], float* dm,
+                                                          int64_t sp) {
+  for (int e = 0; e < 4; ++e) {
+    __m256 h0 = GradRow<b>(r[0][0][e], r[0][1][e]), h1 = GradRow<b>(r[1][0][e], r[1][1][e]);
+    float* out = dm + (b * 4 + e) * sp;
+    _mm256_store_ps(out, GradRow<0>(h0, h1)), _mm256_store_ps(out + 16 * sp, GradRow<1>(h0, h1)),
+        _mm256_store_ps(out + 32 * sp, GradRow<2>(h0, h1)),
+        _mm256_store_ps(out + 48 * sp, GradRow<3>(h0, h1));
+  }
+}
+
+// dM[p][t][o] for tiles [t0, t0 + T) from dy (zeros past the output's end).
+__attribute__((target("avx2,fma"))) void GradTiles(const Geometry g, const float* dy, int64_t t0,
+                                                   int64_t T, float* dM) {
+  const int64_t O = g.O, sp = T * O;
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t id = t0 + t;
+    int64_t tw = id % g.TW, th = (id / g.TW) % g.TH, td = (id / (g.TW * g.TH)) % g.TD,
+            n = id / (g.TW * g.TH * g.TD);
+    const float* base = dy + n * g.Do * g.Ho * g.Wo * O;
+    for (int64_t o = 0; o < O; o += 8) {
+      __m256 r[2][2][4];  // [depth][height][width after A]
+      for (int dz = 0; dz < 2; ++dz)
+        for (int hy = 0; hy < 2; ++hy) {
+          int64_t z = 2 * td + dz, yy = 2 * th + hy, xx = 2 * tw;
+          bool row = z < g.Do && yy < g.Ho;
+          const float* p = base + ((z * g.Ho + yy) * g.Wo + xx) * O + o;
+          __m256 u = row ? _mm256_loadu_ps(p) : _mm256_setzero_ps();
+          __m256 v = row && xx + 1 < g.Wo ? _mm256_loadu_ps(p + O) : _mm256_setzero_ps();
+          r[dz][hy][0] = GradRow<0>(u, v), r[dz][hy][1] = GradRow<1>(u, v),
+          r[dz][hy][2] = GradRow<2>(u, v), r[dz][hy][3] = GradRow<3>(u, v);
+        }
+      float* dm = dM + t * O + o;
+      GradDepth<0>(r, dm, sp), GradDepth<1>(r, dm, sp), GradDepth<2>(r, dm, sp),
+          GradDepth<3>(r, dm, sp);
+    }
+  }
+}
+
+// dU[p][c : c + R][o0 : o0 + 8·NV] += Σ_t V[p][t][c + r] · dM[p][t][o0 : ...], R × NV
+// accumulators (written out per row, as in Block).
+#define MEDJAX_GROW(r)                                                       \
+  if (R > r) {                                                               \
+    __m256 b = _mm256_broadcast_ss(v + t * C + r);                           \
+    a##r##0 = _mm256_fmadd_ps(b, w0, a##r##0);                               \
+    if (NV > 1) a##r##1 = _mm256_fmadd_ps(b, w1, a##r##1);                   \
+  }
+#define MEDJAX_GADD(r)                                                       \
+  if (R > r) {                                                               \
+    float* q = du + r * O;                                                   \
+    _mm256_store_ps(q, _mm256_add_ps(_mm256_load_ps(q), a##r##0));           \
+    if (NV > 1) _mm256_store_ps(q + 8, _mm256_add_ps(_mm256_load_ps(q + 8), a##r##1)); \
+  }
+template <int R, int NV>
+__attribute__((target("avx2,fma"))) inline void GradBlock(const float* v, const float* dm,
+                                                          float* du, int64_t T, int64_t C,
+                                                          int64_t O) {
+  static_assert(R <= 6 && NV <= 2, "6 rows of 2 vectors: 12 accumulators of 16 registers");
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+         a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  for (int64_t t = 0; t < T; ++t) {
+    __m256 w0 = _mm256_load_ps(dm + t * O), w1 = NV > 1 ? _mm256_load_ps(dm + t * O + 8) : w0;
+    MEDJAX_GROW(0) MEDJAX_GROW(1) MEDJAX_GROW(2) MEDJAX_GROW(3) MEDJAX_GROW(4) MEDJAX_GROW(5)
+  }
+  MEDJAX_GADD(0) MEDJAX_GADD(1) MEDJAX_GADD(2) MEDJAX_GADD(3) MEDJAX_GADD(4) MEDJAX_GADD(5)
+}
+#undef MEDJAX_GROW
+#undef MEDJAX_GADD
+
+template <int NV>
+__attribute__((target("avx2,fma"))) void GradProducts(const float* V, const float* dM, float* dU,
+                                                      int64_t T, int64_t C, int64_t O,
+                                                      int64_t o0) {
+  for (int p = 0; p < 64; ++p) {
+    const float* v = V + p * T * C;
+    const float* dm = dM + p * T * O + o0;
+    float* du = dU + p * C * O + o0;
+    int64_t c = 0;
+    for (; c + 6 <= C; c += 6) GradBlock<6, NV>(v + c, dm, du + c * O, T, C, O);
+    for (; c < C; c += 2) GradBlock<2, NV>(v + c, dm, du + c * O, T, C, O);  // C is even
+  }
+}
+
+// dg[i][j][k][c][o] = Σ G[a][i] G[b][j] G[e][k] dU[a][b][e][c][o]: Gᵀ along each axis.
+void KernelGradient(const float* dU, int64_t C, int64_t O, float* dg) {
+  static const float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
+  const int64_t co = C * O;
+  std::vector<float> t1(4 * 4 * 3 * co, 0.f), t2(4 * 3 * 3 * co, 0.f);
+  std::fill(dg, dg + 27 * co, 0.f);
+  for (int a = 0; a < 4; ++a)
+    for (int b = 0; b < 4; ++b)
+      for (int k = 0; k < 3; ++k)
+        for (int e = 0; e < 4; ++e) {
+          float f = G[e][k];
+          if (f == 0.f) continue;
+          const float* src = dU + ((a * 4 + b) * 4 + e) * co;
+          float* dst = t1.data() + ((a * 4 + b) * 3 + k) * co;
+          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
+        }
+  for (int a = 0; a < 4; ++a)
+    for (int j = 0; j < 3; ++j)
+      for (int b = 0; b < 4; ++b) {
+        float f = G[b][j];
+        if (f == 0.f) continue;
+        for (int k = 0; k < 3; ++k) {
+          const float* src = t1.data() + ((a * 4 + b) * 3 + k) * co;
+          float* dst = t2.data() + ((a * 3 + j) * 3 + k) * co;
+          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
+        }
+      }
+  for (int i = 0; i < 3; ++i)
+    for (int a = 0; a < 4; ++a) {
+      float f = G[a][i];
+      if (f == 0.f) continue;
+      for (int j = 0; j < 3; ++j)
+        for (int k = 0; k < 3; ++k) {
+          const float* src = t2.data() + ((a * 3 + j) * 3 + k) * co;
+          float* dst = dg + ((i * 3 + j) * 3 + k) * co;
+          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
+        }
+    }
+}
+
+// Whether x, kernel and y (dims as in the header) and the attributes make a convolution this file
+// computes: rank 5, 3×3×3, stride 1, channels in multiples of 8, shapes that follow each other.
+ffi::Error CheckShapes(Dims xd, Dims kd, Dims yd, Dims strides, Dims pad_lo, Dims pad_hi) {
   if (xd.size() != 5 || kd.size() != 5 || yd.size() != 5 || kd[0] != 3 || kd[1] != 3 ||
       kd[2] != 3 || xd[4] % 8 || kd[4] % 8 || kd[3] != xd[4] ||
       std::any_of(strides.begin(), strides.end(), [](int64_t s) { return s != 1; }))
@@ -282,12 +419,24 @@ ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "Winograd convolution: the output shape does not follow from the input's, "
                       "the kernel's and the padding");
+  return ffi::Error::Success();
+}
+
+// Tiles per block: V and M together about 96 KiB (measured best at 16 channels: 6 to 12 tiles ran
+// alike, 48 tiles' transforms 1.4× slower).
+int64_t TilesPerBlock(int64_t C, int64_t O) {
+  return std::clamp<int64_t>(96 * 1024 / (64 * 4 * (C + O)), 6, 96);
+}
+
+ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                        ffi::ResultBuffer<ffi::F32> y, Dims strides, Dims pad_lo, Dims pad_hi,
+                        int64_t threads) {
+  auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
+  if (ffi::Error e = CheckShapes(xd, kd, yd, strides, pad_lo, pad_hi); e.failure()) return e;
   Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
              pad_lo[0], pad_lo[1], pad_lo[2], (yd[1] + 1) / 2, (yd[2] + 1) / 2, (yd[3] + 1) / 2};
   const int64_t tiles = g.N * g.TD * g.TH * g.TW;
-  // Tiles per block: V and M together about 96 KiB (measured best at 16 channels: 6 to 12 tiles
-  // ran alike, 48 tiles' transforms 1.4× slower).
-  const int64_t T = std::clamp<int64_t>(96 * 1024 / (64 * 4 * (g.C + g.O)), 6, 96);
+  const int64_t T = TilesPerBlock(g.C, g.O);
   const int64_t blocks = (tiles + T - 1) / T;
   // Every buffer before the threads start, so a failed allocation is an error, not a crash.
   const int workers = static_cast<int>(std::max<int64_t>(1, threads));
@@ -320,13 +469,59 @@ ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   return ffi::Error::Success();
 }
 
-// The handler, with any C++ exception (std::bad_alloc from the kernel transform's buffers) turned
+// The kernel gradient of WinogradImpl's convolution: x and dy in, dkernel [3, 3, 3, C, O] out.
+ffi::Error WinogradKernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                  ffi::ResultBuffer<ffi::F32> dkernel, Dims strides, Dims pad_lo,
+                                  Dims pad_hi, int64_t threads) {
+  auto xd = x.dimensions(), kd = dkernel->dimensions(), yd = dy.dimensions();
+  if (ffi::Error e = CheckShapes(xd, kd, yd, strides, pad_lo, pad_hi); e.failure()) return e;
+  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
+             pad_lo[0], pad_lo[1], pad_lo[2], (yd[1] + 1) / 2, (yd[2] + 1) / 2, (yd[3] + 1) / 2};
+  const int64_t tiles = g.N * g.TD * g.TH * g.TW, T = TilesPerBlock(g.C, g.O);
+  const int64_t blocks = (tiles + T - 1) / T, co = g.C * g.O;
+  const int workers = static_cast<int>(std::max<int64_t>(1, threads));
+  // Each thread sums its blocks' dU into its own buffer; the buffers are added at the end.
+  std::vector<Scratch> V, dM, dU;
+  for (int i = 0; i < workers; ++i)
+    V.push_back(Allocate(64 * T * g.C)), dM.push_back(Allocate(64 * T * g.O)),
+        dU.push_back(Allocate(64 * co));
+  for (const auto* buffers : {&V, &dM, &dU})
+    if (std::any_of(buffers->begin(), buffers->end(), [](const Scratch& s) { return !s; }))
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "Winograd convolution: out of memory for its scratch buffers");
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+#pragma omp parallel num_threads(workers)
+  {
+    int me = omp_get_thread_num();
+    float *v = V[me].get(), *dm = dM[me].get(), *du = dU[me].get();
+    std::fill(du, du + 64 * co, 0.f);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t t0 = b * T, n = std::min(T, tiles - t0);
+      InputTiles(g, xp, t0, n, v);
+      GradTiles(g, dyp, t0, n, dm);
+      int64_t o0 = 0;
+      for (; o0 + 16 <= g.O; o0 += 16) GradProducts<2>(v, dm, du, n, g.C, g.O, o0);
+      for (; o0 < g.O; o0 += 8) GradProducts<1>(v, dm, du, n, g.C, g.O, o0);
+    }
+  }
+  float* total = dU[0].get();
+  for (int i = 1; i < workers; ++i) {
+    const float* part = dU[i].get();
+    for (int64_t q = 0; q < 64 * co; ++q) total[q] += part[q];
+  }
+  KernelGradient(total, g.C, g.O, dkernel->typed_data());
+  return ffi::Error::Success();
+}
+
+// A handler with any C++ exception (std::bad_alloc from the kernel transforms' buffers) turned
 // into an error: none may cross into XLA.
-ffi::Error WinogradGuarded(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                           ffi::ResultBuffer<ffi::F32> y, Dims strides, Dims pad_lo,
-                           Dims pad_hi, int64_t threads) {
+template <auto Impl>
+ffi::Error Guarded(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
+                   Dims strides, Dims pad_lo, Dims pad_hi, int64_t threads) {
   try {
-    return WinogradImpl(x, kernel, y, strides, pad_lo, pad_hi, threads);
+    return Impl(a, b, out, strides, pad_lo, pad_hi, threads);
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("Winograd convolution: ") + e.what());
   }
@@ -334,15 +529,19 @@ ffi::Error WinogradGuarded(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinograd, WinogradGuarded,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<Dims>("strides")
-                                  .Attr<Dims>("pad_lo")
-                                  .Attr<Dims>("pad_hi")
-                                  .Attr<int64_t>("threads"));
+#define MEDJAX_WINOGRAD_BINDING                                                \
+  ffi::Ffi::Bind()                                                             \
+      .Arg<ffi::Buffer<ffi::F32>>()                                            \
+      .Arg<ffi::Buffer<ffi::F32>>()                                            \
+      .Ret<ffi::Buffer<ffi::F32>>()                                            \
+      .Attr<Dims>("strides")                                                   \
+      .Attr<Dims>("pad_lo")                                                    \
+      .Attr<Dims>("pad_hi")                                                    \
+      .Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinograd, Guarded<WinogradImpl>, MEDJAX_WINOGRAD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvWinogradKernelGrad, Guarded<WinogradKernelGradImpl>,
+                              MEDJAX_WINOGRAD_BINDING);
 
 // This CPU's features for the handler (compiled for AVX2 + FMA whatever the host): bit 0, AVX2
 // and FMA (it can run); bit 1, AVX-512F (oneDNN's direct kernels are likely faster there).

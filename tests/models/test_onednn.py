@@ -100,9 +100,11 @@ def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, p
   assert onednn.winograd_applies(x.shape, w.shape, (1, 1, 1), padding)
   ours = lambda x, w: onednn.conv(x, w, (1, 1, 1), padding)
   assert "medjax_onednn_winograd" in jax.jit(ours).lower(x, w).as_text()
-  # The input gradient is a Winograd convolution too: only the kernel gradient is oneDNN's.
+  # Both gradients are Winograd's too.
   grads = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w)), argnums=(0, 1))).lower(x, w)
+  assert "medjax_onednn_winograd_kernel_grad" in grads.as_text()
   assert "medjax_onednn_input_grad" not in grads.as_text()
+  assert "medjax_onednn_kernel_grad" not in grads.as_text()
   ref = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1, 1), padding, dimension_numbers=conv_lowering.dimension_numbers(3),
       precision=jax.lax.Precision.HIGHEST)
@@ -152,6 +154,9 @@ def test_winograd_handler_names_what_it_cannot_do():
   with pytest.raises(Exception, match="needs a 3x3x3 stride-1 kernel"):
     jax.block_until_ready(onednn._call("winograd", (1, 5, 5, 5, 8), x, w, (1, 1, 1),
                                        ((0, 0),) * 3))
+  with pytest.raises(Exception, match="needs a 3x3x3 stride-1 kernel"):
+    jax.block_until_ready(onednn._call("winograd_kernel_grad", (2, 2, 2, 8, 8), x,
+                                       jnp.ones((1, 5, 5, 5, 8)), (1, 1, 1), ((0, 0),) * 3))
   with pytest.raises(Exception, match="output shape does not follow"):  # SAME's shape, VALID's pads
     jax.block_until_ready(onednn._call("winograd", (1, 6, 6, 6, 8), x, jnp.ones((3, 3, 3, 8, 8)),
                                        (1, 1, 1), ((0, 0),) * 3))
