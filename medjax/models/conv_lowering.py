@@ -7,7 +7,7 @@ forward + both gradients, oneDNN vs the best XLA lowering below: 3×3 64→64 at
 1→16 there 34 vs 67 ms; 3-D ResNet 64→64 at 14³, batch 16, 154 vs 358 ms. Whole train steps on
 2 cores: ResNet-18 2-D 135 vs 85 images/s, 3-D U-Net 0.38 vs 0.65 s (README, Speed). 3×3×3
 stride-1 convolutions of 8k channels run as a Winograd F(2×2×2, 3×3×3) there instead, forward
-and input gradient, on AVX2 CPUs without AVX-512 (``onednn.winograd_applies``).
+and both gradients, on AVX2 CPUs without AVX-512 (``onednn.winograd_applies``).
 
 The XLA lowerings below stay for everything else: other dtypes, modules traced inside
 `portable()` (``jax.export`` artefacts, which must run without medjax), and hosts where oneDNN

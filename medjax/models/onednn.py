@@ -6,12 +6,13 @@ figures). oneDNN is the library made for the job, so medjax calls it: ``onednn_c
 three XLA FFI handlers (forward, input gradient, kernel gradient); `conv` is a custom-VJP
 convolution over them, and `conv_transpose` its adjoint (the input-gradient handler run forward).
 
-One forward is medjax's own: ``winograd_conv.cc``, a 3×3×3 stride-1 convolution by Winograd's
-F(2×2×2, 3×3×3) (3.4× fewer multiply-adds; oneDNN's Winograd is 2-D and AVX-512 only). It runs
-where `winograd_applies` (the U-Net's 3-D convolutions) and is built into the same library. Two
-cores, batch 4, 16→16 at 40×56×40: 27 ms against oneDNN's 38; 32→32 at 20×28×20: 9.1 vs 17.2 ms;
-the hippocampus U-Net's sliding-window inference 1.34× faster
-(``benchmarks/sliding_window_vs_monai.py --compare winograd``).
+3×3×3 stride-1 convolutions have medjax's own handlers: ``winograd_conv.cc``, Winograd's
+F(2×2×2, 3×3×3) (3.4× fewer multiply-adds; oneDNN's Winograd is 2-D and AVX-512 only), forward
+and kernel gradient (the input gradient is a forward call). They run where `winograd_applies`
+(the U-Net's 3-D convolutions) and are built into the same library. Two cores, batch 4, against
+oneDNN: forward 16→16 at 40×56×40 27 vs 38 ms, 32→32 at 20×28×20 9.1 vs 17.2 ms; kernel
+gradient 43.8 vs 121.9 ms and 17.8 vs 44.4 ms. The hippocampus U-Net's sliding-window inference
+got 1.28–1.34× faster (``benchmarks/sliding_window_vs_monai.py --compare winograd``).
 
 The handlers are compiled on first use, not at install: against the FFI headers of the jaxlib
 that will load them (so the two always match) and the oneDNN wheel (``onednn-cpu-gomp``, GNU

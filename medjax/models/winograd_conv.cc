@@ -1,5 +1,5 @@
 // A 3×3×3, stride-1 convolution by Winograd's minimal filtering F(2×2×2, 3×3×3), float32,
-// channels-last, as an XLA FFI handler for the CPU backend (AVX2 + FMA).
+// channels-last: XLA FFI handlers for the CPU backend (AVX2 + FMA), forward and kernel gradient.
 //
 // Why not oneDNN: its Winograd convolutions are 2-D and AVX-512 only, and its direct 3-D kernels
 // run the U-Net's 16- and 32-channel convolutions at about half of this CPU's peak. Winograd
@@ -7,7 +7,7 @@
 // instead of 216: 3.4× fewer multiply-adds, paid for by the tile transforms.
 //
 // Layouts: x [N, D, H, W, C], kernel [3, 3, 3, C, O], y [N, D', H', W', O] with
-// D' = D + pad_lo + pad_hi - 2 (pads of 0 to 2 voxels per side). C and O multiples of 8.
+// D' = D + pad_lo + pad_hi - 2 (any pads ≥ 0). C and O multiples of 8.
 //
 // Per call: the kernel is transformed once (U = G g Gᵀ along each axis: [64][C][O]). The output
 // tiles are then taken in blocks of T; per block and thread, in scratch that stays in L2:
