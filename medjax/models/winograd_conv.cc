@@ -47,47 +47,41 @@ Scratch Allocate(size_t floats) {
   return Scratch(static_cast<float*>(std::aligned_alloc(64, bytes)));
 }
 
-// U[p][c][o], p = (a * 4 + b) * 4 + e over the depth, height and width positions, from the
-// kernel g[i][j][k][c][o]: G g Gᵀ applied along each of the three axes.
-void TransformKernel(const float* g, int64_t C, int64_t O, float* U) {
-  static const float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
-  const int64_t co = C * O;
-  // Along width: [3][3][3] -> [3][3][4], then height -> [3][4][4], then depth -> [4][4][4].
-  std::vector<float> t1(3 * 3 * 4 * co, 0.f), t2(3 * 4 * 4 * co, 0.f);
-  std::fill(U, U + 64 * co, 0.f);
-  for (int i = 0; i < 3; ++i)
-    for (int j = 0; j < 3; ++j)
-      for (int e = 0; e < 4; ++e)
-        for (int k = 0; k < 3; ++k) {
-          float f = G[e][k];
-          if (f == 0.f) continue;
-          const float* src = g + ((i * 3 + j) * 3 + k) * co;
-          float* dst = t1.data() + ((i * 3 + j) * 4 + e) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-  for (int i = 0; i < 3; ++i)
-    for (int b = 0; b < 4; ++b)
-      for (int j = 0; j < 3; ++j) {
-        float f = G[b][j];
-        if (f == 0.f) continue;
-        for (int e = 0; e < 4; ++e) {
-          const float* src = t1.data() + ((i * 3 + j) * 4 + e) * co;
-          float* dst = t2.data() + ((i * 4 + b) * 4 + e) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-      }
-  for (int a = 0; a < 4; ++a)
-    for (int i = 0; i < 3; ++i) {
-      float f = G[a][i];
-      if (f == 0.f) continue;
-      for (int b = 0; b < 4; ++b)
-        for (int e = 0; e < 4; ++e) {
-          const float* src = t2.data() + ((i * 4 + b) * 4 + e) * co;
-          float* dst = U + ((a * 4 + b) * 4 + e) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-    }
+// dst[a][b][e] = Σ M[a][i] M[b][j] M[e][k] src[i][j][k] over i, j, k: the n_out × n_in matrix M
+// applied along each of the three axes, every entry a row of `co` floats ([C][O]). The kernel
+// transform is U = G g Gᵀ per axis (M = G: 3 -> 4, p = (a * 4 + b) * 4 + e over depth, height
+// and width); the kernel gradient's last step Gᵀ dU G (M = Gᵀ: 4 -> 3).
+void Separable(const float* src, int n_in, int n_out, const float* M, int64_t co, float* dst) {
+  auto add = [co](float f, const float* from, float* to) {
+    if (f != 0.f)
+      for (int64_t q = 0; q < co; ++q) to[q] += f * from[q];
+  };
+  // Along width: [in][in][in] -> [in][in][out], then height -> [in][out][out], then depth.
+  std::vector<float> t1(n_in * n_in * n_out * co, 0.f), t2(n_in * n_out * n_out * co, 0.f);
+  std::fill(dst, dst + n_out * n_out * n_out * co, 0.f);
+  for (int i = 0; i < n_in; ++i)
+    for (int j = 0; j < n_in; ++j)
+      for (int e = 0; e < n_out; ++e)
+        for (int k = 0; k < n_in; ++k)
+          add(M[e * n_in + k], src + ((i * n_in + j) * n_in + k) * co,
+              t1.data() + ((i * n_in + j) * n_out + e) * co);
+  for (int i = 0; i < n_in; ++i)
+    for (int b = 0; b < n_out; ++b)
+      for (int j = 0; j < n_in; ++j)
+        for (int e = 0; e < n_out; ++e)
+          add(M[b * n_in + j], t1.data() + ((i * n_in + j) * n_out + e) * co,
+              t2.data() + ((i * n_out + b) * n_out + e) * co);
+  for (int a = 0; a < n_out; ++a)
+    for (int i = 0; i < n_in; ++i)
+      for (int b = 0; b < n_out; ++b)
+        for (int e = 0; e < n_out; ++e)
+          add(M[a * n_in + i], t2.data() + ((i * n_out + b) * n_out + e) * co,
+              dst + ((a * n_out + b) * n_out + e) * co);
 }
+
+// F(2, 3)'s kernel transform G (4 × 3) and its transpose.
+constexpr float kG[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
+constexpr float kGt[3][4] = {{1, .5f, .5f, 0}, {0, .5f, -.5f, 0}, {0, .5f, .5f, 1}};
 
 // Bᵀ of F(2, 3) on four vectors, in place: (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
 __attribute__((target("avx2,fma"))) inline void InputRows(__m256& d0, __m256& d1, __m256& d2,
@@ -278,6 +272,7 @@ __attribute__((target("avx2,fma"))) inline __m256 GradRow(__m256 u, __m256 v) {
   return _mm256_sub_ps(_mm256_setzero_ps(), v);
 }
 
+// Height row b of A, then depth, for each width position: dM[a][b][e] for a = 0..3.
 template <int b>
 __attribute__((target("avx2,fma"))) inline void GradDepth(const __m256 (&r)[2][2][4], float* dm,
                                                           int64_t sp) {
@@ -362,46 +357,6 @@ __attribute__((target("avx2,fma"))) void GradProducts(const float* V, const floa
   }
 }
 
-// dg[i][j][k][c][o] = Σ G[a][i] G[b][j] G[e][k] dU[a][b][e][c][o]: Gᵀ along each axis.
-void KernelGradient(const float* dU, int64_t C, int64_t O, float* dg) {
-  static const float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
-  const int64_t co = C * O;
-  std::vector<float> t1(4 * 4 * 3 * co, 0.f), t2(4 * 3 * 3 * co, 0.f);
-  std::fill(dg, dg + 27 * co, 0.f);
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b)
-      for (int k = 0; k < 3; ++k)
-        for (int e = 0; e < 4; ++e) {
-          float f = G[e][k];
-          if (f == 0.f) continue;
-          const float* src = dU + ((a * 4 + b) * 4 + e) * co;
-          float* dst = t1.data() + ((a * 4 + b) * 3 + k) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-  for (int a = 0; a < 4; ++a)
-    for (int j = 0; j < 3; ++j)
-      for (int b = 0; b < 4; ++b) {
-        float f = G[b][j];
-        if (f == 0.f) continue;
-        for (int k = 0; k < 3; ++k) {
-          const float* src = t1.data() + ((a * 4 + b) * 3 + k) * co;
-          float* dst = t2.data() + ((a * 3 + j) * 3 + k) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-      }
-  for (int i = 0; i < 3; ++i)
-    for (int a = 0; a < 4; ++a) {
-      float f = G[a][i];
-      if (f == 0.f) continue;
-      for (int j = 0; j < 3; ++j)
-        for (int k = 0; k < 3; ++k) {
-          const float* src = t2.data() + ((a * 3 + j) * 3 + k) * co;
-          float* dst = dg + ((i * 3 + j) * 3 + k) * co;
-          for (int64_t q = 0; q < co; ++q) dst[q] += f * src[q];
-        }
-    }
-}
-
 // Whether x, kernel and y (dims as in the header) and the attributes make a convolution this file
 // computes: rank 5, 3×3×3, stride 1, channels in multiples of 8, shapes that follow each other.
 ffi::Error CheckShapes(Dims xd, Dims kd, Dims yd, Dims strides, Dims pad_lo, Dims pad_hi) {
@@ -448,7 +403,7 @@ ffi::Error WinogradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
       std::any_of(M.begin(), M.end(), [](const Scratch& s) { return !s; }))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "Winograd convolution: out of memory for its scratch buffers");
-  TransformKernel(kernel.typed_data(), g.C, g.O, U.get());
+  Separable(kernel.typed_data(), 3, 4, &kG[0][0], g.C * g.O, U.get());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
 #pragma omp parallel num_threads(workers)
@@ -511,7 +466,7 @@ ffi::Error WinogradKernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
     const float* part = dU[i].get();
     for (int64_t q = 0; q < 64 * co; ++q) total[q] += part[q];
   }
-  KernelGradient(total, g.C, g.O, dkernel->typed_data());
+  Separable(total, 4, 3, &kGt[0][0], co, dkernel->typed_data());
   return ffi::Error::Success();
 }
 

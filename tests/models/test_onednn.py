@@ -27,6 +27,15 @@ def _run_python(code, **env):
                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
 
+def _assert_equal_values_and_gradients(ours, ref, x, w, value_tol, grad_tol):
+  """``ours(x, w)`` equals ``ref(x, w)``, and so do the gradients of a nonlinear loss of them."""
+  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=value_tol)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w),
+                  jax.grad(loss(ref), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=grad_tol)
+
+
 @needs_onednn
 def test_builds_and_loads_here():
   assert onednn.available(), onednn._load()
@@ -51,11 +60,7 @@ def test_equals_xla_values_and_gradients(shape, kernel, strides, padding):
                                                                          strides))
   ours = lambda x, w: onednn.conv(x, w, strides, pads)
   ref = lambda x, w: conv_lowering.native_conv(x, w, strides, padding)
-  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
-  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w),
-                  jax.grad(loss(ref), argnums=(0, 1))(x, w)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _assert_equal_values_and_gradients(ours, ref, x, w, value_tol=1e-5, grad_tol=1e-4)
 
 
 @needs_onednn
@@ -108,11 +113,7 @@ def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, p
   ref = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1, 1), padding, dimension_numbers=conv_lowering.dimension_numbers(3),
       precision=jax.lax.Precision.HIGHEST)
-  np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
-  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w),
-                  jax.grad(loss(ref), argnums=(0, 1))(x, w)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  _assert_equal_values_and_gradients(ours, ref, x, w, value_tol=1e-4, grad_tol=1e-3)
 
 
 @needs_onednn
