@@ -338,12 +338,12 @@ def _input_grad(grad: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
   """The convolution's adjoint applied to ``grad``. For a 3×3×3 stride-1 kernel that is itself
   a convolution (kernel flipped, channels swapped, padding ``2 - pad``), so Winograd runs it
   where `winograd_applies`; elsewhere oneDNN's input-gradient primitive."""
-  if (len(x_shape) == 5 and tuple(kernel.shape[:3]) == (3, 3, 3) and all(s == 1 for s in strides)
-      and all(lo <= 2 and hi <= 2 for lo, hi in padding)):
+  # `winograd_applies` checks the rest (3×3×3, stride 1, channels, these pads ≥ 0).
+  pads = tuple((2 - lo, 2 - hi) for lo, hi in padding)
+  flipped_shape = (*kernel.shape[:-2], kernel.shape[-1], kernel.shape[-2])
+  if winograd_applies(grad.shape, flipped_shape, strides, pads):
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2)
-    pads = tuple((2 - lo, 2 - hi) for lo, hi in padding)
-    if winograd_applies(grad.shape, flipped.shape, strides, pads):
-      return _forward(grad, flipped, strides, pads)
+    return _forward(grad, flipped, strides, pads)
   return _split_call("input_grad", x_shape, grad, kernel, strides, padding)
 
 
