@@ -167,7 +167,30 @@ class PendingUpsample:
         inner = jnp.broadcast_to(inner, inner.shape[:axis] + (n - 2 * p,) + inner.shape[axis + 1:])
         bias = jnp.concatenate([lax.slice_in_dim(bias, 0, p, axis=axis), inner,
                                 lax.slice_in_dim(bias, p + 1, b, axis=axis)], axis=axis)
-    return y + bias
+    return add_to_every_sample(y, bias)
+
+
+@jax.custom_vjp
+def add_to_every_sample(x: jax.Array, value: jax.Array) -> jax.Array:
+  """``x + value``: ``value`` (``x.shape[1:]``) added to each sample of the batch ``x``.
+
+  Its gradient in ``value`` sums the batch as a product with ones rather than a reduction over the
+  leading axis: XLA:CPU gives that reduction to YNNPACK, which took 180 ms of the Hippocampus
+  U-Net's train step for one ``[4, 40, 56, 40, 16]`` map on 2 cores (5 ms as a product, also a
+  plain contraction for a batch sharded over devices).
+  """
+  return x + value
+
+
+def _add_to_every_sample_fwd(x, value):
+  return x + value, None
+
+
+def _add_to_every_sample_bwd(_, g):
+  return g, jnp.tensordot(jnp.ones(g.shape[0], g.dtype), g, axes=1)
+
+
+add_to_every_sample.defvjp(_add_to_every_sample_fwd, _add_to_every_sample_bwd)
 
 
 class UpTranspose(nn.Module):

@@ -143,6 +143,20 @@ def test_folded_up_sampling_equals_the_built_one_values_and_gradients(shape, str
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_add_to_every_sample_values_and_gradients(batch):
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, 4, 5, 2))
+  value = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 2))
+  weights = jax.random.normal(jax.random.PRNGKey(2), x.shape)  # a cotangent other than ones
+  loss = lambda f: lambda x, v: jnp.sum(weights * f(x, v))
+  ours = jax.jit(jax.value_and_grad(loss(unet.add_to_every_sample), argnums=(0, 1)))(x, value)
+  plain = jax.value_and_grad(loss(lambda x, v: x + v[None]), argnums=(0, 1))(x, value)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+  for a, b in zip(ours[1], plain[1]):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _expected_params(features, c_in, classes, nd, convs=2, heads=1):
   """Parameters of the encoder convs + norm scale/bias, the transposed convs and the heads."""
   k, total, c = 3**nd, 0, c_in
