@@ -117,6 +117,26 @@ def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, p
 
 
 @needs_onednn
+def test_winograd_kernel_gradient_does_not_depend_on_the_threads(monkeypatch):
+  """Threads take blocks as they come free; the kernel gradient's sum must follow neither them
+  nor their number, to the last bit."""
+  if not onednn._WINOGRAD_CPU[0] & 1:
+    pytest.skip("this CPU has no AVX2 + FMA")
+  monkeypatch.setattr(onednn, "WINOGRAD_CPUS", "1")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16, 12, 16))  # 48 blocks of tiles
+  dy = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 16, 12, 16))
+  padding = ((1, 1),) * 3
+  assert onednn.winograd_applies(x.shape, (3, 3, 3, 16, 16), (1, 1, 1), padding)
+  grads = []
+  for threads in (1, 2, 3, 2, 2):
+    monkeypatch.setattr(onednn, "threads_per_call", lambda threads=threads: threads)
+    grads.append(np.asarray(onednn._call("winograd_kernel_grad", (3, 3, 3, 16, 16), x, dy,
+                                         (1, 1, 1), padding)))
+  for g in grads[1:]:
+    np.testing.assert_array_equal(g, grads[0])
+
+
+@needs_onednn
 @pytest.mark.parametrize("shape,kernel,strides,reason", [
     ((1, 8, 8, 8, 16), (3, 3, 3, 16, 16), (1, 1, 1), "fewer output voxels than the threshold"),
     ((4, 40, 40, 40, 16), (3, 3, 3, 16, 16), (2, 2, 2), "strided"),
