@@ -254,11 +254,11 @@ def portable():
     _PORTABLE.reset(token)
 
 
-def _runs_on_onednn(x: jax.Array, kernel: jax.Array) -> bool:
-  """Whether a CPU convolution of these operands goes to oneDNN (float32, 1- to 3-D, outside
-  `portable()`, handlers built)."""
-  return (x.dtype == kernel.dtype == jnp.float32 and x.ndim in (3, 4, 5) and not _PORTABLE.get()
-          and onednn.available())
+def runs_on_onednn(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether `conv` and `conv_transpose` of these operands go to oneDNN (the CPU backend,
+  float32, 1- to 3-D, outside `portable()`, handlers built)."""
+  return (jax.default_backend() == "cpu" and x.dtype == kernel.dtype == jnp.float32
+          and x.ndim in (3, 4, 5) and not _PORTABLE.get() and onednn.available())
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
@@ -266,11 +266,11 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) 
 
   Uses the fastest correct lowering for the default backend (see the module docstring).
   """
+  if runs_on_onednn(x, kernel):
+    pads = tuple(_pads(n, k, s, padding)
+                 for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides))
+    return onednn.conv(x, kernel, tuple(strides), pads)
   if jax.default_backend() == "cpu":
-    if _runs_on_onednn(x, kernel):
-      pads = tuple(_pads(n, k, s, padding)
-                   for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides))
-      return onednn.conv(x, kernel, tuple(strides), pads)
     if x.ndim == 5:
       if x.shape[-1] <= FOLD_MAX_CHANNELS:
         lowering = _conv3d_by_depth_fold
@@ -292,7 +292,7 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
   linear transpose of XLA's convolution.
   """
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  if jax.default_backend() == "cpu" and _runs_on_onednn(y, kernel):
+  if runs_on_onednn(y, kernel):
     return onednn.conv_transpose(y, kernel, strides, padding, x_shape)
   x = jax.ShapeDtypeStruct(tuple(x_shape), y.dtype)
   return jax.linear_transpose(

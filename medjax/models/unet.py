@@ -93,13 +93,16 @@ class PendingUpsample:
   and the output's). Results equal the unfolded ones up to float rounding
   (``tests/models/test_unet.py``).
 
-  It pays where the up-sampled map is large (`FOLD_MIN_BYTES`): oneDNN's transposed
-  convolution and the two smaller convolutions run at a lower share of the CPU's peak than the
-  one concatenated convolution, and the composite kernel is recomputed at every call, so the
-  gain is the memory traffic saved. The MSD Hippocampus U-Net (16–128 channels) forward on 4
-  windows of 40×56×40, 2 cores: 6 % faster (median of 30 paired runs, quartiles 2 % and 10 %),
-  its first two decoder stages folded; folding the third too was slower. Its train step (batch 2,
-  the same two stages folded): 836 vs 878 ms (medians of 12, within this machine's noise).
+  It pays on the CPU, where oneDNN runs the convolutions, and where the up-sampled map is large
+  (`FOLD_MIN_BYTES`); elsewhere the map is built. There oneDNN's transposed convolution and the
+  two smaller convolutions run at a lower share of the CPU's peak than the one concatenated
+  convolution, and the composite kernel is recomputed at every call, so the gain is the memory
+  traffic saved. The MSD Hippocampus U-Net (16–128 channels) on 2 cores, its first two decoder
+  stages folded (folding the third too was slower): forward on 4 windows of 40×56×40 6 % faster
+  (median of 30 paired runs, quartiles 2 % and 10 %); train step with deep supervision, batch 4,
+  the Winograd convolutions: 1.32 vs 1.41 s (medians of 6 rounds, per-round ratios 0.96–1.22).
+  On a GPU (one H100, cuDNN through XLA) the fold made the train step (no deep supervision)
+  3.1× slower, 22.8 vs 7.3 ms, so it is not done there.
   """
 
   x: jax.Array       # [B, *low, C]
@@ -133,7 +136,8 @@ class PendingUpsample:
     """``conv(self.materialize(), kernel, strides, padding)``, folded where it can be."""
     taps = kernel.shape[:-2]
     if (any(s != 1 for s in strides) or padding != "SAME" or any(k % 2 == 0 for k in taps)
-        or math.prod(self.shape[1:]) * jnp.dtype(self.dtype).itemsize < FOLD_MIN_BYTES):
+        or math.prod(self.shape[1:]) * jnp.dtype(self.dtype).itemsize < FOLD_MIN_BYTES
+        or not conv_lowering.runs_on_onednn(self.x, kernel)):
       return conv_lowering.conv(self.materialize(), kernel, strides, padding)
     nd = self.x.ndim - 2
     # Axis by axis, composite tap t takes up-sampling phase a through conv tap w = a - t + 2p

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from medjax import registry
-from medjax.models import unet  # noqa: F401
+from medjax.models import conv_lowering, unet
 from medjax.models.unet import UNet, UpTranspose
 from medjax.train import losses
 
@@ -141,6 +141,22 @@ def test_folded_up_sampling_equals_the_built_one_values_and_gradients(shape, str
     b = built_grads[path]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_up_sampling_is_folded_only_where_onednn_runs_the_convolutions(monkeypatch):
+  """Elsewhere (a GPU, XLA's convolutions) the fold was slower, so the map is built."""
+  model = UNet(num_classes=3, features=FEATURES)
+  shape = (2, 8, 12, 10, 1)
+  variables = _init(model, shape)
+  monkeypatch.setattr(unet, "FOLD_MIN_BYTES", 0)
+  jaxpr = lambda: str(jax.make_jaxpr(lambda x: model.apply(variables, x))(jnp.zeros(shape)))
+  # Folded, the composite kernel is applied by a transposed convolution: oneDNN's input
+  # gradient, or XLA's convolution with a dilated input.
+  if conv_lowering.runs_on_onednn(jnp.zeros(shape), jnp.zeros((3, 3, 3, 1, 4))):
+    assert "medjax_onednn_input_grad" in jaxpr()
+  monkeypatch.setattr(conv_lowering, "runs_on_onednn", lambda x, kernel: False)
+  assert "medjax_onednn_input_grad" not in jaxpr()
+  assert "lhs_dilation=(2, 2, 2)" not in jaxpr()
 
 
 @pytest.mark.parametrize("batch", [1, 3])
