@@ -52,11 +52,13 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
-                for name in ("onednn_conv.cc", "winograd_conv.cc"))
+                for name in ("onednn_conv.cc", "winograd_conv.cc", "norm_act.cc"))
 LIBRARY_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _TARGETS = {"forward": "MedjaxConvForward", "input_grad": "MedjaxConvBackwardData",
             "kernel_grad": "MedjaxConvBackwardKernel", "winograd": "MedjaxConvWinograd",
-            "winograd_kernel_grad": "MedjaxConvWinogradKernelGrad"}
+            "winograd_kernel_grad": "MedjaxConvWinogradKernelGrad",
+            "instance_norm_leaky_relu": "MedjaxInstanceNormLeakyReluForward",
+            "instance_norm_leaky_relu_grad": "MedjaxInstanceNormLeakyReluBackward"}
 
 # A/B switch for the Winograd forward (`winograd_applies`); off, oneDNN's direct one runs.
 WINOGRAD = True
@@ -168,6 +170,11 @@ def _load() -> str | None:
 _WINOGRAD_CPU: list[int] = []  # the library's CPU check (bit 0: AVX2 + FMA, bit 1: AVX-512F)
 
 
+def avx2_fma() -> bool:
+  """Whether the handlers built here can run their AVX2 + FMA kernels on this CPU."""
+  return available() and bool(_WINOGRAD_CPU[0] & 1)
+
+
 def _winograd_cpu() -> bool:
   """Whether this CPU runs the Winograd forward (``MEDJAX_WINOGRAD``; see `WINOGRAD_CPUS`)."""
   if WINOGRAD_CPUS not in ("auto", "0", "1"):
@@ -181,6 +188,13 @@ def _winograd_cpu() -> bool:
 def available() -> bool:
   """Whether `conv` can run here (building the handlers on the first call)."""
   return _load() is None
+
+
+def target(name: str) -> str:
+  """The registered FFI name of handler ``name`` (a key of ``_TARGETS``), after `available()`."""
+  if name not in _TARGETS:
+    raise KeyError(f"no handler {name!r}; expected one of {sorted(_TARGETS)}")
+  return _PREFIX + name
 
 
 def threads_per_call() -> int:

