@@ -14,6 +14,9 @@ oneDNN: forward 16→16 at 40×56×40 27 vs 38 ms, 32→32 at 20×28×20 9.1 vs 
 gradient 43.8 vs 121.9 ms and 17.8 vs 44.4 ms. The hippocampus U-Net's sliding-window inference
 got 1.28–1.34× faster (``benchmarks/sliding_window_vs_monai.py --compare winograd``).
 
+The same library holds ``norm_act.cc``, the fused instance norm + leaky ReLU of
+``medjax.models.norm_act`` (not oneDNN's, but built and gated with these handlers).
+
 The handlers are compiled on first use, not at install: against the FFI headers of the jaxlib
 that will load them (so the two always match) and the oneDNN wheel (``onednn-cpu-gomp``, GNU
 OpenMP), with the system's C++ compiler (``$CXX``, else ``g++``), into
