@@ -1,7 +1,7 @@
 """Instance norm + leaky ReLU, the U-Net's norm-activation pair, fused on the CPU.
 
 XLA:CPU runs the pair as separate reductions and elementwise passes: forward and backward of a
-16-channel 40×56×40 batch of 4 took 37 ms on 2 cores, about ten passes of memory traffic.
+16-channel 40×56×40 batch of 4 took 35–37 ms on 2 cores, about ten passes of memory traffic.
 ``norm_act.cc`` does it in two passes each way (built into the library of ``onednn``): 7.9 ms
 there, 4.4× faster; 1.9 vs 6.5 ms at 32 channels and 20×28×20. Where `fused_applies` (the
 convolutions run on oneDNN — CPU, float32, handlers built, outside `conv_lowering.portable` —
