@@ -22,9 +22,9 @@ def get_config(arg: str | None = None):
   c.model.name = "resnet18"
   c.train.batch_size = 128
   # Mixup (α 0.2) over 12 epochs, 432 steps: about 7 minutes on 2 AVX-512 cores, 38–49 on 2 AVX2
-  # (Zen 3) cores. Without mixup
-  # the model fits the training set (loss ≈ 0.001) and val ACC over seeds 0/1/2 was 0.971 /
-  # 0.970 / 0.970 after 12 epochs; with it, 0.975 / 0.973 / 0.971 and a higher AUC on each seed.
+  # (Zen 3) cores. Without mixup the model fits the training set (loss ≈ 0.001) and val ACC over
+  # seeds 0/1/2 was 0.971 / 0.970 / 0.970 after 12 epochs; with it, 0.975 / 0.973 / 0.971 and a
+  # higher AUC on each seed.
   c.train.mixup = 0.2
   c.train.epochs = 12.0
   # Evaluation averages each image's prediction with its left-right flip's (the training flip):
