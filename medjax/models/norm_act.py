@@ -36,8 +36,8 @@ def fused_applies(x: jax.Array) -> bool:
   """Whether `instance_norm_leaky_relu` of ``x`` runs the fused CPU handlers: where the
   convolutions run on oneDNN, channels in multiples of 8 (the kernels' AVX2 vectors), an AVX2 +
   FMA CPU."""
-  return (x.ndim >= 3 and x.shape[-1] % 8 == 0 and conv_lowering.runs_on_onednn(x, x)
-          and onednn.avx2_fma())
+  # runs_on_onednn(x, x): its checks of x (backend, float32, rank 3–5, not portable) and no kernel.
+  return x.shape[-1] % 8 == 0 and conv_lowering.runs_on_onednn(x, x) and onednn.avx2_fma()
 
 
 def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -86,16 +86,15 @@ def _split_over_batch(direction: str, rank: int):
     rule = f"{x}, c, c, {stats}, {stats}, {x} -> {x}, {stats}, {stats}"
     batched = (True, False, False, True, True, True)
 
+  plain = _forward_call if direction == "forward" else _backward_call
+
   def partition(*static_and_shapes):
     *static, mesh, arg_shapes, result_shape = static_and_shapes
     del result_shape
     spec = arg_shapes[0].sharding.spec
     sample = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def lower(*operands):
-      return (_forward_call if direction == "forward" else _backward_call)(*operands, *static)
-    return (mesh, lower, (sample,) * 3,
+    return (mesh, lambda *operands: plain(*operands, *static), (sample,) * 3,
             tuple(sample if b else replicated for b in batched))
 
   def sharding_rule(*args):
@@ -103,7 +102,6 @@ def _split_over_batch(direction: str, rank: int):
     return rule
 
   statics = (3, 4) if direction == "forward" else (6,)
-  plain = _forward_call if direction == "forward" else _backward_call
 
   @functools.partial(custom_partitioning, static_argnums=statics)
   def call(*args):

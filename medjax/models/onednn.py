@@ -182,10 +182,9 @@ def _winograd_cpu() -> bool:
   """Whether this CPU runs the Winograd forward (``MEDJAX_WINOGRAD``; see `WINOGRAD_CPUS`)."""
   if WINOGRAD_CPUS not in ("auto", "0", "1"):
     raise ValueError(f"MEDJAX_WINOGRAD={WINOGRAD_CPUS!r}: expected auto, 0 or 1")
-  if WINOGRAD_CPUS == "0" or not available():
+  if WINOGRAD_CPUS == "0" or not avx2_fma():
     return False
-  flags = _WINOGRAD_CPU[0]
-  return bool(flags & 1) and (WINOGRAD_CPUS == "1" or not flags & 2)
+  return WINOGRAD_CPUS == "1" or not _WINOGRAD_CPU[0] & 2
 
 
 def available() -> bool:

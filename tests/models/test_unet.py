@@ -197,6 +197,16 @@ def test_parameter_counts():
   assert _count(params) == _expected_params((32, 64, 128, 256, 320), 1, 3, 3, heads=4)
 
 
+def test_instance_norm_keeps_flax_instance_norm_parameter_paths():
+  """Checkpoints written when the blocks held flax's InstanceNorm still load: same tree."""
+  block = unet.ConvBlock(features=16)
+  params = jax.eval_shape(block.init, _key(), jnp.zeros((1, 8, 8, 8, 4)), False)["params"]
+  flax_norm = jax.eval_shape(nn.InstanceNorm().init, _key(), jnp.zeros((1, 8, 8, 8, 16)))
+  assert jax.tree.structure(params["InstanceNorm_0"]) == jax.tree.structure(flax_norm["params"])
+  assert {k: v.shape for k, v in params["InstanceNorm_0"].items()} == {
+      k: v.shape for k, v in flax_norm["params"].items()}
+
+
 def test_deep_supervision_shares_parameters_with_the_plain_model():
   shape = (1, 16, 16, 1)
   ds = UNet(num_classes=2, features=FEATURES, deep_supervision=True)
