@@ -25,9 +25,9 @@ After one warm-up each (medjax's compiles), ``--repeats`` predictions alternate 
 medjax, ...). Prints one JSON line with the median seconds per volume and ratio = MONAI time /
 medjax time (> 1: medjax is faster); nothing is hard-coded. ``--compare NAME`` also times, in
 the same rounds, medjax with one of its speed-ups turned off, and adds ``medjax_no_NAME_s`` and
-``NAME_speedup`` (the median of the per-round time ratios): ``fold`` builds every up-sampled
-map (``unet.FOLD_UPSAMPLING``), ``winograd`` runs oneDNN's direct 3×3×3 forward instead of the
-Winograd one (``onednn.WINOGRAD``). Repeat the flag to compare several.
+``NAME_speedup`` (the median of the per-round time ratios): ``winograd`` runs oneDNN's direct
+3×3×3 forward instead of the Winograd one (``medjax.ops.cpu.onednn.WINOGRAD``). Repeat the flag
+to compare several.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ SIGMA_SCALE = 0.125
 
 def _switches():
   """``--compare``'s names: (module, flag) of each speed-up that can be turned off."""
-  from medjax.models import onednn, unet
-  return {"fold": (unet, "FOLD_UPSAMPLING"), "winograd": (onednn, "WINOGRAD")}
+  from medjax.ops.cpu import onednn
+  return {"winograd": (onednn, "WINOGRAD")}
 
 
 SWITCHES = _switches()

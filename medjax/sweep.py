@@ -337,10 +337,10 @@ class Worker:
     most host devices, up to ``host_devices``, that divide both of its batch sizes."""
     if self.host_devices is None:
       return dict(self.env)
-    from medjax.models import onednn  # imports JAX, whose CPU client stays unstarted here
+    from medjax import host  # may import JAX, whose CPU client stays unstarted here
     batch = math.gcd(config["train"]["batch_size"], config["eval"]["batch_size"])
-    n = 1 if onednn.available() else max(d for d in range(1, self.host_devices + 1)
-                                         if batch % d == 0)
+    n = 1 if host.cpu_kernels_available(self.env) else max(
+        d for d in range(1, self.host_devices + 1) if batch % d == 0)
     xla = self.env.get("XLA_FLAGS", "").split() + [f"--xla_force_host_platform_device_count={n}"]
     return dict(self.env, XLA_FLAGS=" ".join(xla))
 

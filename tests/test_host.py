@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from medjax import host
-from medjax.models import onednn
+from medjax.ops.cpu import onednn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +27,32 @@ def test_use_every_core_keeps_one_device_for_onednn_convolutions(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   host.use_every_core()
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
+@pytest.mark.parametrize("platforms,plugin", [("cuda", False), ("tpu,cpu", False), ("", True)])
+def test_use_every_core_builds_nothing_where_jax_runs_on_an_accelerator(monkeypatch, platforms,
+                                                                         plugin):
+  """JAX_PLATFORMS naming an accelerator first, or (unset) an accelerator plugin installed: the
+  CPU kernels are not built, and the CPU backend gets one device per core as without them."""
+  def no_build():
+    raise AssertionError("built the CPU kernels for a process that does not run on the CPU")
+
+  monkeypatch.setattr(onednn, "available", no_build)
+  monkeypatch.setattr(host, "_accelerator_plugin_installed", lambda: plugin)
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  host.use_every_core()
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={os.cpu_count()}"
+  assert not host.cpu_kernels_available({"JAX_PLATFORMS": "cuda"})
+
+
+def test_cpu_kernels_available_asks_the_build_where_jax_runs_on_the_cpu(monkeypatch):
+  monkeypatch.setattr(onednn, "available", lambda: True)
+  monkeypatch.setattr(host, "_accelerator_plugin_installed", lambda: True)
+  assert host.cpu_kernels_available({"JAX_PLATFORMS": "cpu"})
+  assert not host.cpu_kernels_available({})  # a plugin, and JAX_PLATFORMS unset
+  monkeypatch.setattr(host, "_accelerator_plugin_installed", lambda: False)
+  assert host.cpu_kernels_available({})
 
 
 def test_prepare_does_both(monkeypatch):

@@ -387,10 +387,10 @@ def test_segmentation_member_is_finished_only_after_its_validation(tmp_path):
 @pytest.mark.parametrize("onednn_available,expected", [(True, 1), (False, 4)])
 def test_cpu_member_gets_one_device_for_onednn_else_one_per_core(monkeypatch, onednn_available,
                                                                    expected):
-  from medjax.models import onednn
+  from medjax.ops.cpu import onednn
   monkeypatch.setattr(onednn, "available", lambda: onednn_available)
-  worker = sweep.Worker({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}, {0, 1, 2, 3}, 4,
-                        "test")
+  worker = sweep.Worker({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false", "JAX_PLATFORMS": "cpu"},
+                        {0, 1, 2, 3}, 4, "test")
   env = worker.member_env({"train": {"batch_size": 128}, "eval": {"batch_size": 256}})
   assert env["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
                                       f"--xla_force_host_platform_device_count={expected}"]

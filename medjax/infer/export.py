@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from medjax import ops
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
-from medjax.models import conv_lowering
 
 # CUDA lowering needs no GPU (it is StableHLO plus platform-specific custom calls), so one file
 # serves a CPU box and a GPU server alike; the module picks its branch from the running backend.
@@ -182,7 +182,7 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
   fn, input_shape, preprocessing = make(trained)
   (batch,) = jax.export.symbolic_shape("b")
   # XLA's own convolutions: the module must run where medjax's oneDNN handlers do not exist.
-  with conv_lowering.portable():
+  with ops.portable():
     exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(
         jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32))
   output_shape = [int(d) for d in exported.out_avals[0].shape[1:]]

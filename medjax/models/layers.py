@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from medjax.models import conv_lowering
+from medjax import ops
 
 Dtype = Any
 
@@ -22,7 +20,7 @@ class Conv(nn.Module):
   """N-D convolution (channels-last), the one conv every medjax model uses.
 
   It owns its kernel like ``nn.Conv`` (same parameter name, shape and init) and computes through
-  ``conv_lowering.conv``, the one place where the backend's lowering is chosen.
+  ``medjax.ops.conv``, which picks the convolution's implementation for the backend.
 
   Attributes:
     features: output channels.
@@ -41,36 +39,14 @@ class Conv(nn.Module):
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x: jax.Array | Sequence[Any]) -> jax.Array:
-    """Args: x: ``[B, *spatial, C]``, or a list of such parts, convolved as their concatenation
-    along the channels. A part may also be a map not yet computed (``unet.PendingUpsample``: it
-    has ``shape``, ``dtype`` and ``convolve(kernel, strides, padding)``); it convolves its own
-    channels' share of the kernel, and the rest are concatenated for one convolution.
-
-    Returns: ``[B, *spatial', features]``.
-    """
-    parts = list(x) if isinstance(x, (list, tuple)) else [x]
-    nd = len(parts[0].shape) - 2
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: ``[B, *spatial, C]``. Returns: ``[B, *spatial', features]``."""
+    nd = x.ndim - 2
     ks = (self.kernel_size,) * nd if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     st = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
-    channels = [p.shape[-1] for p in parts]
-    kernel = self.param("kernel", self.kernel_init, ks + (sum(channels), self.features),
-                        jnp.float32)
-    dtype = self.dtype or parts[0].dtype
-    kernel = kernel.astype(dtype)
-    if len(parts) == 1 and not hasattr(parts[0], "convolve"):
-      y = conv_lowering.conv(parts[0].astype(dtype), kernel, st, self.padding)
-    else:
-      ends = np.cumsum(channels)
-      shares = [kernel[..., end - c:end, :] for c, end in zip(channels, ends)]
-      dense = [i for i, p in enumerate(parts) if not hasattr(p, "convolve")]
-      terms = [parts[i].convolve(shares[i], st, self.padding)
-               for i in range(len(parts)) if i not in dense]
-      if dense:
-        terms.append(conv_lowering.conv(
-            jnp.concatenate([parts[i].astype(dtype) for i in dense], axis=-1),
-            jnp.concatenate([shares[i] for i in dense], axis=-2), st, self.padding))
-      y = functools.reduce(jnp.add, terms)
+    kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = ops.conv(x.astype(dtype), kernel.astype(dtype), st, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
     return y

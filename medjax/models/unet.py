@@ -11,31 +11,18 @@ nnU-Net's patch sizes and the sliding window give) are the exact case: no voxel 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from medjax import registry
-from medjax.models import conv_lowering, norm_act
+from medjax import ops, registry
 from medjax.models.layers import Conv
 
 NORMS = ("instance", "group", "batch")
-
-# Benchmarks' A/B switch: False builds every up-sampled map instead of folding it into the
-# convolution that reads it (`PendingUpsample`).
-FOLD_UPSAMPLING = True
-# Up-sampled maps smaller than this per image are built: they stay in the CPU's caches, so
-# folding saves little memory traffic and costs a composite kernel per call. (Per image, not per
-# batch: exported models have a symbolic batch size.)
-FOLD_MIN_BYTES = 1 << 20
 UPSAMPLES = ("transpose", "resize")
 
 
@@ -82,7 +69,7 @@ class ConvBlock(nn.Module):
 
 class InstanceNormLeakyReLU(nn.Module):
   """Instance norm (eps 1e-5, a scale and a bias per channel, as flax's ``InstanceNorm``) and a
-  leaky ReLU as one step: ``norm_act`` fuses the pair on CPUs (4.4× faster than XLA's passes)."""
+  leaky ReLU as one op (``medjax.ops.instance_norm_leaky_relu``), which a backend may fuse."""
 
   negative_slope: float = 0.01
   epsilon: float = 1e-5
@@ -93,128 +80,9 @@ class InstanceNormLeakyReLU(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
     # Statistics in float32 whatever the dtype, as flax computes them.
-    y = norm_act.instance_norm_leaky_relu(x.astype(jnp.float32), scale, bias, self.epsilon,
-                                          self.negative_slope)
+    y = ops.instance_norm_leaky_relu(x.astype(jnp.float32), scale, bias, self.epsilon,
+                                     self.negative_slope)
     return y.astype(self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class PendingUpsample:
-  """`UpTranspose`'s output before it is computed, so that the convolution reading it folds it in.
-
-  A kernel = stride transposed convolution (kernel ``U``, bias ``b``) followed by a stride-1,
-  ``SAME`` convolution (odd kernel ``W``) is one linear map of the low-resolution input plus a
-  fixed map: a transposed convolution by the composite kernel ``U ∘ W`` (``s + k - 1`` taps per
-  axis, stride ``s``), plus ``b`` convolved by ``W`` (constant inside, different only within
-  ``k // 2`` voxels of the border). In the U-Net decoder, ``conv(concat(up, skip), W)`` becomes
-  ``conv(skip, W_skip) + conv_transpose(x, U ∘ W_up) + map``: the up-sampled map and the
-  concatenation are never built, and fewer multiply-adds remain (stride 2, 3×3×3, per output
-  voxel: 8·C·F + 27·F² instead of C·F + 54·F², with C the low-resolution channels, F the skip's
-  and the output's). Results equal the unfolded ones up to float rounding
-  (``tests/models/test_unet.py``).
-
-  It pays on the CPU, where oneDNN runs the convolutions, and where the up-sampled map is large
-  (`FOLD_MIN_BYTES`); elsewhere the map is built. There oneDNN's transposed convolution and the
-  two smaller convolutions run at a lower share of the CPU's peak than the one concatenated
-  convolution, and the composite kernel is recomputed at every call, so the gain is the memory
-  traffic saved. The MSD Hippocampus U-Net (16–128 channels) on 2 cores, its first two decoder
-  stages folded (folding the third too was slower): forward on 4 windows of 40×56×40 6 % faster
-  (median of 30 paired runs, quartiles 2 % and 10 %); train step with deep supervision, batch 4,
-  the Winograd convolutions: 1.32 vs 1.41 s (medians of 6 rounds, per-round ratios 0.96–1.22).
-  On a GPU (one H100, cuDNN through XLA) the fold made the train step (no deep supervision)
-  3.1× slower, 22.8 vs 7.3 ms, so it is not done there.
-  """
-
-  x: jax.Array       # [B, *low, C]
-  kernel: jax.Array  # [*strides, C, F], PyTorch's ConvTranspose layout (unflipped)
-  bias: jax.Array    # [F]
-  strides: tuple[int, ...]
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return (self.x.shape[0], *(n * s for n, s in zip(self.x.shape[1:-1], self.strides)),
-            self.kernel.shape[-1])
-
-  @property
-  def dtype(self) -> Any:
-    return self.x.dtype
-
-  def materialize(self) -> jax.Array:
-    """The up-sampled map ``[B, *(low · strides), F]``.
-
-    With kernel = stride the output blocks do not overlap: input voxel ``i`` alone fills output
-    voxels ``s * i + k``, each as ``x[i] @ kernel[k]``. That is one matmul and a depth-to-space
-    reshape, exact for any rank and backend, with no convolution to lower.
-    """
-    x, nd = self.x, self.x.ndim - 2
-    y = jnp.tensordot(x, self.kernel.astype(x.dtype), axes=[[x.ndim - 1], [nd]])
-    # [B, *X, *s, F] → [B, X1, s1, X2, s2, ..., F] → [B, X1·s1, X2·s2, ..., F]
-    perm = (0, *(a for i in range(nd) for a in (1 + i, 1 + nd + i)), 1 + 2 * nd)
-    return y.transpose(perm).reshape(self.shape) + self.bias.astype(x.dtype)
-
-  def convolve(self, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
-    """``conv(self.materialize(), kernel, strides, padding)``, folded where it can be."""
-    taps = kernel.shape[:-2]
-    if (any(s != 1 for s in strides) or padding != "SAME" or any(k % 2 == 0 for k in taps)
-        or math.prod(self.shape[1:]) * jnp.dtype(self.dtype).itemsize < FOLD_MIN_BYTES
-        or not conv_lowering.runs_on_onednn(self.x, kernel)):
-      return conv_lowering.conv(self.materialize(), kernel, strides, padding)
-    nd = self.x.ndim - 2
-    # Axis by axis, composite tap t takes up-sampling phase a through conv tap w = a - t + 2p
-    # (p = k // 2): output voxel n = s·j + t - p reads up-sampled voxel n + w - p = s·j + a.
-    selections, subscripts = [], []
-    for d, (s, k) in enumerate(zip(self.strides, taps)):
-      p = k // 2
-      select = np.zeros((s + 2 * p, s, k), np.float32)
-      for t, a in itertools.product(range(s + 2 * p), range(s)):
-        if 0 <= a - t + 2 * p < k:
-          select[t, a, a - t + 2 * p] = 1
-      selections += [select, [d, nd + d, 2 * nd + d]]
-      subscripts.append(d)
-    c, m, f = 3 * nd, 3 * nd + 1, 3 * nd + 2  # low channels, up-sampled channels, output channels
-    composite = jnp.einsum(*selections, self.kernel, [*range(nd, 2 * nd), c, m],
-                           kernel.astype(jnp.float32), [*range(2 * nd, 3 * nd), m, f],
-                           [*subscripts, f, c])
-    full = self.shape[:-1] + (kernel.shape[-1],)
-    pads = [(k // 2, k // 2) for k in taps]
-    y = conv_lowering.conv_transpose(self.x, composite.astype(self.dtype), self.strides, pads,
-                                     full)
-    # The bias's share: constant but within k // 2 voxels of a border, so it is convolved on a
-    # box of 2p + 1 voxels per axis (the border rows and one inner row) and the inner row repeated.
-    box = [min(n, k) for n, k in zip(full[1:-1], taps)]
-    bias_box = jnp.broadcast_to(self.bias.astype(self.dtype), (1, *box, self.kernel.shape[-1]))
-    bias = conv_lowering.conv(bias_box, kernel, (1,) * nd, "SAME")[0]
-    for axis, (n, b, k) in enumerate(zip(full[1:-1], box, taps)):
-      if n > b:  # concatenated, not jnp.repeat: XLA:CPU fuses that into its consumers as a gather
-        p = k // 2
-        inner = lax.slice_in_dim(bias, p, p + 1, axis=axis)
-        inner = jnp.broadcast_to(inner, inner.shape[:axis] + (n - 2 * p,) + inner.shape[axis + 1:])
-        bias = jnp.concatenate([lax.slice_in_dim(bias, 0, p, axis=axis), inner,
-                                lax.slice_in_dim(bias, p + 1, b, axis=axis)], axis=axis)
-    return add_to_every_sample(y, bias)
-
-
-@jax.custom_vjp
-def add_to_every_sample(x: jax.Array, value: jax.Array) -> jax.Array:
-  """``x + value``: ``value`` (``x.shape[1:]``) added to each sample of the batch ``x``.
-
-  Its gradient in ``value`` sums the batch as a product with ones rather than a reduction over the
-  leading axis: XLA:CPU gives that reduction to YNNPACK, which took 180 ms of the Hippocampus
-  U-Net's train step for one ``[4, 40, 56, 40, 16]`` map on 2 cores (5 ms as a product, also a
-  plain contraction for a batch sharded over devices).
-  """
-  return x + value
-
-
-def _add_to_every_sample_fwd(x, value):
-  return x + value, None
-
-
-def _add_to_every_sample_bwd(_, g):
-  return g, jnp.tensordot(jnp.ones(g.shape[0], g.dtype), g, axes=1)
-
-
-add_to_every_sample.defvjp(_add_to_every_sample_fwd, _add_to_every_sample_bwd)
 
 
 class UpTranspose(nn.Module):
@@ -222,7 +90,6 @@ class UpTranspose(nn.Module):
 
   The kernel is ``[*strides, C_in, features]`` and unflipped, PyTorch's ``ConvTranspose``
   convention (flax's ``nn.ConvTranspose`` computes the same with the kernel flipped).
-  ``pending=True`` returns a `PendingUpsample`, for a following convolution to fold in.
   """
 
   features: int
@@ -231,15 +98,21 @@ class UpTranspose(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, pending: bool = False) -> jax.Array | PendingUpsample:
+  def __call__(self, x: jax.Array) -> jax.Array:
     nd = x.ndim - 2
     s = tuple(self.strides)
     # Fan-in is C_in: the stride axes index separate outputs, not summed inputs.
     init = _he_init(self.negative_slope, batch_axis=range(nd))
     kernel = self.param("kernel", init, s + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    up = PendingUpsample(x.astype(self.dtype), kernel, bias, s)
-    return up if pending else up.materialize()
+    # With kernel = stride the output blocks do not overlap: input voxel i alone fills output
+    # voxels s·i + k, each as x[i] @ kernel[k]. That is one matmul and a depth-to-space reshape.
+    x = x.astype(self.dtype)
+    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=[[x.ndim - 1], [nd]])
+    # [B, *X, *s, F] → [B, X1, s1, X2, s2, ..., F] → [B, X1·s1, X2·s2, ..., F]
+    perm = (0, *(a for i in range(nd) for a in (1 + i, 1 + nd + i)), 1 + 2 * nd)
+    shape = (x.shape[0], *(n * k for n, k in zip(x.shape[1:-1], s)), self.features)
+    return y.transpose(perm).reshape(shape) + bias.astype(self.dtype)
 
 
 @registry.register("models.unet")
@@ -327,22 +200,17 @@ class UNet(nn.Module):
     for i in reversed(range(len(skips))):
       skip, f = skips[i], self.features[i]
       if self.upsample == "transpose":
-        x = UpTranspose(f, strides[i + 1], self.negative_slope, self.dtype, name=f"up{i}")(
-            x, pending=True)
+        x = UpTranspose(f, strides[i + 1], self.negative_slope, self.dtype, name=f"up{i}")(x)
         if x.shape[1:-1] != skip.shape[1:-1]:
           # Non-divisible sizes: ceil(n / s) · s ≥ n; the extra voxels lie past the skip's end.
-          x = x.materialize()[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
-        elif not FOLD_UPSAMPLING:
-          x = x.materialize()
+          x = x[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
       else:
         # A 1×1 conv commutes with interpolation (both linear, weights sum to 1), so it runs at
         # the low resolution, where it is cheaper.
         x = Conv(f, 1, dtype=self.dtype, kernel_init=_he_init(self.negative_slope),
                  name=f"up{i}")(x)
         x = jax.image.resize(x, x.shape[:1] + skip.shape[1:-1] + x.shape[-1:], "linear")
-      # Concatenated along the channels by the first convolution, which folds a pending
-      # up-sampling in (`PendingUpsample`).
-      x = [x, skip.astype(self.dtype)]
+      x = jnp.concatenate([x, skip.astype(self.dtype)], axis=-1)
       for j in range(self.convs_per_stage):
         x = block(f, name=f"dec{i}_{j}")(x, train)
       if self.deep_supervision or i == 0:

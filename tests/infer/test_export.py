@@ -20,7 +20,6 @@ from medjax.infer import export as export_lib
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io.errors import MedjaxIOError
-from medjax.models import unet
 from medjax.train import loop, tasks
 
 CPU = ("cpu",)  # the tests that only check folder handling skip the CUDA lowering
@@ -161,14 +160,8 @@ def test_a_workdir_without_a_run_names_the_missing_file(tmp_path):
   assert not os.path.exists(tmp_path / "model")
 
 
-@pytest.mark.parametrize("fold_min_bytes", [None, 0])
-def test_a_segmentation_run_exports_softmax_per_voxel_of_a_patch(tmp_path, monkeypatch,
-                                                                 fold_min_bytes):
-  """A TrainedModel built in place (the export reads nothing else) around a tiny 2-D U-Net;
-  ``fold_min_bytes=0``: its up-sampling folded into the decoder's convolutions
-  (``unet.PendingUpsample``) at every level, under the export's symbolic batch."""
-  if fold_min_bytes is not None:
-    monkeypatch.setattr(unet, "FOLD_MIN_BYTES", fold_min_bytes)
+def test_a_segmentation_run_exports_softmax_per_voxel_of_a_patch(tmp_path):
+  """A TrainedModel built in place (the export reads nothing else) around a tiny 2-D U-Net."""
   plan = {"dims": 2, "target_spacing": [1.0, 1.0], "patch_size": [16, 16], "slice_axis": 0,
           "strides": [[1, 1], [2, 2], [2, 2]], "features": [4, 8, 16],
           "normalization": ["zscore"], "num_classes": 3, "class_names": ["bg", "outer", "core"],

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.models import conv_lowering
 from medjax.models.layers import Conv, ConvNormAct
 
 
@@ -25,64 +24,6 @@ def test_conv_equals_flax_conv_values_and_gradients(shape, kernel, strides, padd
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-_DEPTH_TAPS = conv_lowering._conv3d_by_depth_taps
-_PATCHES = conv_lowering._conv_by_patches
-_DEPTH_FOLD = conv_lowering._conv3d_by_depth_fold
-_TAP_CHANNELS = conv_lowering._conv3d_by_tap_channels
-_DEPTH_STRIDE1 = conv_lowering._conv3d_depth_stride1  # tap channels forward, custom gradients
-
-
-@pytest.mark.parametrize("lowering,shape,kernel,strides,padding", [
-    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (3, 3, 3), (2, 2, 2), "SAME"),
-    (_DEPTH_TAPS, (2, 8, 6, 6, 3), (3, 3, 3), (2, 1, 2), "SAME"),
-    (_DEPTH_TAPS, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
-    (_DEPTH_TAPS, (2, 4, 6, 6, 3), (1, 1, 1), (2, 2, 2), "SAME"),
-    (_DEPTH_TAPS, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_FOLD, (2, 7, 6, 5, 1), (3, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_FOLD, (2, 8, 6, 6, 2), (3, 3, 3), (2, 1, 2), "SAME"),
-    (_DEPTH_FOLD, (2, 7, 6, 5, 3), (2, 3, 1), (3, 1, 1), "VALID"),
-    (_DEPTH_FOLD, (1, 5, 4, 4, 1), (4, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_FOLD, (2, 4, 6, 6, 1), (1, 1, 1), (2, 2, 2), "SAME"),
-    (_TAP_CHANNELS, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),
-    (_TAP_CHANNELS, (2, 7, 6, 5, 3), (2, 3, 1), (1, 2, 1), "VALID"),
-    (_TAP_CHANNELS, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (3, 3, 3), (1, 1, 1), "SAME"),  # input gradient by tap channels
-    (_DEPTH_STRIDE1, (2, 6, 6, 6, 3), (1, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_STRIDE1, (2, 2, 6, 6, 3), (3, 3, 3), (1, 1, 1), "SAME"),  # fewer slices than taps
-    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (3, 3, 3), (1, 2, 2), "SAME"),  # gradients by the taps
-    (_DEPTH_STRIDE1, (2, 7, 6, 5, 3), (2, 3, 1), (1, 1, 1), "VALID"),
-    (_DEPTH_STRIDE1, (1, 5, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),
-    (_DEPTH_STRIDE1, (1, 1, 4, 4, 2), (4, 3, 3), (1, 1, 1), "SAME"),  # one slice
-    (_PATCHES, (3, 2, 2, 4), (3, 3), (1, 1), "SAME"),
-    (_PATCHES, (3, 4, 4, 4), (3, 3), (2, 2), "SAME"),
-    (_PATCHES, (3, 5, 3, 4), (3, 2), (2, 1), "VALID"),
-    (_PATCHES, (2, 2, 3, 3, 4), (3, 3, 3), (1, 1, 1), "SAME"),
-    (_PATCHES, (3, 4, 4, 4), (1, 1), (2, 2), "SAME")])
-def test_cpu_lowerings_equal_native_values_and_gradients(lowering, shape, kernel, strides,
-                                                         padding):
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  w = jax.random.normal(jax.random.PRNGKey(1), kernel + (shape[-1], 5))
-  f = lambda fn: lambda x, w: jnp.sum(jnp.cos(fn(x, w, strides, padding)))
-  np.testing.assert_allclose(lowering(x, w, strides, padding),
-                             conv_lowering.native_conv(x, w, strides, padding),
-                             rtol=1e-5, atol=1e-5)
-  ours = jax.grad(f(lowering), argnums=(0, 1))(x, w)
-  ref = jax.grad(f(conv_lowering.native_conv), argnums=(0, 1))(x, w)
-  for a, b in zip(ours, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_a_list_of_parts_is_convolved_as_their_concatenation():
-  a, b = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 5, 4, c)) for i, c in ((0, 3), (1, 2)))
-  conv = Conv(5, 3)
-  params = conv.init(jax.random.PRNGKey(2), [a, b])
-  assert params["params"]["kernel"].shape == (3, 3, 3, 5, 5)
-  np.testing.assert_allclose(conv.apply(params, [a, b]),
-                             conv.apply(params, jnp.concatenate([a, b], axis=-1)),
-                             rtol=1e-5, atol=1e-5)
 
 
 def test_conv_rejects_4d_spatial():

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from medjax import registry
-from medjax.models import conv_lowering, unet
+from medjax.models import unet
 from medjax.models.unet import UNet, UpTranspose
 from medjax.train import losses
 
@@ -111,66 +111,6 @@ def test_up_transpose_equals_flax_conv_transpose(x_shape, strides):
   flipped = {"params": {"kernel": params["params"]["kernel"][(slice(None, None, -1),) * nd],
                         "bias": params["params"]["bias"]}}
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(flipped, x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape,strides", [
-    ((2, 8, 12, 10, 1), None),
-    ((2, 4, 12, 8, 2), [1, (1, 2, 2), 2]),  # a stride-1 axis; the bottleneck is 1×3×2
-    ((2, 16, 12, 1), None),
-    ((1, 8, 8, 3), [1, (2, 1), 2])])
-def test_folded_up_sampling_equals_the_built_one_values_and_gradients(shape, strides,
-                                                                       monkeypatch):
-  model = UNet(num_classes=3, features=FEATURES, strides=strides)
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  variables = _init(model, shape)
-  # Non-zero up-sampling biases: their share is the border-dependent part of the fold.
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, p: p + 0.3 if "up" in jax.tree_util.keystr(path) else p, variables)
-
-  def value_and_grad():
-    loss = lambda v: jnp.sum(jnp.sin(model.apply(v, x)))
-    return jax.jit(jax.value_and_grad(loss))(variables)
-
-  monkeypatch.setattr(unet, "FOLD_MIN_BYTES", 0)  # every level folds, however small
-  folded = value_and_grad()
-  monkeypatch.setattr(unet, "FOLD_UPSAMPLING", False)
-  built = value_and_grad()
-  np.testing.assert_allclose(folded[0], built[0], rtol=1e-4)
-  built_grads = dict(jax.tree_util.tree_leaves_with_path(built[1]))
-  for path, a in jax.tree_util.tree_leaves_with_path(folded[1]):
-    b = built_grads[path]
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
-                               err_msg=jax.tree_util.keystr(path))
-
-
-def test_up_sampling_is_folded_only_where_onednn_runs_the_convolutions(monkeypatch):
-  """Elsewhere (a GPU, XLA's convolutions) the fold was slower, so the map is built."""
-  model = UNet(num_classes=3, features=FEATURES)
-  shape = (2, 8, 12, 10, 1)
-  variables = _init(model, shape)
-  monkeypatch.setattr(unet, "FOLD_MIN_BYTES", 0)
-  jaxpr = lambda: str(jax.make_jaxpr(lambda x: model.apply(variables, x))(jnp.zeros(shape)))
-  # Folded, the composite kernel is applied by a transposed convolution: oneDNN's input
-  # gradient, or XLA's convolution with a dilated input.
-  if conv_lowering.runs_on_onednn(jnp.zeros(shape), jnp.zeros((3, 3, 3, 1, 4))):
-    assert "medjax_onednn_input_grad" in jaxpr()
-  monkeypatch.setattr(conv_lowering, "runs_on_onednn", lambda x, kernel: False)
-  assert "medjax_onednn_input_grad" not in jaxpr()
-  assert "lhs_dilation=(2, 2, 2)" not in jaxpr()
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_add_to_every_sample_values_and_gradients(batch):
-  x = jax.random.normal(jax.random.PRNGKey(0), (batch, 4, 5, 2))
-  value = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 2))
-  weights = jax.random.normal(jax.random.PRNGKey(2), x.shape)  # a cotangent other than ones
-  loss = lambda f: lambda x, v: jnp.sum(weights * f(x, v))
-  ours = jax.jit(jax.value_and_grad(loss(unet.add_to_every_sample), argnums=(0, 1)))(x, value)
-  plain = jax.value_and_grad(loss(lambda x, v: x + v[None]), argnums=(0, 1))(x, value)
-  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
-  for a, b in zip(ours[1], plain[1]):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _expected_params(features, c_in, classes, nd, convs=2, heads=1):

@@ -16,7 +16,7 @@
 //   3. y tile = Aᵀ m A, written where it falls inside the output.
 // The kernel gradient reuses stage 1 and sums V[p]ᵀ (A dy Aᵀ)[p] over the tiles, then applies Gᵀ
 // (MedjaxConvWinogradKernelGrad); the input gradient is a forward call with the kernel flipped.
-// medjax/models/onednn.py builds this file into the same library as onednn_conv.cc.
+// medjax/ops/cpu/onednn.py builds this file into the same library as onednn_conv.cc.
 
 #include <immintrin.h>
 #include <omp.h>

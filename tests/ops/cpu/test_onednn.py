@@ -1,4 +1,4 @@
-"""Tests of medjax/models/onednn.py: the oneDNN convolutions equal XLA's, and their build."""
+"""Tests of medjax/ops/cpu/onednn.py: the oneDNN convolutions equal XLA's, and their build."""
 
 import os
 import platform
@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
-from medjax.models import conv_lowering, onednn
+from medjax import ops
+from medjax.ops import xla
+from medjax.ops.cpu import onednn
 
 # Where the toolchain exists (this repository's CI machine) the handlers must build: a broken
 # build would otherwise only show as slower training.
@@ -24,7 +27,7 @@ def _run_python(code, **env):
   """``python -c code`` on the CPU from the repository root, with ``env`` added."""
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                        cwd=REPO)
 
 
 def _assert_equal_values_and_gradients(ours, ref, x, w, value_tol, grad_tol):
@@ -56,10 +59,10 @@ def test_builds_and_loads_here():
 def test_equals_xla_values_and_gradients(shape, kernel, strides, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   w = jax.random.normal(jax.random.PRNGKey(1), kernel + (shape[-1], 5))
-  pads = tuple(conv_lowering._pads(n, k, s, padding) for n, k, s in zip(shape[1:-1], kernel,
+  pads = tuple(xla.pads(n, k, s, padding) for n, k, s in zip(shape[1:-1], kernel,
                                                                          strides))
   ours = lambda x, w: onednn.conv(x, w, strides, pads)
-  ref = lambda x, w: conv_lowering.native_conv(x, w, strides, padding)
+  ref = lambda x, w: xla.conv(x, w, strides, padding)
   _assert_equal_values_and_gradients(ours, ref, x, w, value_tol=1e-5, grad_tol=1e-4)
 
 
@@ -77,7 +80,7 @@ def test_conv_transpose_is_the_adjoint_of_conv_values_and_gradients(x_shape, ker
   ours = lambda y, w: onednn.conv_transpose(y, w, strides, padding, x_shape)
   ref = lambda y, w: jax.linear_transpose(
       lambda x: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=(
-          conv_lowering.dimension_numbers(len(x_shape) - 2))),
+          xla.dimension_numbers(len(x_shape) - 2))),
       jax.ShapeDtypeStruct(x_shape, jnp.float32))(y)[0]
   np.testing.assert_allclose(jax.jit(ours)(y, w), ref(y, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda y, w: jnp.sum(jnp.cos(f(y, w)))
@@ -111,7 +114,7 @@ def test_winograd_forward_equals_xla_values_and_gradients(shape, out_channels, p
   assert "medjax_onednn_input_grad" not in grads.as_text()
   assert "medjax_onednn_kernel_grad" not in grads.as_text()
   ref = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1, 1), padding, dimension_numbers=conv_lowering.dimension_numbers(3),
+      x, w, (1, 1, 1), padding, dimension_numbers=xla.dimension_numbers(3),
       precision=jax.lax.Precision.HIGHEST)
   _assert_equal_values_and_gradients(ours, ref, x, w, value_tol=1e-4, grad_tol=1e-3)
 
@@ -184,17 +187,17 @@ def test_winograd_handler_names_what_it_cannot_do():
 
 
 @needs_onednn
-def test_conv_lowering_sends_float32_cpu_convolutions_to_onednn():
+def test_ops_conv_sends_float32_cpu_convolutions_to_onednn():
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
-  hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
+  hlo = jax.jit(lambda x, w: ops.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
   assert "medjax_onednn_forward" in hlo and "convolution" not in hlo
   # Other dtypes keep XLA's convolution.
-  hlo16 = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(
+  hlo16 = jax.jit(lambda x, w: ops.conv(x, w, (1, 1), "SAME")).lower(
       x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
   assert "medjax_onednn" not in hlo16 and "convolution" in hlo16
   # Modules for jax.export stay XLA-only, to run without medjax.
-  with conv_lowering.portable():
-    hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
+  with ops.portable():
+    hlo = jax.jit(lambda x, w: ops.conv(x, w, (1, 1), "SAME")).lower(x, w).as_text()
   assert "medjax_onednn" not in hlo and "convolution" in hlo
 
 
@@ -220,7 +223,7 @@ def test_a_batch_split_over_devices_stays_split():
   assert all("f32[2,10,10," in line for line in calls if "kernel_grad" not in line), calls
   value, grads = ours(x, w)
   ref_value, ref_grads = jax.value_and_grad(
-      loss(lambda x, w: conv_lowering.native_conv(x, w, (1, 1), "SAME")), argnums=(0, 1))(
+      loss(lambda x, w: xla.conv(x, w, (1, 1), "SAME")), argnums=(0, 1))(
           np.asarray(x), np.asarray(w))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for a, b in zip(grads, ref_grads):
@@ -268,12 +271,44 @@ def test_compiler_failure_quotes_it_and_leaves_nothing(tmp_path, monkeypatch):
   assert os.listdir(cache) == []
 
 
+@needs_onednn
+def test_compiler_warnings_are_logged(tmp_path, monkeypatch, caplog):
+  """The build shows what the compiler warned about (no ``-w``), and still succeeds."""
+  fake = tmp_path / "bin" / "fakecxx"
+  fake.parent.mkdir()
+  fake.write_text("#!/bin/sh\nfor a; do out=$a; done\n"  # the output file comes last
+                  "echo 'norm_act.cc:1:1: warning: unused variable' >&2\n: > \"$out\"\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", str(fake))
+  with caplog.at_level("WARNING"):
+    path = onednn.build()
+  assert os.path.exists(path)
+  assert "warning: unused variable" in caplog.text and "fakecxx" in caplog.text
+
+
+@needs_onednn
+def test_the_real_build_passes_no_flag_that_hides_warnings(tmp_path, monkeypatch):
+  """``-w`` would silence the compiler; the build's command is recorded by a wrapper."""
+  log = tmp_path / "args"
+  wrapper = tmp_path / "bin" / "wrapcxx"
+  wrapper.parent.mkdir()
+  wrapper.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nfor a; do out=$a; done\n: > \"$out\"\n")
+  wrapper.chmod(0o755)
+  monkeypatch.setenv("MEDJAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", str(wrapper))
+  onednn.build()
+  args = log.read_text().split()
+  assert "-w" not in args and "-Wall" in args
+
+
 def test_turned_off_falls_back_to_xla(tmp_path):
   """``MEDJAX_ONEDNN=0``: XLA's convolution instead."""
   code = ("import jax, jax.numpy as jnp\n"
-          "from medjax.models import conv_lowering, onednn\n"
+          "from medjax import ops\n"
+          "from medjax.ops.cpu import onednn\n"
           "x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))\n"
-          "hlo = jax.jit(lambda x, w: conv_lowering.conv(x, w, (1, 1), 'SAME')).lower(x, w)"
+          "hlo = jax.jit(lambda x, w: ops.conv(x, w, (1, 1), 'SAME')).lower(x, w)"
           ".as_text()\n"
           "print(onednn.available(), 'medjax_onednn' in hlo, 'convolution' in hlo)\n")
   out = _run_python(code, MEDJAX_ONEDNN="0")
@@ -286,7 +321,7 @@ def test_strided_1x1_convolutions_keep_the_heap_intact():
   """A strided 1×1 convolution is taken by slicing, so oneDNN sees unit strides: its own strided
   1×1 kernel gradient corrupted the heap (glibc's checks aborted 2 runs of 3 of this loop)."""
   code = ("import jax, jax.numpy as jnp\n"
-          "from medjax.models import onednn\n"
+          "from medjax.ops.cpu import onednn\n"
           "assert onednn.available()\n"
           "x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))\n"
           "w = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 4, 5))\n"

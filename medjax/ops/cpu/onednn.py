@@ -1,36 +1,29 @@
 """oneDNN's convolutions (the CPU kernels PyTorch runs) called from XLA:CPU through its FFI.
 
-XLA:CPU's own convolutions are slow where oneDNN is fast: its 2-D kernel gradient runs at half
-oneDNN's speed, and its 3-D convolutions a quarter (``conv_lowering``'s docstring has the
-figures). oneDNN is the library made for the job, so medjax calls it: ``onednn_conv.cc`` holds
-three XLA FFI handlers (forward, input gradient, kernel gradient); `conv` is a custom-VJP
-convolution over them, and `conv_transpose` its adjoint (the input-gradient handler run forward).
+XLA:CPU's own convolutions are slow where oneDNN is fast (its 2-D kernel gradient, and 3-D
+convolutions generally). ``onednn_conv.cc`` holds three XLA FFI handlers (forward, input
+gradient, kernel gradient); `conv` is a custom-VJP convolution over them, and `conv_transpose`
+its adjoint (the input-gradient handler run forward).
 
 3×3×3 stride-1 convolutions have medjax's own handlers: ``winograd_conv.cc``, Winograd's
 F(2×2×2, 3×3×3) (3.4× fewer multiply-adds; oneDNN's Winograd is 2-D and AVX-512 only), forward
 and kernel gradient (the input gradient is a forward call). They run where `winograd_applies`
-(the U-Net's 3-D convolutions) and are built into the same library. Two cores, batch 4, against
-oneDNN: forward 16→16 at 40×56×40 27 vs 38 ms, 32→32 at 20×28×20 9.1 vs 17.2 ms; kernel
-gradient 43.8 vs 121.9 ms and 17.8 vs 44.4 ms. The hippocampus U-Net's sliding-window inference
-got 1.28–1.34× faster (``benchmarks/sliding_window_vs_monai.py --compare winograd``).
-
-The same library holds ``norm_act.cc``, the fused instance norm + leaky ReLU of
-``medjax.models.norm_act`` (not oneDNN's, but built and gated with these handlers).
+(the U-Net's 3-D convolutions). The same library holds ``norm_act.cc``, the fused instance norm
++ leaky ReLU of ``norm_act``.
 
 The handlers are compiled on first use, not at install: against the FFI headers of the jaxlib
 that will load them (so the two always match) and the oneDNN wheel (``onednn-cpu-gomp``, GNU
-OpenMP), with the system's C++ compiler (``$CXX``, else ``g++``), into
-``$MEDJAX_CACHE_DIR`` (default ``~/.cache/medjax``), keyed by everything that goes into the
-build. Where any of that is missing — another platform, no compiler, no wheel — or
-``MEDJAX_ONEDNN=0`` is set, `available()` is False, one log line says why, and
-``conv_lowering`` keeps XLA's lowerings: same results, slower.
+OpenMP), with the system's C++ compiler (``$CXX``, else ``g++``), into ``$MEDJAX_CACHE_DIR``
+(default ``~/.cache/medjax``), keyed by everything that goes into the build. Where any of that
+is missing (another platform, no compiler, no wheel) or ``MEDJAX_ONEDNN=0`` is set,
+`available()` is False, one log line says why, and ``conv`` keeps XLA's lowerings: same
+results, slower. Nothing here is imported unless ``medjax.ops`` chose a CPU op, or
+``medjax.host`` found that JAX will run on the CPU.
 
 Threads: each call gets this process's cores divided by its CPU devices, since XLA starts the
 calls of several devices together. Over a mesh each device convolves its own share of the batch
-(`_partitioned`: without that rule XLA gathered the whole batch onto every device first). On 2
-cores a ResNet-18 step (28², batch 128) runs about as fast on one device threaded over both
-cores as on two devices of one core each (136 vs 142 images/s, `benchmarks/train_step_vs_torch.py`
-with ``--mesh_devices``), so ``medjax.host`` keeps one CPU device.
+(`_partitioned`: without that rule XLA gathers the whole batch onto every device first).
+``docs/performance-kernels.md`` has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -66,16 +59,14 @@ _TARGETS = {"forward": "MedjaxConvForward", "input_grad": "MedjaxConvBackwardDat
 # A/B switch for the Winograd forward (`winograd_applies`); off, oneDNN's direct one runs.
 WINOGRAD = True
 # Where it runs: "auto" (CPUs with AVX2 + FMA but no AVX-512), "1" (every AVX2 + FMA CPU) or "0".
-# On AVX-512 CPUs oneDNN's direct 3-D kernels ran at the cores' float32 peak (README, Speed: 420–
-# 441 GFLOP/s on 2 Zen 5 cores); this AVX2 Winograd, at half that vector width with its
-# transforms about half its time, would come to roughly 300 (estimated, not measured: no AVX-512
-# machine was at hand), so there it is left off unless asked for.
+# On AVX-512 CPUs oneDNN's direct 3-D kernels already run near the cores' float32 peak, and this
+# AVX2 Winograd has half that vector width, so there it is left off unless asked for.
 WINOGRAD_CPUS = os.environ.get("MEDJAX_WINOGRAD", "auto")
-# Below this many output voxels per call the Winograd forward was slower than oneDNN's (its
-# per-call kernel transform; 128→128 at 4 × 5×7×5: 8.9 vs 6.5 ms) and above it faster
-# (64→64 at 4 × 10×14×10: 5.0 vs 7.9 ms; 16→16 at 4 × 40×56×40: 27 vs 38 ms).
+# Below this many output voxels per call the Winograd forward is slower than oneDNN's: its
+# kernel transform, done at every call, outweighs the multiply-adds it saves.
 WINOGRAD_MIN_VOXELS = 4096
 _PREFIX = "medjax_onednn_"
+_WARNING_LINES = 40  # of the compiler's warnings, logged when a build has any
 
 Padding = Sequence[tuple[int, int]]
 
@@ -113,7 +104,8 @@ def _compiler() -> str:
 
 
 def build() -> str:
-  """Compiles ``onednn_conv.cc`` unless an identical build is cached; returns the library path.
+  """Compiles the ``*.cc`` handlers unless an identical build is cached; returns the library
+  path. Compiler warnings, if any, are logged.
 
   Raises:
     BuildError: no oneDNN wheel, no compiler, or the compiler failed (its last lines quoted).
@@ -129,8 +121,10 @@ def build() -> str:
   for path in SOURCES:
     with open(path, "rb") as f:
       source += f.read()
-  command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", *SOURCES,
-             "-I", jax.ffi.include_dir(), "-I", include, library,
+  # Warnings on for medjax's sources; the jaxlib and oneDNN headers are -isystem, so theirs (which
+  # medjax cannot fix) stay out of the log.
+  command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-Wall", "-Wextra",
+             *SOURCES, "-isystem", jax.ffi.include_dir(), "-isystem", include, library,
              f"-Wl,-rpath,{os.path.dirname(library)}"]
   key = hashlib.sha256(source + repr((command, jaxlib.__version__)).encode()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"onednn_conv_{key}.so")
@@ -146,6 +140,12 @@ def build() -> str:
     if done.returncode:
       tail = "\n".join(done.stderr.strip().splitlines()[-5:])
       raise BuildError(f"{os.path.basename(cxx)} failed on {', '.join(SOURCES)}:\n{tail}")
+    if done.stderr.strip():  # built, with warnings: shown once, when the library is built
+      lines = done.stderr.strip().splitlines()
+      shown = "\n".join(lines[:_WARNING_LINES])
+      if len(lines) > _WARNING_LINES:
+        shown += f"\n... ({len(lines) - _WARNING_LINES} more lines)"
+      logging.warning("%s warned building %s:\n%s", os.path.basename(cxx), out, shown)
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
@@ -308,7 +308,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
       lo or hi for lo, hi in padding):
     # A strided 1×1 convolution reads only every s-th voxel: taken here, it leaves oneDNN a
     # unit-stride one. oneDNN 3.2's strided 1×1 kernel-gradient path (jit_1x1 with its
-    # "reduce to unit stride" copy) corrupted the heap in tests/models/test_onednn.py
+    # "reduce to unit stride" copy) corrupted the heap in tests/ops/cpu/test_onednn.py
     # ("double free or corruption" under MALLOC_CHECK_=3, in about 2 runs of 3).
     x = x[(slice(None), *(slice(None, None, s) for s in strides))]
     strides = (1,) * len(strides)

@@ -1,12 +1,9 @@
-"""Instance norm + leaky ReLU, the U-Net's norm-activation pair, fused on the CPU.
+"""Instance norm + leaky ReLU fused on the CPU: ``norm_act.cc``'s two passes each way.
 
-XLA:CPU runs the pair as separate reductions and elementwise passes: forward and backward of a
-16-channel 40×56×40 batch of 4 took 35–37 ms on 2 cores, about ten passes of memory traffic.
-``norm_act.cc`` does it in two passes each way (built into the library of ``onednn``): 7.9 ms
-there, 4.4× faster; 1.9 vs 6.5 ms at 32 channels and 20×28×20. Where `fused_applies` (the
-convolutions run on oneDNN — CPU, float32, handlers built, outside `conv_lowering.portable` —
-and the channels fill AVX2 vectors) `instance_norm_leaky_relu` calls it; elsewhere it is the
-same function in jax.numpy, equal to flax's ``InstanceNorm`` followed by ``nn.leaky_relu``.
+XLA:CPU runs the pair as separate reductions and elementwise passes, several times the memory
+traffic of the fused handlers (built into the library of ``onednn``). Where `fused_applies`,
+`instance_norm_leaky_relu` calls them; elsewhere it is ``medjax.ops.xla``'s form. Equal up to
+float rounding; ``docs/performance-kernels.md`` has the figures.
 """
 
 from __future__ import annotations
@@ -19,25 +16,15 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from medjax.models import conv_lowering, onednn
-
-
-def reference(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-              negative_slope: float) -> jax.Array:
-  """jax.numpy's instance norm (flax's: variance as E[x²] − E[x]², at least 0) + leaky ReLU."""
-  axes = tuple(range(1, x.ndim - 1))
-  mean = jnp.mean(x, axes, keepdims=True)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes, keepdims=True) - jnp.square(mean))
-  z = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
-  return jnp.where(z > 0, z, negative_slope * z)
+from medjax.ops import xla
+from medjax.ops.cpu import conv, onednn
 
 
 def fused_applies(x: jax.Array) -> bool:
-  """Whether `instance_norm_leaky_relu` of ``x`` runs the fused CPU handlers: where the
-  convolutions run on oneDNN, channels in multiples of 8 (the kernels' AVX2 vectors), an AVX2 +
-  FMA CPU."""
-  # runs_on_onednn(x, x): its checks of x (backend, float32, rank 3–5, not portable) and no kernel.
-  return x.shape[-1] % 8 == 0 and conv_lowering.runs_on_onednn(x, x) and onednn.avx2_fma()
+  """Whether `instance_norm_leaky_relu` of ``x`` runs the fused handlers: where the convolutions
+  run on oneDNN (float32, rank 3–5, handlers built), channels in multiples of 8 (the kernels'
+  AVX2 vectors), an AVX2 + FMA CPU."""
+  return x.shape[-1] % 8 == 0 and conv.onednn_applies(x) and onednn.avx2_fma()
 
 
 def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -45,10 +32,10 @@ def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
   """Normalises ``x [B, *spatial, C]`` over its spatial axes per sample and channel, scales and
   shifts it by ``scale``, ``bias [C]``, then applies a leaky ReLU.
 
-  Fused where `fused_applies`; otherwise `reference`. Equal up to float rounding.
+  Fused where `fused_applies`; otherwise ``medjax.ops.xla``'s form. Equal up to float rounding.
   """
   if not fused_applies(x):
-    return reference(x, scale, bias, epsilon, negative_slope).astype(x.dtype)
+    return xla.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope).astype(x.dtype)
   return _fused(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(epsilon),
                 float(negative_slope))
 

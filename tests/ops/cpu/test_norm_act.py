@@ -1,4 +1,4 @@
-"""Tests of medjax/models/norm_act.py: the fused instance norm + leaky ReLU equals flax's pair."""
+"""Tests of medjax/ops/cpu/norm_act.py: the fused instance norm + leaky ReLU equals flax's pair."""
 
 import flax.linen as nn
 import jax
@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.models import conv_lowering, norm_act, onednn
-from tests.models.test_onednn import needs_onednn
+from medjax import ops
+from medjax.ops import xla
+from medjax.ops.cpu import norm_act, onednn
+from tests.ops.cpu.test_onednn import needs_onednn
 
 
 def _fused_or_skip(x):
@@ -34,7 +36,7 @@ def test_reference_equals_flax_instance_norm_then_leaky_relu():
   module = nn.InstanceNorm(epsilon=1e-5)
   params = {"params": {"scale": scale, "bias": bias}}
   expected = nn.leaky_relu(module.apply(params, x), 0.01)
-  np.testing.assert_allclose(norm_act.reference(x, scale, bias, 1e-5, 0.01), expected,
+  np.testing.assert_allclose(xla.instance_norm_leaky_relu(x, scale, bias, 1e-5, 0.01), expected,
                              rtol=1e-5, atol=1e-5)
 
 
@@ -51,7 +53,7 @@ def test_fused_equals_reference_values_and_gradients(shape, mean, std):
   # The norm ignores a constant added to x, value and gradients alike. Taken off for the
   # reference, whose E[x²] − E[x]² in float32 loses digits at mean 100 (ours sums in double).
   shift = np.asarray(x).mean(axis=tuple(range(1, x.ndim - 1)), keepdims=True)
-  ref = _value_and_grads(lambda x, *a: norm_act.reference(x - shift, *a, 1e-5, 0.01), x, scale,
+  ref = _value_and_grads(lambda x, *a: xla.instance_norm_leaky_relu(x - shift, *a, 1e-5, 0.01), x, scale,
                          bias)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())))
@@ -85,13 +87,13 @@ def _custom_calls(f, *args):
 def test_reference_runs_where_the_fused_handlers_do_not():
   x, scale, bias = _operands((2, 6, 6, 6, 16))
   _fused_or_skip(x)
-  assert _custom_calls(norm_act.instance_norm_leaky_relu, x, scale, bias)
-  with conv_lowering.portable():  # exported modules stay XLA-only
-    assert not _custom_calls(norm_act.instance_norm_leaky_relu, x, scale, bias)
+  assert _custom_calls(ops.instance_norm_leaky_relu, x, scale, bias)
+  with ops.portable():  # exported modules stay XLA-only
+    assert not _custom_calls(ops.instance_norm_leaky_relu, x, scale, bias)
   narrow, s4, b4 = _operands((2, 6, 6, 6, 4))  # 4 channels: not a whole AVX2 vector
   assert not norm_act.fused_applies(narrow)
   np.testing.assert_allclose(norm_act.instance_norm_leaky_relu(narrow, s4, b4),
-                             norm_act.reference(narrow, s4, b4, 1e-5, 0.01), rtol=1e-6)
+                             xla.instance_norm_leaky_relu(narrow, s4, b4, 1e-5, 0.01), rtol=1e-6)
 
 
 @needs_onednn
@@ -116,7 +118,7 @@ def test_a_batch_split_over_devices_stays_split():
   assert all("f32[2,6,5,4,16]" in line for line in calls), calls
   value, grads = ours(x, scale, bias)
   ref_value, ref_grads = jax.value_and_grad(
-      loss(lambda *a: norm_act.reference(*a, 1e-5, 0.01)), argnums=(0, 1, 2))(
+      loss(lambda *a: xla.instance_norm_leaky_relu(*a, 1e-5, 0.01)), argnums=(0, 1, 2))(
           np.asarray(x), np.asarray(scale), np.asarray(bias))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for a, b in zip(grads, ref_grads):

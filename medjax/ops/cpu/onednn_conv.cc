@@ -1,7 +1,7 @@
 // oneDNN convolutions as XLA FFI handlers for the CPU backend: forward, input gradient and kernel
 // gradient of a channels-last N-D convolution (1-, 2- or 3-D), float32.
 //
-// medjax/models/onednn.py compiles this file against the installed jaxlib's FFI headers and the
+// medjax/ops/cpu/onednn.py compiles this file against the installed jaxlib's FFI headers and the
 // oneDNN wheel, registers the three handlers and wraps them in a custom-VJP convolution.
 //
 // Layouts: activations [N, *spatial, C] (oneDNN nwc / nhwc / ndhwc), kernels [*k, C_in, C_out]

@@ -2,10 +2,9 @@
 // backend, forward and backward, each two passes over the activations.
 //
 // Why: XLA:CPU runs the pair as separate reductions and elementwise passes, about ten passes'
-// worth of memory traffic for the forward and backward of a 16-channel 40×56×40 batch of 4
-// (37 ms, against 3.9 ms for one read-and-write pass). A U-Net repeats it after every
-// convolution. Here the forward reads x twice (statistics, then y) and the backward reads x and
-// dy twice (two sums per channel, then dx = k1·dz + k2·(x − μ) + k3 per channel).
+// worth of memory traffic (docs/performance-kernels.md has the figures). A U-Net repeats it
+// after every convolution. Here the forward reads x twice (statistics, then y) and the backward
+// reads x and dy twice (two sums per channel, then dx = k1·dz + k2·(x − μ) + k3 per channel).
 //
 // Layouts: x, y, dy, dx [N, S, C] (S the spatial voxels, flattened); scale, bias [C]; mean,
 // rstd [N, C]. The backward returns the per-sample sums Σdz·x̂ and Σdz ([N, C]) from which the
@@ -15,7 +14,7 @@
 // sample's voxels are cut into a fixed number of runs, each summed in float over short
 // stretches and in double across them, and the runs are added in order: the result is the
 // same to the last bit for any thread count and schedule.
-// medjax/models/onednn.py builds this file into the same library as onednn_conv.cc.
+// medjax/ops/cpu/onednn.py builds this file into the same library as onednn_conv.cc.
 
 #include <immintrin.h>
 #include <omp.h>

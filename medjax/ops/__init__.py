@@ -1,0 +1,74 @@
+"""The ops medjax's models compute with, and the one place that chooses how each runs.
+
+`conv`, `conv_transpose` and `instance_norm_leaky_relu` are plain functions. Where JAX's default
+backend is the CPU, they go to ``medjax.ops.cpu`` (oneDNN's convolutions, a 3-D Winograd, a fused
+norm + activation, and XLA lowerings that suit XLA:CPU), which builds its C++ kernels on first
+use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``. Inside
+`portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA lowerings). All
+forms give the same results up to float rounding.
+
+``medjax.ops.cpu`` is imported only once a CPU op is chosen: a process whose default backend is
+not the CPU never imports it, and so never compiles C++.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Sequence
+
+import jax
+
+from medjax.ops import xla
+from medjax.ops.xla import dimension_numbers  # noqa: F401  (part of the API)
+
+_PORTABLE = contextvars.ContextVar("medjax_portable_ops", default=False)
+
+
+@contextlib.contextmanager
+def portable():
+  """Within it, the ops trace to XLA operations only (no custom calls to medjax's kernels): for
+  modules serialised with ``jax.export`` and run where medjax is not installed."""
+  token = _PORTABLE.set(True)
+  try:
+    yield
+  finally:
+    _PORTABLE.reset(token)
+
+
+def _on_cpu() -> bool:
+  """Whether the CPU implementations are chosen: JAX's default backend is the CPU. Checked at
+  every call, before ``medjax.ops.cpu`` is imported."""
+  return jax.default_backend() == "cpu"
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
+  """Convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]`` (1- to 3-D, channels-last);
+  ``padding`` is ``"SAME"`` or ``"VALID"``. Returns ``[B, *spatial', O]``."""
+  if _on_cpu():
+    from medjax.ops.cpu import conv as cpu_conv
+    # Inside portable(), XLA:CPU's lowerings without the compiled kernels.
+    return cpu_conv.conv(x, kernel, tuple(strides), padding, kernels=not _PORTABLE.get())
+  return xla.conv(x, kernel, strides, padding)
+
+
+def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   padding: Sequence[tuple[int, int]], x_shape: Sequence[int]) -> jax.Array:
+  """The adjoint of the convolution of ``x_shape`` inputs with ``kernel [*k, C, O]``, strides and
+  explicit ``(low, high)`` padding, applied to ``y [B, *t, O]``: a transposed convolution to
+  ``x_shape``."""
+  if _on_cpu() and not _PORTABLE.get():
+    from medjax.ops.cpu import conv as cpu_conv
+    return cpu_conv.conv_transpose(y, kernel, strides, padding, x_shape)
+  return xla.conv_transpose(y, kernel, strides, padding, x_shape)
+
+
+def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                             epsilon: float = 1e-5, negative_slope: float = 0.01) -> jax.Array:
+  """Normalises ``x [B, *spatial, C]`` over its spatial axes per sample and channel, scales and
+  shifts it by ``scale``, ``bias [C]``, then applies a leaky ReLU: flax's ``InstanceNorm``
+  followed by ``nn.leaky_relu``, as one op."""
+  if _on_cpu() and not _PORTABLE.get():
+    from medjax.ops.cpu import norm_act
+    return norm_act.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope)
+  return xla.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope).astype(x.dtype)
