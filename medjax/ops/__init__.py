@@ -20,7 +20,6 @@ from typing import Sequence
 import jax
 
 from medjax.ops import xla
-from medjax.ops.xla import dimension_numbers  # noqa: F401  (part of the API)
 
 _PORTABLE = contextvars.ContextVar("medjax_portable_ops", default=False)
 
