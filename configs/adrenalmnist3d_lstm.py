@@ -30,19 +30,16 @@ def get_config(arg: str | None = None, cell: str = "lstm"):
   c.model.name = f"slice_{cell}"
   # Flips only, no affine. The per-slice encoder's BatchNorm keeps running statistics of the
   # training slices, and those of affine-resampled slices (mostly empty shape masks, so tiny
-  # variances) misnormalise the unaugmented val slices: with the affine the LSTM (context 0)
-  # scored val AUC 0.830 but ACC 0.43 / NLL 0.85. Recomputing the statistics on un-augmented
-  # slices (train.bn_recalibration_batches=4) mends ACC (0.87) but not AUC (0.803); without the
-  # affine: AUC 0.818, ACC 0.84 / NLL 0.41.
+  # variances) misnormalise the unaugmented val slices; precise BN mends ACC but not AUC
+  # (docs/results.md).
   c.data.train_transforms = "to_float|flip(axes=(2,))|normalize(0.5, 0.5)"
-  # A small per-slice CNN (28² → 14² → 7², 64 features) keeps a batch-32 step under a second on
-  # the 2-core CPU, several times cheaper than the 3-D ResNet-18; "resnet18(width=32,
-  # stem_stride=2)" is the bigger encoder (about 1.3× the step time).
+  # A small per-slice CNN (28² → 14² → 7², 64 features): several times cheaper than the 3-D
+  # ResNet-18; "resnet18(width=32, stem_stride=2)" is the bigger encoder (docs/performance.md).
   c.model.kwargs = ml_collections.ConfigDict({
       "slice_axis": "axial",  # axis 1 of [B, D, H, W, C]
       "slice_stride": 1,
       # Two neighbouring slices each side as extra encoder channels (a 5-slice slab per step):
-      # val AUC 0.818 with context 0, 0.868 with 1, 0.889 with 2 (LSTM, same steps).
+      # each added neighbour raised val AUC (docs/results.md).
       "context": 2,
       "encoder": "small_cnn(features=(16, 32, 64))",
       "hidden": 128,

@@ -26,8 +26,8 @@ def get_config(arg: str | None = None):
       "|gamma(p=0.3)|contrast(p=0.15)|noise(std=(0., 0.1), p=0.1)")
   c.data.eval_transforms = ""  # evaluation patches are centred crops made by the loop
   c.model.name = "unet"
-  # Half nnU-Net's widths: 32–256 costs 3.75 s per batch-4 step on this 2-core CPU, 16–128 costs
-  # 1.16 s, and more steps is what a 40-minute budget needs.
+  # Half nnU-Net's widths (16–128, not 32–256): about 3× cheaper per step on a 2-core CPU, and
+  # more steps is what a 40-minute budget needs (docs/performance.md).
   c.model.kwargs = ml_collections.ConfigDict({"norm": "instance", "deep_supervision": True,
                                               "features": [16, 32, 64, 128]})
   c.train.batch_size = 4
