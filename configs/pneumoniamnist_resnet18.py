@@ -34,6 +34,9 @@ def get_config(arg: str | None = None):
   c.optim.weight_decay = 1e-2
   if arg == "runlocal":
     common.runlocal(c)
+  else:
+    c.model.kwargs.width = 64
+    c.model.kwargs.stem_stride = 1
   return c
 
 

@@ -8,17 +8,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One compilation cache for the whole run, shared by the xdist workers and the launch.py
-# subprocesses they start (all inherit this process's environment): the suite trains the same
-# small configs many times, and compiling them is most of its time on a 2-core CPU (the segmentation
-# resume test: 208 s without, 129 s with a cold cache). Cached executables are keyed by their HLO,
-# flags and jaxlib, so a hit runs exactly what a fresh compile would. The controller (the first to
-# import this file) makes the folder and removes it at the end; one set by the user is kept.
+# One persistent compilation cache, shared by the xdist workers and the launch.py subprocesses
+# they start (all inherit this process's environment), and kept between runs: the suite trains
+# the same small configs many times, and compiling them is most of its time on a 2-core CPU.
+# Cached executables are keyed by their HLO, flags and jaxlib, so a hit runs exactly what a
+# fresh compile would; a changed model or jaxlib only adds entries, and JAX evicts the least
+# recently used past the size cap. JAX_COMPILATION_CACHE_DIR set by the user wins.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="medjax-test-jax-cache-")
-  os.environ["MEDJAX_TEST_CACHE_OWNER"] = str(os.getpid())
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "medjax", "jax-tests")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small ones too
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -120,16 +120,29 @@ def synthetic_medmnist(tmp_path):
   return write_synthetic_medmnist(str(tmp_path))
 
 
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+  """``(workdir, summary)`` of one small run that has learnt the synthetic task: 256 train, 40 val
+  and 40 test images, 30 steps of 32 on all 4 devices (sharded checkpoints), evaluated every 10.
+
+  Trained once per test process and shared by the tests that only read it; a test that writes
+  into the workdir works on a copy (``shutil.copytree``).
+  """
+  from helpers import config
+
+  from medjax.train import loop
+
+  root = tmp_path_factory.mktemp("learned")
+  data = write_synthetic_medmnist(str(root), n_train=256, n_val=40, with_test=True)
+  workdir = str(root / "run")
+  c = config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 10,
+                                "eval.batch_size": 40, "mesh.data": 4})
+  return workdir, loop.train_and_evaluate(c, workdir)
+
+
 @pytest.fixture
 def data_root():
   root = os.environ.get("MEDJAX_DATA_DIR")
   if not root or not os.path.isdir(root):
     pytest.skip("MEDJAX_DATA_DIR is unset or missing; real data tests need ../shared/data")
   return root
-
-
-def pytest_sessionfinish(session, exitstatus):
-  del session, exitstatus
-  if os.environ.get("MEDJAX_TEST_CACHE_OWNER") == str(os.getpid()):
-    import shutil
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

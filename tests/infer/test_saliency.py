@@ -11,8 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from conftest import write_synthetic_medmnist
-from helpers import config as cls_config
 from PIL import Image
 from scipy import stats
 
@@ -20,7 +18,6 @@ from medjax.data import pipeline
 from medjax.infer import predict, saliency
 from medjax.infer.trained import TrainedModel
 from medjax.models import resnet, sequence
-from medjax.train import loop
 
 # The synthetic class-1 images carry their blob here (tests/conftest.py, 28² images).
 BLOB = (slice(10, 18), slice(10, 18))
@@ -157,14 +154,10 @@ def test_volume_overlay_cuts_through_the_maximum_and_plots_the_attention():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny ResNet that has learnt the synthetic task (blob ⇒ class 1), and its val images."""
-  root = tmp_path_factory.mktemp("saliency")
-  data = write_synthetic_medmnist(str(root), n_train=256, n_val=32)
-  workdir = str(root / "run")
-  summary = loop.train_and_evaluate(
-      cls_config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 30,
-                                    "eval.batch_size": 32, "mesh.data": 1}), workdir)
+def run(learned_run):
+  """The shared tiny ResNet that has learnt the synthetic task (blob ⇒ class 1), and its val
+  images."""
+  workdir, summary = learned_run
   assert summary["best"]["auc"] > 0.95, summary  # else the checks below mean nothing
   trained = TrainedModel.load(workdir)
   val = trained.source("val")

@@ -3,24 +3,17 @@
 import jax
 import numpy as np
 import pytest
-from conftest import write_synthetic_medmnist
-from helpers import config as _config
 
 from medjax.data import pipeline
 from medjax.evaluate import metrics
 from medjax.infer.trained import TrainedModel
 from medjax.io.errors import MedjaxIOError
-from medjax.train import loop
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny run trained on all 4 fake devices (its checkpoints are sharded over them)."""
-  root = tmp_path_factory.mktemp("trained")
-  data = write_synthetic_medmnist(str(root), with_test=True)
-  workdir = str(root / "run")
-  summary = loop.train_and_evaluate(_config(data, **{"mesh.data": 4}), workdir)
-  return workdir, summary
+def run(learned_run):
+  """The shared learnt run: trained on all 4 fake devices (its checkpoints sharded over them)."""
+  return learned_run
 
 
 def test_loads_the_best_checkpoint_onto_one_device_and_reproduces_the_loops_metrics(run):
