@@ -71,6 +71,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from medjax.io.atomic import atomic_write
+
 Overrides = dict[str, Any]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")  # characters kept in a member's folder name
@@ -735,11 +737,8 @@ class Leaderboard:
 
 
 def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic_write(path, text)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  _write_text(path, json.dumps(obj, indent=2, default=repr) + "\n")
+  atomic_write(path, json.dumps(obj, indent=2, default=repr) + "\n")

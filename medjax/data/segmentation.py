@@ -27,6 +27,7 @@ from sklearn.model_selection import KFold
 
 from medjax import registry
 from medjax.data import transforms
+from medjax.io.atomic import atomic_open, atomic_write_json
 from medjax.io.errors import MedjaxIOError
 from medjax.io.msd import MSDDataset, load_msd_case
 from medjax.io.volume import Volume
@@ -252,14 +253,11 @@ def prepare_cache(dataset: MSDDataset, plan: dict[str, Any], cache_dir: str,
 def _save(path: str, value: np.ndarray | dict | list) -> None:
   """Writes ``path`` through a temporary file of this process and a rename: readers (and the
   other processes of a multi-host run, writing the same bytes) never see half a file."""
-  tmp = f"{path}.{os.getpid()}.tmp"
   if isinstance(value, np.ndarray):
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
       np.save(f, value)
   else:
-    with open(tmp, "w") as f:
-      json.dump(value, f, indent=1)
-  os.replace(tmp, path)
+    atomic_write_json(path, value, indent=1)
 
 
 def make_folds(case_ids: Sequence[str], path: str, folds: int = 5, seed: int = 12345

@@ -29,6 +29,7 @@ from medjax.evaluate import segmentation as seg_metrics
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
+from medjax.io.atomic import atomic_write_json
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.train import loop
@@ -135,9 +136,8 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
       for c in classes:
         w.writerow([r["case"], names[c], *(r[str(c)][m] for m in seg_metrics.METRICS)])
   # Written last, atomically: a sweep counts a segmentation member finished once it exists.
-  with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
-    json.dump({**result, "per_case": cases}, f, indent=1, default=float)
-  os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+  atomic_write_json(os.path.join(out_dir, "summary.json"), {**result, "per_case": cases},
+                    indent=1, default=float)
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"
            f"{' + mirroring' if mirror else ''}, checkpoint step {segmenter.step})", "",
            table, "", "Mean Dice with a 95% bootstrap interval over cases (" + ", ".join(

@@ -28,6 +28,7 @@ from medjax.data import pipeline, segmentation, sources, transforms
 from medjax.evaluate import report
 from medjax.infer import tta
 from medjax.io import msd
+from medjax.io.atomic import atomic_write_json
 from medjax.train import batch_norm, optim, sharding, tasks
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.state import TrainState
@@ -145,9 +146,7 @@ def load_or_make_plan(config: ml_collections.ConfigDict, dataset, workdir: str) 
                                 overrides=config.data.plan.to_dict())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(plan, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, plan, indent=1)
   return plan
 
 
@@ -177,10 +176,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
           "--workdir, or the same config to resume")
   elif write and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_json(path, current, indent=2, sort_keys=True)
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -463,8 +459,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       report.write_report(workdir, summary, history, labels, preds)
     # Written last, atomically: its presence marks a finished run (launch.py --sweep skips those).
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2, default=float)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    atomic_write_json(os.path.join(workdir, "summary.json"), summary, indent=2, default=float)
   return summary
