@@ -25,13 +25,13 @@ import tqdm
 from absl import app, flags, logging
 
 from medjax.data import segmentation as seg_data
-from medjax.evaluate import segmentation as seg_metrics
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
+from medjax.metrics import segmentation as seg_metrics
 from medjax.train import loop
 
 matplotlib.use("Agg")

@@ -24,10 +24,9 @@ import numpy as np
 import tqdm
 
 from medjax.data import pipeline, sources, transforms
-from medjax.infer import tta
 from medjax.io import medmnist
 from medjax.io.errors import MedjaxIOError
-from medjax.train import loop, tasks
+from medjax.train import loop, tasks, tta
 from medjax.train.checkpoint import Checkpointer
 
 

@@ -25,11 +25,9 @@ from absl import logging
 
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
 from medjax.data import pipeline, segmentation, sources, transforms
-from medjax.evaluate import report
-from medjax.infer import tta
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
-from medjax.train import batch_norm, optim, sharding, tasks
+from medjax.train import batch_norm, optim, report, sharding, tasks, tta
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.state import TrainState
 from medjax.train.writers import MetricWriter, read_jsonl
@@ -236,7 +234,7 @@ def make_train_step(task: tasks.Task, mixup: float = 0.0):
 
 def make_eval_step(task: tasks.Task, flip_axes: tuple[int, ...] = ()):
   """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch; predictions are
-  averaged over the flips of ``flip_axes`` (`medjax.infer.tta`)."""
+  averaged over the flips of ``flip_axes`` (`medjax.train.tta`)."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     def predict(images):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.evaluate import metrics as metrics_lib
+from medjax.metrics import selection as metrics_lib
 from medjax.train import losses
 
 
