@@ -29,9 +29,10 @@ does not divide the member's batch sizes. With CUDA GPUs (found by asking JAX in
 throwaway process) the default is one worker per GPU, and each worker gets ``gpus // workers``
 of them through ``CUDA_VISIBLE_DEVICES``.
 
-A member is finished when its workdir holds ``summary.json``, which the training loop writes
-last (a segmentation member also ``validation/summary.json``, which launch.py's sliding-window
-validation writes last), and the config in its ``config.json`` is the member's. Re-running the sweep command skips
+A member is finished when its run is (`medjax.train.runs.is_finished`: the training loop's
+``summary.json``, and for segmentation launch.py's sliding-window validation's
+``validation/summary.json``, each written last) and the config in its ``config.json`` is the
+member's. Re-running the sweep command skips
 finished members and restarts the others, and launch.py resumes those from their last
 checkpoint. SIGINT or SIGTERM stops the running members. If the sweep process itself is killed,
 its members get SIGTERM from the kernel (Linux ``PR_SET_PDEATHSIG``). Each member's output goes
@@ -72,6 +73,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from medjax.io.atomic import atomic_write
+from medjax.train import runs
 
 Overrides = dict[str, Any]
 
@@ -417,18 +419,13 @@ class Member:
   error: str = ""
 
   def finished(self) -> bool:
-    """Whether its run ended with this member's config: training wrote ``summary.json`` and,
-    for segmentation, launch.py's sliding-window validation wrote ``validation/summary.json``."""
+    """Whether its run ended (`runs.is_finished`) with this member's config."""
     try:
       with open(os.path.join(self.workdir, "config.json")) as f:
         saved = json.load(f)
     except (OSError, ValueError):
       return False
-    markers = ["summary.json"]
-    if saved.get("task") == "segmentation":
-      markers.append(os.path.join("validation", "summary.json"))
-    return saved == self.config and all(os.path.exists(os.path.join(self.workdir, m))
-                                        for m in markers)
+    return saved == self.config and runs.is_finished(self.workdir, saved)
 
 
 def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = None,
@@ -656,11 +653,7 @@ class Leaderboard:
   def summary(self, m: Member) -> dict[str, Any] | None:
     if m.status != "done":
       return None
-    try:
-      with open(os.path.join(m.workdir, "summary.json")) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
+    return runs.read_summary(m.workdir)
 
   def metric(self, m: Member) -> float:
     s = self.summary(m)
