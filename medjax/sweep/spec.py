@@ -44,7 +44,7 @@ def load_spec(config_arg: str) -> Any:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"{path} has no get_sweep(); --sweep needs one beside get_config() "
-                     "(formats: medjax/sweep.py)")
+                     "(formats: medjax/sweep/__init__.py)")
   return module.get_sweep(*arg)
 
 
