@@ -30,7 +30,7 @@ from medjax.io import msd
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.metrics import segmentation as seg_metrics
-from medjax.planning import preprocess
+from medjax.planning.preprocessing import preprocess, restore_geometry
 from medjax.train import builders, runs
 
 matplotlib.use("Agg")
@@ -52,7 +52,7 @@ class Segmenter:
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5) -> Volume:
     """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation)."""
     canonical = image.to_canonical()
-    array, _, props = preprocess.preprocess(canonical, None, self.plan)
+    array, _, props = preprocess(canonical, None, self.plan)
     patch, k = self.plan["patch_size"], self.plan["num_classes"]
     if self.plan["dims"] == 3:
       probs = sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
@@ -65,7 +65,7 @@ class Segmenter:
                                        mirror_axes=(0, 1) if mirror else ())
                 for n in range(array.shape[axis])]
       probs = np.stack(planes, axis=axis)
-    restored = preprocess.restore_geometry(probs, props)
+    restored = restore_geometry(probs, props)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 

@@ -14,7 +14,7 @@ import grain
 import numpy as np
 
 from medjax import registry
-from medjax.planning.preprocess import load_cached
+from medjax.planning.preprocessing import load_cached
 
 
 class CaseSource:

@@ -17,7 +17,7 @@ import numpy as np
 
 from medjax.io.atomic import atomic_write_json
 from medjax.io.msd import MSDDataset, load_msd_case
-from medjax.planning.preprocess import nonzero_box
+from medjax.planning.preprocessing import nonzero_box
 
 # nnU-Net's constants: foreground intensity samples per case, the smallest feature map edge of the
 # U-Net, the cap on feature widths, anisotropy threshold.
