@@ -7,7 +7,7 @@ not have, or a value of the wrong type, stops here with a message that names it.
 Several processes (one per host, or several on one machine for testing):
   python launch.py ... --coordinator=127.0.0.1:1234 --num_processes=2 --process_id=0
 
-Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep.py): every member as its own
+Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every member as its own
 launch.py process, at most N at a time, skipping finished members and resuming the others:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
 

@@ -58,7 +58,7 @@ import numpy as np
 from configs import hippocampus_unet3d
 from medjax.infer import segment
 from medjax.io import msd
-from medjax.train import loop
+from medjax.train import builders, loop
 
 STEPS = int(os.environ.get("NOTEBOOK_STEPS", 1800))  # 1800 = the full recipe
 MSD = os.path.join(os.environ.get("MEDJAX_DATA_DIR", "data"), "msd_task04_hippocampus")
@@ -88,7 +88,7 @@ plan = json.load(open(os.path.join(workdir, "plan.json")))
 for key in ("target_spacing", "patch_size", "normalization"):
   print(f"plan {key}: {plan[key]}")
 # The network: the plan's widths and strides, under the config's own (here widths 16-128).
-print("U-Net:", {**loop.plan_model_defaults(plan), **config.model.kwargs.to_dict()})
+print("U-Net:", {**builders.plan_model_defaults(plan), **config.model.kwargs.to_dict()})
 
 # %% [markdown]
 # ## Validate the fold: sliding window, mirroring, Dice and HD95

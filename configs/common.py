@@ -75,7 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.best_metric = "auc"  # checkpoint retained as best; higher is better.
   c.eval.mirror = True  # segmentation: mirroring test-time augmentation in the final validation.
   # Classification: spatial axes (as the flip transform's) whose flips are averaged into every
-  # evaluated prediction, test-time augmentation (medjax/infer/tta.py); (): none.
+  # evaluated prediction, test-time augmentation (medjax/train/tta.py); (): none.
   c.eval.flip_axes = ()
 
   c.mesh = ml_collections.ConfigDict()

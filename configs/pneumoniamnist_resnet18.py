@@ -41,6 +41,6 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-  """Learning rate × weight decay around the defaults above: a 2 × 2 grid (medjax/sweep.py)."""
+  """Learning rate × weight decay around the defaults above: a 2 × 2 grid (medjax/sweep/)."""
   del arg  # the same grid for the runlocal variant
   return {"optim.lr": [1e-3, 3e-3], "optim.weight_decay": [1e-4, 1e-2]}

@@ -1,4 +1,4 @@
-"""``launch.py --sweep`` (medjax/sweep.py): expanding specs into named members, refusing bad ones
+"""``launch.py --sweep`` (medjax/sweep/): expanding specs into named members, refusing bad ones
 before anything runs, the worker pool, stopping, skipping finished members, and the leaderboard.
 
 Most tests run the sweep on a stand-in for launch.py that only writes the files a run leaves

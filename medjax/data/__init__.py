@@ -1,6 +1,3 @@
 """Grain data sources, transforms and pipelines."""
 
-from medjax.data import (
-    segmentation,  # noqa: F401  (registers transforms.patch)
-    transforms,  # noqa: F401  (registers the transforms)
-)
+from medjax.data import transforms  # noqa: F401  (registers the transforms)

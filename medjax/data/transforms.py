@@ -2,7 +2,8 @@
 
 Each op is registered as ``transforms.<name>`` so a config can write a pipeline as a string,
 ``"window(preset='lung')|resample(spacing=(1., 1., 1.))|crop_or_pad(shape=(96, 96, 64))|flip"``
-(big_vision style). Random ops are ``grain.transforms.RandomMap``: their randomness comes only
+(big_vision style); the deterministic ops are here, the random ones in ``augment.py`` (importable
+here too). Random ops are ``grain.transforms.RandomMap``: their randomness comes only
 from the generator Grain passes in, seeded per record, so the same seed gives the same stream.
 
 Record convention:
@@ -25,129 +26,34 @@ construction when the arguments alone show the problem, else when the record sho
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
-from scipy import ndimage
 
 from medjax import registry
-
-Record = dict[str, Any]
-Range = float | tuple[float, float]
-# (one channel, spline order, scipy boundary mode) -> that channel on the output grid.
-Sampler = Callable[[np.ndarray, int, str], np.ndarray]
-
-# Images take the edge value outside the grid; labels take background. scipy's "constant" would
-# also zero an edge voxel whose coordinate lands 1e-9 outside [0, n - 1] after a rotation;
-# "grid-constant" pads with the same 0 but keeps nearest-neighbour lookups up to half a voxel out.
-_IMAGE_MODE = "nearest"
-_LABEL_MODE = "grid-constant"
-
-
-def _spatial_ndim(image: np.ndarray) -> int:
-  return image.ndim - 1  # channels-last
-
-
-def _spatial_label(record: Record) -> np.ndarray | None:
-  """The record's label when it is a segmentation map on the image grid, else None."""
-  label = record.get("label")
-  if not isinstance(label, np.ndarray):
-    return None
-  return label if label.shape[:-1] == record["image"].shape[:-1] else None
-
-
-def _require(ok: bool, op: str, problem: str) -> None:
-  if not ok:
-    raise ValueError(f"{op}: {problem}")
-
-
-def _check_p(op: str, p: float) -> None:
-  _require(0.0 <= p <= 1.0, op, f"probability p={p} is not in [0, 1]")
-
-
-def _as_range(op: str, name: str, value: Range, low: float = -np.inf) -> tuple[float, float]:
-  """Normalises a number or ``(lo, hi)`` pair to a pair, checking ``low <= lo <= hi``."""
-  pair = (value, value) if np.isscalar(value) else tuple(value)
-  _require(len(pair) == 2 and low <= pair[0] <= pair[1], op,
-           f"{name}={value} must be a number or (lo, hi) with {low} <= lo <= hi")
-  lo, hi = pair
-  return float(lo), float(hi)
-
-
-def _sample_around_one(rng: np.random.Generator, lo: float, hi: float) -> float:
-  # nnU-Net's rule: half the draws shrink (from [lo, 1)) and half grow, whatever the range's skew.
-  if lo < 1 and rng.random() < 0.5:
-    return rng.uniform(lo, min(hi, 1.0))
-  return rng.uniform(max(lo, 1.0), hi) if hi >= 1 else rng.uniform(lo, hi)
-
-
-def _float_image(record: Record) -> Record:
-  return {**record, "image": np.ascontiguousarray(record["image"], dtype=np.float32)}
-
-
-def _map_spatial(record: Record, fn: Callable[[np.ndarray], np.ndarray]) -> Record:
-  """Applies one voxel-exact geometric change (flip, rot90, crop) to image and spatial label."""
-  out = {**record, "image": np.ascontiguousarray(fn(record["image"]))}
-  label = _spatial_label(record)
-  if label is not None:
-    out["label"] = np.ascontiguousarray(fn(label))
-  return out
-
-
-def _resample_channels(array: np.ndarray, sample: Sampler, order: int, mode: str) -> np.ndarray:
-  return np.stack([sample(array[..., c], order, mode) for c in range(array.shape[-1])], axis=-1)
-
-
-def _resample_label(label: np.ndarray, sample: Sampler, order: int, mode: str) -> np.ndarray:
-  if order == 0:
-    work = label.view(np.uint8) if label.dtype == bool else label  # ndimage rejects bool
-    return _resample_channels(work, sample, 0, mode).astype(label.dtype)
-  # Interpolating class ids would invent classes between them; like nnU-Net's
-  # resize_segmentation, interpolate each class's indicator and keep the strongest class.
-  classes = np.unique(label)
-  scores = np.stack([_resample_channels((label == k).astype(np.float32), sample, order, mode)
-                     for k in classes])
-  return classes[np.argmax(scores, axis=0)].astype(label.dtype)
-
-
-def _warp(record: Record, sample: Sampler, *, order: int = 1, label_order: int = 0,
-          mode: str = _IMAGE_MODE, label_mode: str = _LABEL_MODE) -> Record:
-  """Resamples the image (as float32) and any spatial label through the same coordinate map."""
-  image = record["image"].astype(np.float32)
-  out = {**record, "image": _resample_channels(image, sample, order, mode)}
-  label = _spatial_label(record)
-  if label is not None:
-    out["label"] = _resample_label(label, sample, label_order, label_mode)
-  return out
-
-
-def _affine_sampler(matrix: np.ndarray, offset: np.ndarray,
-                    output_shape: Sequence[int] | None = None) -> Sampler:
-  """Samples output voxel ``o`` at input coordinate ``matrix @ o + offset``."""
-  return lambda x, order, mode: ndimage.affine_transform(
-      x, matrix, offset, output_shape=output_shape, order=order, mode=mode, cval=0.0)
-
-
-def _random_rotation(nd: int, rng: np.random.Generator, degrees: float) -> np.ndarray:
-  """Product of one uniform ``[-degrees, degrees]`` rotation per plane of the spatial axes."""
-  matrix = np.eye(nd)
-  for a, b in itertools.combinations(range(nd), 2):
-    theta = np.deg2rad(rng.uniform(-degrees, degrees))
-    r = np.eye(nd)
-    r[a, a] = r[b, b] = np.cos(theta)
-    r[a, b], r[b, a] = -np.sin(theta), np.sin(theta)
-    matrix = matrix @ r
-  return matrix
-
-
-def _about_centre(record: Record, matrix: np.ndarray, shift: np.ndarray | float = 0.0) -> Record:
-  """Warps image and label by ``matrix`` about the grid centre, then moves them by ``shift``."""
-  shape = np.array(record["image"].shape[:-1], dtype=np.float64)
-  centre = (shape - 1) / 2
-  return _warp(record, _affine_sampler(matrix, centre - matrix @ centre - shift))
-
+from medjax.data.augment import (  # noqa: F401  (registered; importable here)
+    RandomAffine,
+    RandomBlur,
+    RandomContrast,
+    RandomElastic,
+    RandomFlip,
+    RandomGamma,
+    RandomIntensity,
+    RandomNoise,
+    RandomRot90,
+    RandomRotate,
+)
+from medjax.data.spatial import (
+    Record,
+    _affine_sampler,
+    _float_image,
+    _map_spatial,
+    _require,
+    _spatial_label,
+    _spatial_ndim,
+    _warp,
+)
 
 # --- Intensity preprocessing (deterministic) --------------------------------------------------
 
@@ -518,284 +424,6 @@ class CropOrPad(grain.transforms.Map):
 
 
 # --- Spatial augmentation (random) ------------------------------------------------------------
-
-
-@registry.register("transforms.flip")
-@dataclasses.dataclass(frozen=True)
-class RandomFlip(grain.transforms.RandomMap):
-  """Flips each listed spatial axis independently with probability ``p`` (label too).
-
-  Axes index the spatial dims (0 = first spatial axis: H for 2-D, D for 3-D).
-  MONAI: ``RandFlip``; nnU-Net: mirroring; TorchIO: ``RandomFlip``.
-  """
-
-  axes: Sequence[int] = (1,)
-  p: float = 0.5
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    image = record["image"]
-    nd = _spatial_ndim(image)
-    flip = [a for a in self.axes if rng.random() < self.p]
-    for a in flip:
-      if not -nd <= a < nd:
-        raise ValueError(f"flip axis {a} out of range for a {nd}-D image")
-    if not flip:
-      return {**record, "image": np.ascontiguousarray(image)}
-    return _map_spatial(record, lambda x: np.flip(x, axis=tuple(a % nd for a in flip)))
-
-
-@registry.register("transforms.rot90")
-@dataclasses.dataclass(frozen=True)
-class RandomRot90(grain.transforms.RandomMap):
-  """With probability ``p``, rotates by 90, 180 or 270 degrees (uniformly) in the ``axes`` plane.
-
-  Exact (no interpolation); the label turns with the image. A quarter turn of a non-square plane
-  swaps the two sizes, and the two ``record["spacing"]`` entries with them.
-  MONAI: ``RandRotate90(spatial_axes=axes)``; nnU-Net: rotation by multiples of 90 (2-D planes).
-  """
-
-  axes: tuple[int, int] = (0, 1)
-  p: float = 0.5
-
-  def __post_init__(self):
-    object.__setattr__(self, "axes", tuple(self.axes))
-    _require(len(self.axes) == 2 and self.axes[0] != self.axes[1], "rot90",
-             f"axes must be two different spatial axes, got {self.axes}")
-    _check_p("rot90", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    nd = _spatial_ndim(record["image"])
-    _require(all(-nd <= a < nd for a in self.axes) and self.axes[0] % nd != self.axes[1] % nd,
-             "rot90", f"axes {self.axes} do not name a plane of the {nd}-D image")
-    if rng.random() >= self.p:
-      return record
-    k = int(rng.integers(1, 4))
-    axes = tuple(a % nd for a in self.axes)
-    out = _map_spatial(record, lambda x: np.rot90(x, k, axes))
-    if k % 2 and "spacing" in record:
-      spacing = np.array(record["spacing"], dtype=np.float64)
-      spacing[list(axes)] = spacing[list(axes[::-1])]
-      out["spacing"] = spacing
-    return out
-
-
-@registry.register("transforms.affine")
-@dataclasses.dataclass(frozen=True)
-class RandomAffine(grain.transforms.RandomMap):
-  """Small random rotation (degrees, each plane), isotropic scale and translation about the centre.
-
-  Linear interpolation, edges padded with the nearest value; a spatial label is warped the same
-  way with nearest neighbour and background (0) outside. Applied with probability ``p``.
-  MONAI: ``RandAffine``; TorchIO: ``RandomAffine``; nnU-Net: its spatial transform (no elastic).
-
-  Attributes:
-    rotate: max absolute rotation in degrees, in each of the image's rotation planes.
-    scale: max relative zoom, sampled in ``[1 - scale, 1 + scale]``.
-    translate: max shift as a fraction of each spatial size.
-    p: probability of applying the transform to a record.
-  """
-
-  rotate: float = 10.0
-  scale: float = 0.1
-  translate: float = 0.05
-  p: float = 1.0
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    nd = _spatial_ndim(record["image"])
-    matrix = _random_rotation(nd, rng, self.rotate)
-    matrix = matrix / rng.uniform(1 - self.scale, 1 + self.scale)
-    shift = rng.uniform(-self.translate, self.translate, size=nd) * np.array(
-        record["image"].shape[:nd])
-    return _about_centre(record, matrix, shift)
-
-
-@registry.register("transforms.rotate")
-@dataclasses.dataclass(frozen=True)
-class RandomRotate(grain.transforms.RandomMap):
-  """Random rotation about the centre, uniform in ``[-degrees, degrees]`` in each plane.
-
-  One plane in 2-D, the three planes in 3-D; interpolation and edges as ``affine``.
-  MONAI: ``RandRotate``; TorchIO: ``RandomAffine(degrees=..., scales=0)``; nnU-Net: the rotation
-  of its spatial transform.
-  """
-
-  degrees: float = 15.0
-  p: float = 1.0
-
-  def __post_init__(self):
-    _require(self.degrees >= 0, "rotate", f"degrees must be >= 0, got {self.degrees}")
-    _check_p("rotate", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    return _about_centre(record, _random_rotation(_spatial_ndim(record["image"]), rng,
-                                                  self.degrees))
-
-
-@registry.register("transforms.elastic")
-@dataclasses.dataclass(frozen=True)
-class RandomElastic(grain.transforms.RandomMap):
-  """nnU-Net-style elastic deformation, applied with probability ``p``.
-
-  Per spatial axis a displacement field of uniform [-1, 1] noise is smoothed by a Gaussian of
-  ``sigma`` voxels and scaled by ``alpha`` (both drawn per record from their ranges); the image
-  is resampled linearly and the label by nearest neighbour, edges as ``affine``.
-  nnU-Net: ``elastic_deform_coordinates`` (batchgenerators); MONAI: ``Rand2DElastic`` /
-  ``Rand3DElastic``; TorchIO: ``RandomElasticDeformation`` (B-spline control grid instead).
-  """
-
-  alpha: Range = (0.0, 200.0)
-  sigma: Range = (9.0, 13.0)
-  p: float = 0.2
-
-  def __post_init__(self):
-    object.__setattr__(self, "alpha", _as_range("elastic", "alpha", self.alpha, 0.0))
-    object.__setattr__(self, "sigma", _as_range("elastic", "sigma", self.sigma, 0.0))
-    _check_p("elastic", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    shape = record["image"].shape[:-1]
-    alpha, sigma = rng.uniform(*self.alpha), rng.uniform(*self.sigma)
-    coords = np.indices(shape, dtype=np.float64)
-    for d in range(len(shape)):
-      noise = rng.uniform(-1.0, 1.0, size=shape)
-      coords[d] += ndimage.gaussian_filter(noise, sigma, mode="constant") * alpha
-    return _warp(record, lambda x, order, mode: ndimage.map_coordinates(
-        x, coords, order=order, mode=mode, cval=0.0))
-
-
-# --- Intensity augmentation (random) ----------------------------------------------------------
-
-
-@registry.register("transforms.intensity")
-@dataclasses.dataclass(frozen=True)
-class RandomIntensity(grain.transforms.RandomMap):
-  """Random brightness shift and contrast factor (``x * c + b``) on a float image.
-
-  MONAI: ``RandShiftIntensity`` + ``RandScaleIntensity``; nnU-Net: brightness/contrast.
-  """
-
-  brightness: float = 0.1
-  contrast: float = 0.1
-  p: float = 0.5
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return record
-    c = rng.uniform(1 - self.contrast, 1 + self.contrast)
-    b = rng.uniform(-self.brightness, self.brightness)
-    return {**record, "image": (record["image"] * c + b).astype(np.float32)}
-
-
-@registry.register("transforms.gamma")
-@dataclasses.dataclass(frozen=True)
-class RandomGamma(grain.transforms.RandomMap):
-  """nnU-Net gamma: each channel rescaled to [0, 1], raised to ``gamma``, mapped back.
-
-  The channel's min and max are kept. Gamma is drawn per record, half the time below 1 and half
-  above (nnU-Net's rule). ``invert`` applies it to the negated image (brightens bright regions).
-  nnU-Net: ``GammaTransform`` / ``augment_gamma``; MONAI: ``RandAdjustContrast``; TorchIO:
-  ``RandomGamma`` (which does not rescale).
-  """
-
-  gamma: Range = (0.7, 1.5)
-  p: float = 0.3
-  invert: bool = False
-
-  def __post_init__(self):
-    object.__setattr__(self, "gamma", _as_range("gamma", "gamma", self.gamma, 1e-6))
-    _check_p("gamma", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    g = _sample_around_one(rng, *self.gamma)
-    sign = -1.0 if self.invert else 1.0
-    image = sign * record["image"].astype(np.float64)
-    lo = image.min(axis=tuple(range(image.ndim - 1)))
-    span = image.max(axis=tuple(range(image.ndim - 1))) - lo
-    safe = np.where(span > 0, span, 1.0)  # a flat channel maps to itself
-    image = ((image - lo) / safe) ** g * safe + lo
-    return {**record, "image": np.ascontiguousarray(sign * image, dtype=np.float32)}
-
-
-@registry.register("transforms.noise")
-@dataclasses.dataclass(frozen=True)
-class RandomNoise(grain.transforms.RandomMap):
-  """Adds zero-mean Gaussian noise whose std is drawn per record from ``std``.
-
-  MONAI: ``RandGaussianNoise``; nnU-Net: ``GaussianNoiseTransform``; TorchIO: ``RandomNoise``.
-  """
-
-  std: Range = (0.0, 0.1)
-  p: float = 0.15
-
-  def __post_init__(self):
-    object.__setattr__(self, "std", _as_range("noise", "std", self.std, 0.0))
-    _check_p("noise", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    std = np.float32(rng.uniform(*self.std))
-    image = record["image"].astype(np.float32)
-    return {**record, "image": image + std * rng.standard_normal(image.shape, dtype=np.float32)}
-
-
-@registry.register("transforms.blur")
-@dataclasses.dataclass(frozen=True)
-class RandomBlur(grain.transforms.RandomMap):
-  """Gaussian blur over the spatial axes (never across channels), sigma in voxels per record.
-
-  MONAI: ``RandGaussianSmooth``; nnU-Net: ``GaussianBlurTransform``; TorchIO: ``RandomBlur``.
-  """
-
-  sigma: Range = (0.5, 1.0)
-  p: float = 0.2
-
-  def __post_init__(self):
-    object.__setattr__(self, "sigma", _as_range("blur", "sigma", self.sigma, 0.0))
-    _check_p("blur", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    image = record["image"].astype(np.float32)
-    sigma = (rng.uniform(*self.sigma),) * _spatial_ndim(image) + (0.0,)
-    return {**record, "image": ndimage.gaussian_filter(image, sigma, mode="nearest")}
-
-
-@registry.register("transforms.contrast")
-@dataclasses.dataclass(frozen=True)
-class RandomContrast(grain.transforms.RandomMap):
-  """nnU-Net contrast: each channel scaled by ``factor`` about its mean, then clipped to its range.
-
-  The factor is drawn per record, half the time below 1 and half above (nnU-Net's rule).
-  nnU-Net: ``ContrastAugmentationTransform(preserve_range=True)``; MONAI:
-  ``RandScaleIntensityFixedMean``; TorchIO has no direct equivalent.
-  """
-
-  factor: Range = (0.75, 1.25)
-  p: float = 0.15
-
-  def __post_init__(self):
-    object.__setattr__(self, "factor", _as_range("contrast", "factor", self.factor, 0.0))
-    _check_p("contrast", self.p)
-
-  def random_map(self, record: Record, rng: np.random.Generator) -> Record:
-    if rng.random() >= self.p:
-      return _float_image(record)
-    f = _sample_around_one(rng, *self.factor)
-    image = record["image"].astype(np.float64)
-    axes = tuple(range(image.ndim - 1))
-    mean = image.mean(axis=axes)
-    image = np.clip((image - mean) * f + mean, image.min(axis=axes), image.max(axis=axes))
-    return {**record, "image": np.ascontiguousarray(image, dtype=np.float32)}
 
 
 def parse(spec: str) -> list[grain.transforms.Map | grain.transforms.RandomMap]:

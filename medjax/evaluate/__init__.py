@@ -1,6 +1,6 @@
-"""Metrics, result tables and plots.
+"""Evaluating finished runs: ``python -m medjax.evaluate`` and its figures.
 
-``metrics``: what the training loop selects checkpoints with. ``classification``: the
-classification report (bootstrap intervals, calibration, tables, plots). ``segmentation``:
-per-case Dice/IoU/HD95/MSD and their summaries. ``report``: a training run's ``results.md``.
+The metrics themselves live in `medjax.metrics` (below training, which selects checkpoints with
+them); ``classification``, ``segmentation`` and ``metrics`` here re-export them under their old
+names, and ``report`` the training report's functions beside the slice-attention figure.
 """

@@ -37,548 +37,56 @@ library quoted one. No UIDs are written either. The DICOM-SEG object is the exce
 the standard requires a segmentation to carry the Patient and General Study modules of its source
 images (highdicom copies them), so a DICOM-SEG is as identifying as the series it annotates.
 Paths are written relative to ``--input`` as given: folder names are the user's to choose.
+
+This module runs the loop and the command line; finding and reading inputs is
+`medjax.infer.inputs`, the classifier's input `medjax.infer.classification_input`, the DICOM-SEG
+`medjax.io.dicom_seg`.
 """
 
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import os
 import sys
-import tempfile
 import warnings
 from typing import Any, Callable, Sequence
 
-import highdicom as hd
 import numpy as np
-import pydicom
-import pydicom.errors
 import tqdm
 from absl import app, flags, logging
-from PIL import Image, ImageOps
-from pydicom.sr.codedict import codes
-from scipy import ndimage
 
-from medjax.data import transforms
 from medjax.data.sources import ArraySource
 from medjax.infer import saliency as saliency_lib
+from medjax.infer.classification_input import (  # noqa: F401  (public here too)
+    CT_WINDOW,
+    check_intensity,
+    classification_input,
+    intensity_op,
+)
+from medjax.infer.inputs import (  # noqa: F401  (public here too)
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    Failure,
+    Input,
+    Scrubber,
+    find_inputs,
+    output_stem,
+    read_input,
+    read_picture,
+)
 from medjax.infer.segment import Segmenter
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
-from medjax.io.dicom import read_dicom_series
+from medjax.io.dicom_seg import dicom_seg_frames, write_dicom_seg  # noqa: F401  (public here too)
 from medjax.io.errors import MedjaxIOError
-from medjax.io.nifti import NIFTI_SUFFIXES, read_nifti, write_nifti
-from medjax.io.volume import LPS_TO_RAS, Volume, grid_mismatch
+from medjax.io.nifti import write_nifti
+from medjax.io.volume import grid_mismatch
 
 # Exit statuses: every input predicted; some inputs failed (the rest were written); nothing could
 # run (a bad workdir, no inputs). A crash keeps Python's own 1.
 EXIT_OK, EXIT_UNUSABLE, EXIT_SOME_FAILED = 0, 2, 3
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Files with these names must be DICOM; other unknown files in a folder are skipped if they are not.
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-# CT inputs to a classifier: HU through this window onto 0..255 (abdominal soft tissue, what the
-# CT sets of MedMNIST show), unless --intensity says otherwise.
-CT_WINDOW = "soft_tissue"
-# DICOM classes that hold pixels but are not images to predict on (earlier outputs, say).
-_SKIP_SOP_CLASSES = frozenset({
-    "1.2.840.10008.1.3.10",  # DICOMDIR (its files are in the tree anyway)
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
-    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
-})
-# Header values that identify a patient: scrubbed from every error text and warning predict
-# writes, in case a library quoted one.
-_IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate",
-                "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
-                "PatientTelephoneNumbers", "IssuerOfPatientID", "AccessionNumber",
-                "ReferringPhysicianName", "InstitutionName", "StudyDate", "StudyID")
-# The Type 2 attributes of the Patient and General Study modules highdicom copies to a DICOM-SEG:
-# present (possibly empty) in conformant images, missing in some exports; added empty then.
-_SEG_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-              "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
-# A source pixel must fall within this many voxels of a label-map voxel centre: the SEG copies
-# labels, it never interpolates them.
-_ON_GRID_VOXELS = 0.1
-_SEG_SERIES_NUMBER = 9901
-_PRIVATE_SCHEME = "99MEDJAX"  # a local coding scheme ("99" prefix, PS3.16) for run class names
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class Input:
-  """One thing to predict on.
-
-  Attributes:
-    kind: ``"dicom"`` (a series, or one file), ``"nifti"`` or ``"image"`` (PNG/JPEG).
-    name: its path relative to ``--input`` (a series: its folder, ``#n`` when a folder holds
-      several series, numbered in file-name order); what tables and messages call it.
-    files: the files (a DICOM series: all of its files; else the one file).
-  """
-
-  kind: str
-  name: str
-  files: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-  """An input that was skipped (or only partly written), and why."""
-
-  input: str
-  problem: str
-
-
-def _walk(folder: str, exclude: str | None) -> list[str]:
-  paths = []
-  for root, dirs, names in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                     and os.path.join(root, d) != exclude)
-    paths.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
-  return paths
-
-
-def _dicom_header(path: str, required: bool) -> pydicom.Dataset | None:
-  """The header of an image DICOM file; None for a file that is not one (when not ``required``).
-
-  Raises:
-    MedjaxIOError: a DICOM file whose header is damaged, or a required one that is not DICOM.
-  """
-  try:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=required)
-  except pydicom.errors.InvalidDicomError:  # no DICM preamble: some other kind of file
-    return None
-  except Exception as e:  # noqa: BLE001 - truncated headers raise many types
-    raise MedjaxIOError(path, f"unreadable DICOM header ({type(e).__name__})") from e
-  if "SOPClassUID" not in ds and "Rows" not in ds:
-    if required:
-      raise MedjaxIOError(path, "not a DICOM file (no DICM preamble, no SOP class, no image)")
-    return None
-  return ds
-
-
-def find_inputs(path: str, exclude: str | None = None) -> tuple[list[Input], list[Failure], int]:
-  """The inputs at ``path`` (a file or a folder, searched recursively).
-
-  Args:
-    path: see the module docstring.
-    exclude: a folder not to search (the output folder, when it lies inside ``path``).
-
-  Returns:
-    ``(inputs, failures, skipped)``: inputs sorted by name; files that claim to be an input but
-    cannot be (a damaged DICOM header, a ``.dcm`` that is not DICOM); the number of other files
-    ignored (neither DICOM images, NIfTI, PNG nor JPEG).
-  """
-  path = os.path.abspath(path)
-  if os.path.isfile(path):
-    low = path.lower()
-    kind = ("nifti" if low.endswith(NIFTI_SUFFIXES) else
-            "image" if low.endswith(IMAGE_SUFFIXES) else "dicom")
-    if kind == "dicom":
-      try:
-        _dicom_header(path, required=True)
-      except MedjaxIOError as e:
-        return [], [Failure(os.path.basename(path), e.cause)], 0
-    return [Input(kind, os.path.basename(path), (path,))], [], 0
-  if not os.path.isdir(path):
-    raise MedjaxIOError(path, "no such file or folder")
-  inputs, failures, skipped = [], [], 0
-  series: dict[tuple[str, str], list[tuple[str, str]]] = collections.defaultdict(list)
-  for file in _walk(path, exclude):
-    rel = os.path.relpath(file, path)
-    low = file.lower()
-    if low.endswith(NIFTI_SUFFIXES):
-      inputs.append(Input("nifti", rel, (file,)))
-      continue
-    if low.endswith(IMAGE_SUFFIXES):
-      inputs.append(Input("image", rel, (file,)))
-      continue
-    try:
-      ds = _dicom_header(file, required=low.endswith(DICOM_SUFFIXES))
-    except MedjaxIOError as e:
-      failures.append(Failure(rel, e.cause))
-      continue
-    if ds is None or "Rows" not in ds or str(ds.get("SOPClassUID", "")) in _SKIP_SOP_CLASSES:
-      skipped += 1
-      continue
-    # Files without a series UID are grouped by folder: the reader then says if they don't fit.
-    uid = str(ds.get("SeriesInstanceUID", ""))
-    series[(uid, os.path.dirname(file) if not uid else "")].append((rel, file))
-  by_folder: dict[str, list[list[tuple[str, str]]]] = collections.defaultdict(list)
-  for members in series.values():
-    members.sort()
-    folder = os.path.commonpath([os.path.dirname(rel) or "." for rel, _ in members])
-    by_folder[folder].append(members)
-  for folder, groups in by_folder.items():
-    groups.sort()
-    name = os.path.basename(path) if folder in ("", ".") else folder
-    for n, members in enumerate(groups, 1):
-      label = f"{name}#{n}" if len(groups) > 1 else name
-      inputs.append(Input("dicom", label, tuple(file for _, file in members)))
-  inputs.sort(key=lambda i: i.name)
-  return inputs, failures, skipped
-
-
-def read_picture(path: str) -> Volume:
-  """A PNG/JPEG as a Volume ``[i, j, 1, C]`` (``i`` along a row, as DICOM), 1 mm pixels.
-
-  8-bit greyscale stays uint8 and 16-bit stays uint16; palette, alpha and CMYK images become RGB;
-  the EXIF orientation is applied (cameras and phones store it that way).
-  """
-  try:
-    with Image.open(path) as image:
-      image = ImageOps.exif_transpose(image)
-      image.load()  # decodes now: a truncated file fails here, not later
-      if image.mode in ("1", "LA", "La"):
-        image = image.convert("L")
-      elif image.mode not in ("L", "I;16", "I", "F", "RGB"):
-        image = image.convert("RGB")
-      array = np.asarray(image)
-  except Exception as e:  # noqa: BLE001 - Pillow raises many types on junk
-    raise MedjaxIOError(path, f"unreadable image ({type(e).__name__}: {e})") from e
-  if array.ndim == 2:
-    array = array[..., None]
-  voxels = np.ascontiguousarray(array.transpose(1, 0, 2)[:, :, None, :])
-  return Volume(voxels, np.ones(3), np.zeros(3), np.eye(3),
-                metadata={"format": os.path.splitext(path)[1].lstrip(".").lower()})
-
-
-def read_input(item: Input) -> Volume:
-  """The input's voxels on its own grid: NIfTI in the file's axis order (no reorientation)."""
-  if item.kind == "nifti":
-    return read_nifti(item.files[0], canonical=False)
-  if item.kind == "image":
-    return read_picture(item.files[0])
-  return read_dicom_series(list(item.files))
-
-
-# --------------------------------------------------------------------------------------------
-# Classification preprocessing
-
-
-def intensity_op(spec: str, volume: Volume) -> Callable[[np.ndarray], np.ndarray]:
-  """The map of ``volume``'s intensities onto MedMNIST's 0..255 (float32 out, not yet rounded).
-
-  Args:
-    spec: ``"auto"``: uint8 data kept as is, CT (DICOM modality CT, in HU) through the `CT_WINDOW`
-      window, anything else (MR, 16-bit radiographs, float NIfTI) its own 0.5–99.5 percentile
-      range stretched onto 0..255 (robust min-max: a burned-in marker or a hot voxel does not
-      flatten the rest); ``"keep"``: values already 0..255; ``"percentile"``: the percentile
-      stretch; a CT window preset of `transforms.WINDOW_PRESETS` or ``"level,width"`` in HU.
-    volume: the input, for its dtype and modality.
-  """
-  if spec == "auto":
-    if volume.array.dtype == np.uint8:
-      spec = "keep"
-    elif volume.modality.upper() == "CT":
-      spec = CT_WINDOW
-    else:
-      spec = "percentile"
-  if spec == "keep":
-    return lambda x: np.asarray(x, np.float32)
-  if spec == "percentile":
-    op = transforms.PercentileClip(0.5, 99.5, rescale=True)
-    return lambda x: op.map({"image": x})["image"] * np.float32(255.0)
-  window = _window(spec)
-  return lambda x: window.map({"image": x})["image"]
-
-
-def _window(spec: str) -> transforms.Window:
-  """A CT window onto 0..255 from a preset name or ``"level,width"``."""
-  if spec in transforms.WINDOW_PRESETS:
-    return transforms.Window(preset=spec, out_range=(0.0, 255.0))
-  try:
-    level, width = (float(v) for v in spec.split(","))
-    return transforms.Window(level=level, width=width, out_range=(0.0, 255.0))
-  except ValueError:
-    raise ValueError(f"intensity {spec!r}: expected auto, keep, percentile, a window preset "
-                     f"({', '.join(sorted(transforms.WINDOW_PRESETS))}) or level,width (HU, "
-                     "width > 0)") from None
-
-
-def check_intensity(spec: str) -> None:
-  """Raises ValueError for an ``intensity`` that `intensity_op` would not understand."""
-  if spec not in ("auto", "keep", "percentile"):
-    _window(spec)
-
-
-def _match_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  c = image.shape[-1]
-  if c == channels:
-    return image
-  if channels == 1 and c == 3:
-    return transforms.Greyscale().map({"image": image})["image"]
-  if channels == 3 and c == 1:
-    return np.repeat(image, 3, axis=-1)
-  raise ValueError(f"the input has {c} channels; the run takes {channels} "
-                   "(1 grey or 3 RGB channels can be converted)")
-
-
-def _resize_2d(image: np.ndarray, size: int) -> np.ndarray:
-  """``[H, W, C]`` → centre square (short edge) → ``[size, size, C]``, bicubic with antialiasing
-  (Pillow's, on float32 so nothing is quantised before the end)."""
-  h, w = image.shape[:2]
-  edge = min(h, w)
-  top, left = (h - edge) // 2, (w - edge) // 2
-  square = image[top:top + edge, left:left + edge]
-  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(square[..., c], np.float32))
-                              .resize((size, size), Image.Resampling.BICUBIC))
-                   for c in range(square.shape[-1])], axis=-1)
-
-
-def _resize_3d(volume: np.ndarray, size: int) -> np.ndarray:
-  """``[D, H, W, C]`` → ``[size]*3 + [C]``: linear, after a Gaussian low-pass on each axis that
-  shrinks (sigma = (factor - 1) / 2, as scikit-image's ``anti_aliasing``) so no detail aliases."""
-  shape = np.asarray(volume.shape[:3], np.float64)
-  factors = shape / size
-  sigma = np.maximum(0.0, (factors - 1) / 2)
-  out = []
-  for c in range(volume.shape[-1]):
-    x = volume[..., c].astype(np.float32)
-    if np.any(sigma > 0):
-      x = ndimage.gaussian_filter(x, sigma, mode="nearest")
-    out.append(ndimage.zoom(x, size / shape, order=1, mode="nearest", grid_mode=True))
-  return np.stack(out, axis=-1)
-
-
-def classification_input(volume: Volume, size: int, ndim: int, channels: int,
-                         intensity: str = "auto") -> np.ndarray:
-  """One input as a MedMNIST record image (see the module docstring).
-
-  Args:
-    volume: the input as read (`read_input`).
-    size: the run's ``config.data.size``.
-    ndim: 2 (images) or 3 (volumes), the MedMNIST set's.
-    channels: 1 (grey) or 3 (RGB), the MedMNIST set's.
-    intensity: see `intensity_op`.
-
-  Returns:
-    uint8 ``[size, size, C]`` (2-D; rows top to bottom as a viewer shows the input) or
-    ``[size, size, size, C]`` (3-D; ``[D, H, W]`` = inferior→superior axial slices, each with
-    anterior at the top and the patient's right on the left, the radiological view).
-
-  Raises:
-    ValueError: the input's dimensionality or channels do not fit the run.
-  """
-  if ndim == 2:
-    if volume.shape[2] != 1:
-      raise ValueError(f"the run classifies 2-D images; this input is a volume of "
-                       f"{volume.shape[2]} slices")
-    # Volume axes i (along a row), j (down the rows): the picture is [j, i].
-    image = volume.array[:, :, 0, :].transpose(1, 0, 2)
-  elif ndim == 3:
-    if min(volume.shape) < 2:
-      raise ValueError(f"the run classifies volumes; this input has shape {volume.shape}")
-    # LPS axis order (i → patient's left, j → posterior, k → superior), stacked as [k, j, i].
-    lps = volume.reoriented(np.diag([-1.0, -1.0, 1.0, 1.0]))
-    image = lps.array.transpose(2, 1, 0, 3)
-  else:
-    raise ValueError(f"MedMNIST sets are 2-D or 3-D, not {ndim}-D")
-  image = intensity_op(intensity, volume)(_match_channels(image, channels).astype(np.float32))
-  image = _resize_2d(image, size) if ndim == 2 else _resize_3d(image, size)
-  return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# DICOM-SEG
-
-
-def _numbers(value: Any, n: int, what: str) -> np.ndarray:
-  try:
-    out = np.asarray([float(v) for v in value], np.float64)
-  except (TypeError, ValueError):
-    out = np.zeros(0)
-  if out.shape != (n,) or not np.all(np.isfinite(out)):
-    raise ValueError(f"DICOM-SEG needs the source's {what} ({n} numbers)")
-  return out
-
-
-def _frame_planes(ds: pydicom.Dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """``(ImagePositionPatient, ImageOrientationPatient, PixelSpacing)`` of each frame (LPS)."""
-  frames = int(ds.get("NumberOfFrames", 1) or 1)
-  per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-  shared = ds.get("SharedFunctionalGroupsSequence")
-  if per_frame is None and shared is None:
-    groups = [(ds, ds, ds)] * frames
-  else:
-    def find(f: int, sequence: str) -> pydicom.Dataset | None:
-      for items, index in ((per_frame, f), (shared, 0)):
-        if items and len(items) > index and items[index].get(sequence):
-          return items[index][sequence][0]
-      return None
-
-    groups = [(find(f, "PlanePositionSequence"), find(f, "PlaneOrientationSequence"),
-               find(f, "PixelMeasuresSequence")) for f in range(frames)]
-  return [(_numbers(p and p.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-           _numbers(o and o.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-           _numbers(m and m.get("PixelSpacing"), 2, "PixelSpacing")) for p, o, m in groups]
-
-
-def _sample_frame(labels: Volume, position: np.ndarray, orientation: np.ndarray,
-                  spacing: np.ndarray, rows: int, cols: int) -> np.ndarray:
-  """The label map's voxels at the pixels of one source frame, ``[rows, cols]``.
-
-  Pixel ``(r, c)`` lies at ``position + c·Δcol·row_cosine + r·Δrow·column_cosine`` (LPS, PS3.3
-  C.7.6.2.1.1; PixelSpacing is (Δrow, Δcol)); each must fall on a voxel centre of ``labels``,
-  whatever the two grids' axis orders, or this raises ``ValueError``.
-  """
-  row_cos, col_cos = orientation[:3], orientation[3:]
-  to_voxel = lambda lps: labels.world_to_voxel(LPS_TO_RAS @ lps)
-  start = to_voxel(position)
-  step_c = to_voxel(position + spacing[1] * row_cos) - start
-  step_r = to_voxel(position + spacing[0] * col_cos) - start
-  corners = np.array([start + r * step_r + c * step_c
-                      for r in (0, rows - 1) for c in (0, cols - 1)])
-  off = max(np.max(np.abs(corners - np.rint(corners))),
-            np.max(np.abs(step_r - np.rint(step_r))) * rows,
-            np.max(np.abs(step_c - np.rint(step_c))) * cols)
-  if off > _ON_GRID_VOXELS:
-    raise ValueError(f"a source frame is off the label map's voxel grid by {off:.2g} voxels")
-  corners = np.rint(corners)
-  if np.any(corners < 0) or np.any(corners > np.asarray(labels.shape) - 1):
-    raise ValueError("a source frame lies outside the label map")
-  start, step_r, step_c = np.rint(start).astype(int), np.rint(step_r).astype(int), \
-      np.rint(step_c).astype(int)
-  index = (start + np.arange(rows)[:, None, None] * step_r
-           + np.arange(cols)[None, :, None] * step_c)
-  return labels.array[index[..., 0], index[..., 1], index[..., 2], 0]
-
-
-def dicom_seg_frames(labels: Volume, sources: Sequence[pydicom.Dataset]
-                     ) -> tuple[list[pydicom.Dataset], np.ndarray]:
-  """Orders the source images and puts the label map into their frames.
-
-  Args:
-    labels: the label map ``[i, j, k, 1]`` on the grid the series was read onto (any axis order:
-      the mapping goes through world coordinates).
-    sources: the series' headers (single-frame images), or one multi-frame image.
-
-  Returns:
-    ``(sources, frames)``: single-frame sources sorted along the slice normal (the order the
-    reader stacked them) and ``frames [n, rows, cols]`` with ``frames[n]`` the labels at
-    ``sources[n]``'s pixels; a multi-frame source's frames in its own frame order.
-  """
-  if len(sources) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in sources):
-    raise ValueError("DICOM-SEG references one multi-frame image or a series of single-frame "
-                     "images, not several multi-frame images")
-  planes = [_frame_planes(ds) for ds in sources]
-  if len(sources) > 1:
-    _, orientation, _ = planes[0][0]
-    normal = np.cross(orientation[:3], orientation[3:])
-    order = np.argsort([float(p[0][0] @ normal) for p in planes], kind="stable")
-    sources, planes = [sources[n] for n in order], [planes[n] for n in order]
-  frames = [_sample_frame(labels, *plane, int(ds.Rows), int(ds.Columns))
-            for ds, ds_planes in zip(sources, planes) for plane in ds_planes]
-  return list(sources), np.stack(frames)
-
-
-def write_dicom_seg(labels: Volume, source_files: Sequence[str], class_names: Sequence[str],
-                    path: str, *, segmentation_type: str = "BINARY",
-                    algorithm: str = "medjax", description: str = "medjax segmentation") -> None:
-  """Writes a label map as a DICOM-SEG (highdicom) that references its source series.
-
-  One segment per foreground class (segment ``n`` = class ``n``, labelled with its name and coded
-  as an anatomical structure with the run's class name in a local coding scheme); frames map
-  pixel for pixel onto the source images (`dicom_seg_frames`); empty frames are omitted. The
-  object carries the source's Patient and General Study modules, as the standard requires.
-
-  Args:
-    labels: uint ``[i, j, k, 1]`` on the grid the series was read onto.
-    source_files: the series' files.
-    class_names: by class index; 0 is background.
-    path: the ``.dcm`` to write.
-    segmentation_type: ``"BINARY"`` (one bit-packed frame per segment and slice; what viewers
-      read today) or ``"LABELMAP"`` (one frame per slice; DICOM 2024, few readers yet).
-    algorithm: the algorithm name recorded with each segment.
-    description: the SEG's SeriesDescription.
-
-  Raises:
-    ValueError: a source image lacks a UID the SEG must reference, or its pixels are not voxel
-      centres of ``labels``.
-  """
-  sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
-  for file, ds in zip(source_files, sources):
-    # PS3.10 makes the file meta's SOP class and instance those of the dataset; some
-    # de-identifiers blank the dataset's copies only.
-    meta = getattr(ds, "file_meta", None) or {}
-    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
-                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
-      if not str(ds.get(keyword, "")).strip() and str(meta.get(meta_keyword, "")).strip():
-        setattr(ds, keyword, meta[meta_keyword].value)
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                           "SeriesInstanceUID") if not str(ds.get(k, "")).strip()]
-    if missing:
-      raise ValueError(f"{os.path.basename(file)} has no {', '.join(missing)} (blanked by "
-                       "de-identification?); a DICOM-SEG must reference them")
-    for keyword in _SEG_TYPE2:
-      if keyword not in ds:
-        setattr(ds, keyword, "")
-  sources, frames = dicom_seg_frames(labels, sources)
-  try:
-    version = importlib.metadata.version("medjax")
-  except importlib.metadata.PackageNotFoundError:
-    version = "unknown"
-  identification = hd.AlgorithmIdentificationSequence(
-      name=algorithm[:64], version=version, family=codes.cid7162.ArtificialIntelligence)
-  segments = [hd.seg.SegmentDescription(
-      segment_number=n, segment_label=name[:64],
-      segmented_property_category=codes.SCT.AnatomicalStructure,
-      segmented_property_type=hd.sr.CodedConcept(str(n), _PRIVATE_SCHEME, name[:64]),
-      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-      algorithm_identification=identification)
-      for n, name in enumerate(class_names) if n > 0]
-  seg = hd.seg.Segmentation(
-      source_images=sources, pixel_array=frames.astype(np.uint8),
-      segmentation_type=segmentation_type.upper(), segment_descriptions=segments,
-      series_instance_uid=hd.UID(), series_number=_SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
-      instance_number=1, manufacturer="medjax", manufacturer_model_name=algorithm[:64],
-      software_versions=version, device_serial_number="none", omit_empty_frames=True)
-  seg.SeriesDescription = description[:64]
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".dcm")
-  os.close(fd)
-  try:
-    seg.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-# --------------------------------------------------------------------------------------------
-# Running
-
-
-class _Scrubber:
-  """Removes the inputs' patient-identifying header values (`_IDENTIFYING`) from a text."""
-
-  def __init__(self, inputs: Sequence[Input]):
-    values = set()
-    for item in inputs:
-      if item.kind != "dicom":
-        continue
-      try:  # one file per series: the patient does not change within a series
-        ds = pydicom.dcmread(item.files[0], stop_before_pixels=True, force=True)
-      except Exception:  # noqa: BLE001 - the read itself will report it
-        continue
-      for keyword in _IDENTIFYING:
-        value = ds.get(keyword)
-        for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value]):
-          text = str(v or "").strip()
-          if len(text) >= 3:
-            values.update({text, text.replace("^", " ").strip()})
-    self.values = sorted(values, key=len, reverse=True)
-
-  def __call__(self, text: str) -> str:
-    for value in self.values:
-      text = text.replace(value, "[removed]")
-    return text
 
 
 def _problem(error: Exception, item: Input, root: str) -> str:
@@ -593,22 +101,6 @@ def _problem(error: Exception, item: Input, root: str) -> str:
 def _detail(error: Exception) -> str:
   # Our own checks raise ValueError with a whole sentence; anything else keeps its type's name.
   return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-
-
-def output_stem(name: str, taken: set[str]) -> str:
-  """A unique output file stem for an input name (``a/b.nii.gz`` → ``a_b``)."""
-  low = name.lower()
-  for suffix in NIFTI_SUFFIXES[::-1] + IMAGE_SUFFIXES + DICOM_SUFFIXES:
-    if low.endswith(suffix):
-      name = name[:-len(suffix)]
-      break
-  stem = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in name).strip("._") or "input"
-  unique, n = stem, 1
-  while unique in taken:
-    n += 1
-    unique = f"{stem}_{n}"
-  taken.add(unique)
-  return unique
 
 
 def _write_csv(path: str, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
@@ -765,7 +257,7 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
   if not inputs and not failures:
     raise MedjaxIOError(input_path, "no DICOM, NIfTI, PNG or JPEG inputs found")
   os.makedirs(output, exist_ok=True)
-  scrub = _Scrubber(inputs)
+  scrub = Scrubber(inputs)
   root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
   unreadable = len(failures)  # files that claim to be inputs but are not readable as such
   for failure in failures:

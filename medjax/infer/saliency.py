@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from medjax.data import pipeline
 from medjax.data.sources import ArraySource
+from medjax.infer.inputs import output_stem
 from medjax.infer.trained import TrainedModel, find_sown
 from medjax.models.sequence import SLICE_AXES
 
@@ -488,8 +489,6 @@ class PredictHook:
         attention = dict(slice_attention=weights,
                          slice_indices=np.arange(len(weights)) * trained.model.slice_stride,
                          slice_axis=trained.model.slice_axis)
-      from medjax.infer.predict import output_stem  # here: predict imports this module
-
       path = os.path.join(output_dir, "saliency", output_stem(item.name, self._taken) + ".png")
       # The title names the class and its probability, nothing else: no patient field.
       write_overlay(path, images[i], maps[i], f"{trained.class_names[k]}  p = {probs[i, k]:.3f}",

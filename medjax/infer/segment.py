@@ -24,14 +24,14 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from medjax.data import segmentation as seg_data
-from medjax.evaluate import segmentation as seg_metrics
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
-from medjax.train import loop
+from medjax.metrics import segmentation as seg_metrics
+from medjax.planning.preprocessing import preprocess, restore_geometry
+from medjax.train import builders, runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,7 +52,7 @@ class Segmenter:
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5) -> Volume:
     """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation)."""
     canonical = image.to_canonical()
-    array, _, props = seg_data.preprocess(canonical, None, self.plan)
+    array, _, props = preprocess(canonical, None, self.plan)
     patch, k = self.plan["patch_size"], self.plan["num_classes"]
     if self.plan["dims"] == 3:
       probs = sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
@@ -65,7 +65,7 @@ class Segmenter:
                                        mirror_axes=(0, 1) if mirror else ())
                 for n in range(array.shape[axis])]
       probs = np.stack(planes, axis=axis)
-    restored = seg_data.restore_geometry(probs, props)
+    restored = restore_geometry(probs, props)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 
@@ -93,7 +93,7 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
   mean Dice gets a bootstrap interval over cases (``n_boot`` resamples)."""
   segmenter = Segmenter(workdir)
   config, plan = segmenter.config, segmenter.plan
-  dataset = msd.read_msd_dataset(loop.msd_root(config.data))
+  dataset = msd.read_msd_dataset(builders.msd_root(config.data))
   with open(os.path.join(segmenter.workdir, "splits.json")) as f:
     val_ids = json.load(f)[config.data.fold]["val"]
   out_dir = os.path.join(segmenter.workdir, "validation")
@@ -134,10 +134,6 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     for r in cases:
       for c in classes:
         w.writerow([r["case"], names[c], *(r[str(c)][m] for m in seg_metrics.METRICS)])
-  # Written last, atomically: a sweep counts a segmentation member finished once it exists.
-  with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
-    json.dump({**result, "per_case": cases}, f, indent=1, default=float)
-  os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"
            f"{' + mirroring' if mirror else ''}, checkpoint step {segmenter.step})", "",
            table, "", "Mean Dice with a 95% bootstrap interval over cases (" + ", ".join(
@@ -148,6 +144,8 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
            ] + [f"![{c}](validation/overlays/{c}.png)" for c in val_ids[:overlays]] + [""]
   with open(os.path.join(segmenter.workdir, "results.md"), "a") as f:
     f.write("\n".join(lines))
+  # Last: a sweep counts a segmentation member finished from here.
+  runs.mark_finished(segmenter.workdir, {**result, "per_case": cases}, runs.VALIDATION, indent=1)
   return result
 
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.infer import tta
+from medjax.train import tta
 
 OVERLAP = 0.5
 SIGMA_SCALE = 1 / 8

@@ -24,10 +24,8 @@ import numpy as np
 import tqdm
 
 from medjax.data import pipeline, sources, transforms
-from medjax.infer import tta
-from medjax.io import medmnist
 from medjax.io.errors import MedjaxIOError
-from medjax.train import loop, tasks
+from medjax.train import builders, tasks, tta
 from medjax.train.checkpoint import Checkpointer
 
 
@@ -94,17 +92,11 @@ class TrainedModel:
     workdir = os.path.abspath(workdir)
     config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, "config.json")))
     plan, defaults = None, {}
-    task_name = config.task
     if config.data.source == "msd":
       plan = _read_json(os.path.join(workdir, "plan.json"))
-      num_classes, defaults = plan["num_classes"], loop.plan_model_defaults(plan)
-      class_names = tuple(plan["class_names"])
-    else:
-      info = medmnist.get_info(config.data.name, config.data.size)
-      num_classes, class_names = info.n_classes, tuple(info.label_names)
-      if info.multi_label and task_name == "classification":
-        task_name = "multilabel_classification"
-    model = loop.build_model(config.model, num_classes, defaults)
+      defaults = builders.plan_model_defaults(plan)
+    num_classes, class_names, multi_label = builders.label_space(config, plan)
+    model = builders.build_model(config.model, num_classes, defaults)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
       raise MedjaxIOError(ckpt_dir, "no checkpoints: the run has not saved one yet")
@@ -117,7 +109,7 @@ class TrainedModel:
     finally:
       ckpt.close()
     return cls(workdir, config, model, jax.device_put(variables, jax.local_devices()[0]), step,
-               tasks.get_task(task_name), num_classes, class_names, plan)
+               builders.build_task(config.task, multi_label), num_classes, class_names, plan)
 
   # --- Data -----------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import http.client
 import os
-import secrets
 import urllib.error
 import urllib.request
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import tqdm
 
+from medjax.io.atomic import atomic_path
 from medjax.io.errors import MedjaxIOError
 
 DATA_DIR_ENV = "MEDJAX_DATA_DIR"  # data root; MedMNIST files live in $MEDJAX_DATA_DIR/medmnist.
@@ -281,7 +281,7 @@ def download_medmnist(
 ) -> Path:
   """Fetches `{flag}[_{size}].npz`, checks its md5 and moves it into place atomically.
 
-  The file is streamed into a hidden temporary file in `data_dir` and renamed (os.replace) to its
+  The file is streamed into a hidden temporary file in `data_dir` and renamed (`atomic_path`) to its
   final name only once the md5 matches, so the final name never holds a partial file. A file
   already there with the expected md5 is kept and nothing is fetched; any other file under that
   name is replaced by the verified download.
@@ -323,35 +323,33 @@ def download_medmnist(
   except OSError as e:
     raise MedjaxIOError(folder, f"cannot create the download folder: {e}") from e
 
-  tmp = folder / f".{target.name}.{secrets.token_hex(6)}.part"
   digest = hashlib.md5()
   received = 0
   try:
-    request = urllib.request.Request(source, headers={"User-Agent": "medjax"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, tmp.open("xb") as out:
-      length = response.headers.get("Content-Length")
-      total = int(length) if length and length.isdigit() else None
-      with tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=target.name, disable=not progress, leave=False) as bar:
-        while chunk := response.read(_CHUNK_BYTES):
-          out.write(chunk)
-          digest.update(chunk)
-          received += len(chunk)
-          bar.update(len(chunk))
-      out.flush()
-      os.fsync(out.fileno())
-    if total is not None and received != total:
-      raise MedjaxIOError(target, f"download from {source} stopped after {received} of {total} "
-                          "bytes")
-    actual = digest.hexdigest()
-    if actual != expected:
-      raise MedjaxIOError(target, f"md5 mismatch for {source}: expected {expected}, got "
-                          f"{actual}; the download was deleted")
-    os.replace(tmp, target)
+    # A partial or mismatched download is deleted; only a verified one takes the final name.
+    with atomic_path(target, suffix=".part") as tmp:
+      request = urllib.request.Request(source, headers={"User-Agent": "medjax"})
+      with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "xb") as out:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        with tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=target.name, disable=not progress, leave=False) as bar:
+          while chunk := response.read(_CHUNK_BYTES):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+      if total is not None and received != total:
+        raise MedjaxIOError(target, f"download from {source} stopped after {received} of "
+                            f"{total} bytes")
+      actual = digest.hexdigest()
+      if actual != expected:
+        raise MedjaxIOError(target, f"md5 mismatch for {source}: expected {expected}, got "
+                            f"{actual}; the download was deleted")
   except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
     raise MedjaxIOError(target, f"download from {source} failed: {e}") from e
-  finally:
-    tmp.unlink(missing_ok=True)  # No-op after os.replace; otherwise drops the partial download.
   return target
 
 

@@ -9,11 +9,11 @@ casting. Writing goes through a temporary file and a rename, so a crash never le
 from __future__ import annotations
 
 import os
-import tempfile
 
 import nibabel as nib
 import numpy as np
 
+from medjax.io.atomic import atomic_path
 from medjax.io.errors import MedjaxIOError
 from medjax.io.volume import Volume
 
@@ -121,12 +121,5 @@ def write_nifti(volume: Volume, path: str | os.PathLike, dtype: np.dtype | None 
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-  os.close(fd)
-  try:
+  with atomic_path(path, suffix=suffix) as tmp:  # nibabel picks the format by the suffix
     nib.save(image, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

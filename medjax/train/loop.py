@@ -2,7 +2,8 @@
 
 Sections: workdir → mesh → input → model/optimiser/state → jitted steps → checkpoint restore →
 loop (train, log, evaluate, checkpoint) → final report. Only this module, ``launch.py`` and the
-builders below read the ConfigDict; everything they call takes plain arguments.
+builders (here and in ``builders.py``) read the ConfigDict; everything they call takes plain
+arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,12 +23,17 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from medjax import models, registry  # noqa: F401  (models: registers the zoo)
-from medjax.data import pipeline, segmentation, sources, transforms
-from medjax.evaluate import report
-from medjax.infer import tta
+from medjax import planning
+from medjax.data import pipeline, sources, transforms
 from medjax.io import msd
-from medjax.train import batch_norm, optim, sharding, tasks
+from medjax.io.atomic import atomic_write_json
+from medjax.train import batch_norm, optim, report, runs, sharding, tasks, tta
+from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
+    build_model,
+    build_task,
+    msd_root,
+    plan_model_defaults,
+)
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.state import TrainState
 from medjax.train.writers import MetricWriter, read_jsonl
@@ -101,11 +106,13 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   """
   data_cfg = config.data
   dataset = msd.read_msd_dataset(msd_root(data_cfg))
-  plan = load_or_make_plan(config, dataset, workdir)
-  cache = segmentation.prepare_cache(dataset, plan,
-                                     data_cfg.cache_dir or os.path.join(workdir, "preprocessed"))
-  folds = segmentation.make_folds([c.case_id for c in dataset.cases],
-                                  os.path.join(workdir, "splits.json"), folds=data_cfg.folds)
+  plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
+                                    max_patch_voxels=data_cfg.max_patch_voxels,
+                                    overrides=data_cfg.plan.to_dict())
+  cache = planning.prepare_cache(dataset, plan,
+                                 data_cfg.cache_dir or os.path.join(workdir, "preprocessed"))
+  folds = planning.make_folds([c.case_id for c in dataset.cases],
+                              os.path.join(workdir, "splits.json"), folds=data_cfg.folds)
   fold = folds[data_cfg.fold]
   patch = plan["patch_size"]
   if plan["dims"] == 2:
@@ -113,49 +120,14 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     shape = list(patch)
     shape.insert(axis, 1)
     cut = f"patch(shape={tuple(shape)}, foreground={data_cfg.foreground}, squeeze={axis})"
-    evals = segmentation.SliceSource(cache, fold["val"], axis)
+    evals = planning.SliceSource(cache, fold["val"], axis)
   else:
     cut = f"patch(shape={tuple(patch)}, foreground={data_cfg.foreground})"
-    evals = segmentation.CaseSource(cache, fold["val"], locations=False)
+    evals = planning.CaseSource(cache, fold["val"], locations=False)
   centre = transforms.CropOrPad(shape=tuple(patch))
-  return Data(segmentation.CaseSource(cache, fold["train"]),
+  return Data(planning.CaseSource(cache, fold["train"]),
               transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
               plan["num_classes"], model_defaults=plan_model_defaults(plan))
-
-
-def msd_root(data_cfg: ml_collections.ConfigDict) -> str:
-  """The dataset folder: ``data.dir``, else ``$MEDJAX_DATA_DIR/<data.name>``."""
-  return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
-
-
-def plan_model_defaults(plan: dict[str, Any]) -> dict[str, Any]:
-  """The U-Net fields a plan decides (config ``model.kwargs`` may still override them)."""
-  return {"features": plan["features"], "strides": plan["strides"]}
-
-
-def load_or_make_plan(config: ml_collections.ConfigDict, dataset, workdir: str) -> dict[str, Any]:
-  """``workdir/plan.json`` if it exists (a resumed run keeps its plan), else a new plan from the
-  dataset's fingerprint with ``config.data.plan`` overrides."""
-  path = os.path.join(workdir, "plan.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  plan = segmentation.make_plan(segmentation.fingerprint(dataset), dims=config.data.dims,
-                                max_patch_voxels=config.data.max_patch_voxels,
-                                overrides=config.data.plan.to_dict())
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(plan, f, indent=1)
-    os.replace(path + ".tmp", path)
-  return plan
-
-
-def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
-                defaults: dict[str, Any] | None = None) -> nn.Module:
-  """The registry's model, with ``defaults`` (e.g. the plan's widths) under the config's kwargs."""
-  kwargs = {**(defaults or {}), **model_cfg.kwargs.to_dict()}
-  return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **kwargs)
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
@@ -177,10 +149,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
           "--workdir, or the same config to resume")
   elif write and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_json(path, current, indent=2, sort_keys=True)
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -240,7 +209,7 @@ def make_train_step(task: tasks.Task, mixup: float = 0.0):
 
 def make_eval_step(task: tasks.Task, flip_axes: tuple[int, ...] = ()):
   """``(state, batch) -> (predictions, labels, mask)`` for one global eval batch; predictions are
-  averaged over the flips of ``flip_axes`` (`medjax.infer.tta`)."""
+  averaged over the flips of ``flip_axes`` (`medjax.train.tta`)."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     def predict(images):
@@ -348,10 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
-  task_name = config.task
-  if data.multi_label and task_name == "classification":
-    task_name = "multilabel_classification"  # the data decides: one sigmoid per label
-  task = tasks.get_task(task_name, label_smoothing=config.train.label_smoothing)
+  task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing)
   model = build_model(config.model, data.num_classes, data.model_defaults)
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
@@ -462,9 +428,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       report.write_report(workdir, summary, history)
     else:
       report.write_report(workdir, summary, history, labels, preds)
-    # Written last, atomically: its presence marks a finished run (launch.py --sweep skips those).
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2, default=float)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    runs.mark_finished(workdir, summary)  # last: the sweep counts the run finished from here
   return summary

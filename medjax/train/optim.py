@@ -6,6 +6,8 @@ import jax
 import ml_collections
 import optax
 
+from medjax import registry
+
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to ``cfg.lr`` then cosine decay to ``cfg.lr * cfg.end_lr_factor``."""
@@ -17,21 +19,37 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,
                    total_steps: int) -> optax.GradientTransformation:
-  """Builds the optimiser named by ``cfg.name`` (adamw | sgd), with optional grad clipping.
+  """Builds the optimiser registered as ``optim.<cfg.name>`` (adamw | sgd), with optional grad
+  clipping.
 
   Weight decay applies to kernels only (rank ≥ 2), not to biases or norm scales.
   """
   schedule = learning_rate_schedule(cfg, total_steps)
-  if cfg.name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_kernel_mask)
-  elif cfg.name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_kernel_mask),
-                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=True))
-  else:
-    raise ValueError(f"unknown optimiser {cfg.name!r} (adamw|sgd)")
+  try:
+    make = registry.lookup(cfg.name, "optim.")
+  except KeyError:
+    raise ValueError(f"unknown optimiser {cfg.name!r} ({'|'.join(_names())})") from None
+  tx = make(cfg, schedule)
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx
+
+
+@registry.register("optim.adamw")
+def adamw(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW with decoupled weight decay on kernels."""
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=_kernel_mask)
+
+
+@registry.register("optim.sgd")
+def sgd(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Nesterov SGD with L2 weight decay on kernels, added to the gradient."""
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_kernel_mask),
+                     optax.sgd(schedule, momentum=cfg.momentum, nesterov=True))
+
+
+def _names() -> list[str]:
+  return [n.removeprefix("optim.") for n in registry.names("optim.")]
 
 
 def _kernel_mask(params):

@@ -1,7 +1,7 @@
 """Tasks: what a model's outputs mean — the loss to train on and the metrics to select with.
 
 The one training loop (``loop.py``) is generic over a ``Task``; adding a task means adding an
-entry here, never copying the loop.
+registered function here, never copying the loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.evaluate import metrics as metrics_lib
+from medjax import registry
+from medjax.metrics import selection as metrics_lib
 from medjax.train import losses
 
 
@@ -35,6 +36,7 @@ class Task:
   metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
+@registry.register("tasks.classification")
 def classification(label_smoothing: float = 0.0) -> Task:
   """Single-label classification: softmax cross-entropy; ACC/AUC on class probabilities."""
 
@@ -46,6 +48,7 @@ def classification(label_smoothing: float = 0.0) -> Task:
   return Task("classification", loss_fn, jax.nn.softmax, metrics_lib.classification_metrics)
 
 
+@registry.register("tasks.multilabel_classification")
 def multilabel_classification(label_smoothing: float = 0.0) -> Task:
   """Independent binary labels (e.g. ChestMNIST): sigmoid cross-entropy per label."""
 
@@ -58,6 +61,7 @@ def multilabel_classification(label_smoothing: float = 0.0) -> Task:
               metrics_lib.multilabel_metrics)
 
 
+@registry.register("tasks.segmentation")
 def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
   """Voxel-wise classes: Dice + cross-entropy (summed over deep-supervision heads when the model
   returns several); evaluated with nnU-Net's pseudo Dice over whole val patches."""
@@ -77,14 +81,10 @@ def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
   return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice)
 
 
-TASKS: dict[str, Callable[..., Task]] = {
-    "classification": classification,
-    "multilabel_classification": multilabel_classification,
-    "segmentation": segmentation,
-}
-
-
 def get_task(name: str, **kwargs) -> Task:
-  if name not in TASKS:
-    raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-  return TASKS[name](**kwargs)
+  """The task registered as ``tasks.<name>``, built with ``kwargs``.
+
+  Raises:
+    KeyError: an unknown name; the message lists the known ones.
+  """
+  return registry.lookup(name, "tasks.")(**kwargs)

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from medjax.io.atomic import atomic_open
+
 
 def _truncate_jsonl(path: str, max_step: int) -> None:
   """Drops lines logged after ``max_step`` (a killed run's tail, replayed on resume)."""
@@ -19,10 +21,8 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
   if lines and not lines[-1].endswith("\n"):
     lines.pop()  # a line cut short by the kill: its step is re-done, so it is logged again
   kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= max_step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with atomic_open(path) as f:
     f.writelines(kept)
-  os.replace(tmp, path)
 
 
 class MetricWriter:

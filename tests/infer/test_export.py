@@ -20,7 +20,7 @@ from medjax.infer import export as export_lib
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io.errors import MedjaxIOError
-from medjax.train import loop, tasks
+from medjax.train import builders, loop, tasks
 
 CPU = ("cpu",)  # the tests that only check folder handling skip the CUDA lowering
 
@@ -167,7 +167,7 @@ def test_a_segmentation_run_exports_softmax_per_voxel_of_a_patch(tmp_path):
           "normalization": ["zscore"], "num_classes": 3, "class_names": ["bg", "outer", "core"],
           "foreground_intensity": [{"mean": 0.0, "std": 1.0, "p00_5": -3.0, "p99_5": 3.0}]}
   config = hippocampus_unet2d.get_config("runlocal")  # deep supervision: several heads
-  model = loop.build_model(config.model, 3, loop.plan_model_defaults(plan))
+  model = builders.build_model(config.model, 3, builders.plan_model_defaults(plan))
   # Random weights of the right shapes: eager init of a U-Net costs seconds on CPU.
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
   rng = np.random.default_rng(0)

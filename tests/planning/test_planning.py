@@ -1,4 +1,4 @@
-"""Segmentation data: MSD folders, plan, cache, folds and the patch sampler, on synthetic cases."""
+"""nnU-Net planning: MSD folders, plan, cache, folds and the patch sampler, on synthetic cases."""
 
 import copy as copy_module
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import write_msd
 
-from medjax.data import segmentation as seg
+from medjax import planning as seg
 from medjax.io import msd
 from medjax.io.errors import MedjaxIOError
 

@@ -1,0 +1,1 @@
+"""Training: tasks, optimiser, state, sharding, checkpoints, the builders and the one loop."""

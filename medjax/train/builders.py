@@ -1,0 +1,58 @@
+"""Config → objects, shared by the training loop and `medjax.infer.trained.TrainedModel`.
+
+A finished run is loaded back with the very functions that built it for training: the model
+(the registry's, with the plan's widths as defaults), the task (the data decides multi-label),
+the label space and the dataset folder. Neither side re-types them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from medjax import models, registry  # noqa: F401  (models: registers the zoo)
+from medjax.io import medmnist
+from medjax.train import tasks
+
+
+def msd_root(data_cfg: ml_collections.ConfigDict) -> str:
+  """The dataset folder: ``data.dir``, else ``$MEDJAX_DATA_DIR/<data.name>``."""
+  return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
+
+
+def plan_model_defaults(plan: dict[str, Any]) -> dict[str, Any]:
+  """The U-Net fields a plan decides (config ``model.kwargs`` may still override them)."""
+  return {"features": plan["features"], "strides": plan["strides"]}
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
+                defaults: dict[str, Any] | None = None) -> nn.Module:
+  """The registry's model, with ``defaults`` (e.g. the plan's widths) under the config's kwargs."""
+  kwargs = {**(defaults or {}), **model_cfg.kwargs.to_dict()}
+  return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **kwargs)
+
+
+def task_name(name: str, multi_label: bool) -> str:
+  """``config.task``, except that multi-label data makes ``classification`` one sigmoid per
+  label (``multilabel_classification``): the data decides, not the config."""
+  return "multilabel_classification" if multi_label and name == "classification" else name
+
+
+def build_task(name: str, multi_label: bool = False, **kwargs) -> tasks.Task:
+  """The registry's task for ``config.task`` on data that is (or is not) multi-label."""
+  return tasks.get_task(task_name(name, multi_label), **kwargs)
+
+
+def label_space(config: ml_collections.ConfigDict, plan: dict[str, Any] | None = None
+                ) -> tuple[int, tuple[str, ...], bool]:
+  """``(num_classes, class_names, multi_label)`` of a run's data: the plan's for segmentation
+  (MSD) runs, the MedMNIST set's otherwise."""
+  if config.data.source == "msd":
+    if plan is None:
+      raise ValueError("a segmentation run's label space comes from its plan")
+    return plan["num_classes"], tuple(plan["class_names"]), False
+  info = medmnist.get_info(config.data.name, config.data.size)
+  return info.n_classes, tuple(info.label_names), info.multi_label
