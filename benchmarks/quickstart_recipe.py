@@ -57,7 +57,7 @@ def step_flops(config) -> float:
   import jax
   import jax.numpy as jnp
 
-  from medjax import ops, registry
+  from medjax import models, ops, registry  # noqa: F401  (models: registers the zoo)
   from medjax.train import tasks
 
   size, bs = config.data.size, config.train.batch_size
