@@ -48,6 +48,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Duration: exactly one of steps / epochs is set (the other None).
   c.train.steps = ml_collections.FieldReference(None, field_type=int)
   c.train.epochs = ml_collections.FieldReference(None, field_type=float)
+  # With train.epochs: at least this many steps, so a recipe moved to a smaller dataset still
+  # trains enough (MedMNIST's protocol trains 100 epochs whatever the size).
+  c.train.min_steps = 0
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 0  # 0: checkpoint at each evaluation only.
   c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
@@ -70,7 +73,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "val"  # never select models on test; `test` evaluates a file that has one.
-  c.eval.every_steps = 0  # 0: once per epoch.
+  c.eval.every_steps = 0  # 0: once per epoch, at most loop.MAX_EVALS times a run.
   c.eval.batch_size = 256
   c.eval.best_metric = "auc"  # checkpoint retained as best; higher is better.
   c.eval.mirror = True  # segmentation: mirroring test-time augmentation in the final validation.

@@ -51,8 +51,13 @@ class NonFiniteLossError(FloatingPointError):
 # Builders (config → plain objects).
 # ---------------------------------------------------------------------------------------------
 
+# The most evaluations (and best-checkpoint saves) a run makes when eval.every_steps is 0.
+MAX_EVALS = 24
+
+
 def resolve_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """Total optimiser steps: ``train.steps`` when set, else ``train.epochs`` × steps per epoch."""
+  """Total optimiser steps: ``train.steps`` when set, else ``train.epochs`` × steps per epoch but
+  at least ``train.min_steps`` (so that a recipe moved to a small dataset still trains enough)."""
   if train_cfg.steps is not None:
     if train_cfg.steps <= 0:
       raise ValueError(f"train.steps must be positive, got {train_cfg.steps}")
@@ -60,7 +65,8 @@ def resolve_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) ->
   if train_cfg.epochs is not None:
     if train_cfg.epochs <= 0:
       raise ValueError(f"train.epochs must be positive, got {train_cfg.epochs}")
-    return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)))
+    return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)),
+               int(train_cfg.get("min_steps") or 0))
   raise ValueError("set train.steps or train.epochs")
 
 
@@ -309,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data.eval_transforms
   steps_per_epoch = len(train_src) // config.train.batch_size
   total_steps = resolve_steps(config.train, steps_per_epoch)
-  eval_every = config.eval.every_steps or steps_per_epoch
+  # Default: once per epoch, but no more than about MAX_EVALS times (small datasets, min_steps).
+  eval_every = config.eval.every_steps or max(steps_per_epoch, -(-total_steps // MAX_EVALS))
   train_iter = iter(pipeline.train_dataset(
       train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
       process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,

@@ -3,23 +3,23 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO, write_multilabel_medmnist, write_synthetic_medmnist
-from helpers import config as _config
 
 from medjax.evaluate.__main__ import evaluate_classification
 from medjax.train import loop
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("evaluate")
-  data = write_synthetic_medmnist(str(root), with_test=True)
-  workdir = str(root / "run")
-  return workdir, loop.train_and_evaluate(_config(data), workdir)
+def run(learned_run, tmp_path_factory):
+  """A copy of the shared learnt run (evaluation writes into the workdir)."""
+  workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
+  shutil.copytree(learned_run[0], workdir)
+  return workdir, learned_run[1]
 
 
 def test_report_agrees_with_the_loop_and_writes_every_artefact(run):

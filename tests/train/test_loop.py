@@ -233,3 +233,14 @@ def test_flip_averaging_is_refused_for_segmentation(synthetic_medmnist, tmp_path
   with pytest.raises(ValueError, match="eval.flip_axes"):
     loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_min_steps_is_a_floor_under_epochs_only():
+  c = _config("", steps=5).train
+  c.min_steps = 400
+  assert loop.resolve_steps(c, 4) == 5  # train.steps set: taken as it is
+  c.steps, c.epochs = None, 12.0
+  assert loop.resolve_steps(c, 4) == 400  # 12 epochs of 4 steps are below the floor
+  assert loop.resolve_steps(c, 36) == 432  # 12 epochs of 36 steps are above it
+  c.min_steps = 0
+  assert loop.resolve_steps(c, 4) == 48
