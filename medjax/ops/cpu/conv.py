@@ -159,8 +159,13 @@ def _conv3d_depth_stride1_bwd(strides, padding, residuals, grad):
 
 _conv3d_depth_stride1.defvjp(_conv3d_depth_stride1_fwd, _conv3d_depth_stride1_bwd)
 
-# Benchmarks' A/B switch: False sends depth-stride-1 convolutions through the taps both ways.
+# Benchmarks' A/B switches, read at trace time. TAP_CHANNELS False sends depth-stride-1
+# convolutions through the taps both ways; ONEDNN False keeps every convolution (and so the fused
+# norm) off the handlers, as MEDJAX_ONEDNN=0 does; LOWERINGS False gives what oneDNN does not take
+# to XLA's native convolution instead of the lowerings here.
 TAP_CHANNELS = True
+ONEDNN = True
+LOWERINGS = True
 
 
 def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -175,7 +180,7 @@ def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def onednn_applies(x: jax.Array, kernel: jax.Array | None = None) -> bool:
   """Whether `conv` and `conv_transpose` of these operands go to oneDNN: float32, 1- to 3-D,
   handlers built (on the first call). ``kernel=None`` checks ``x`` alone."""
-  return (x.dtype == jnp.float32 and (kernel is None or kernel.dtype == jnp.float32)
+  return (ONEDNN and x.dtype == jnp.float32 and (kernel is None or kernel.dtype == jnp.float32)
           and x.ndim in (3, 4, 5) and onednn.available())
 
 
@@ -190,6 +195,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
     pads = tuple(xla.pads(n, k, s, padding)
                  for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides))
     return onednn.conv(x, kernel, tuple(strides), pads)
+  if not LOWERINGS:
+    return xla.conv(x, kernel, strides, padding)
   if x.ndim == 5:
     if x.shape[-1] <= FOLD_MAX_CHANNELS:
       lowering = _conv3d_by_depth_fold
