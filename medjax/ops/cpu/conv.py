@@ -3,13 +3,14 @@
 float32 convolutions of every rank go to oneDNN (``onednn``: forward and both gradients), whose
 kernels are much faster than XLA:CPU's. The XLA lowerings here stay for everything else (other
 dtypes, hosts where the handlers cannot be built):
-- 2-D: XLA's own convolution, except tiny outputs (`SMALL_OUTPUT_PIXELS`), where XLA:CPU sends
-  some gradients to a slow generic loop and im2col + one matmul (`_conv_by_patches`) is cheap.
+- 1-D and 2-D: XLA's own convolution.
 - 3-D: XLA:CPU's 3-D convolution is far slower than its 2-D one, so it is rewritten as 2-D ones:
   a sum over the kernel's depth taps (`_conv3d_by_depth_taps`); with few input channels
   (`FOLD_MAX_CHANNELS`) the taps folded into the channels (`_conv3d_by_depth_fold`); with depth
   stride 1 the taps as output channels, summed with their depth shifts, with custom gradients
-  (`_conv3d_depth_stride1`).
+  (`_conv3d_depth_stride1`). Those 2-D ones with tiny outputs (`SMALL_OUTPUT_PIXELS`), where
+  XLA:CPU sends some gradients to a slow generic loop, are im2col + one matmul
+  (`_conv_by_patches`).
 XLA:CPU runs each of these on one thread, so without oneDNN ``medjax.host`` gives the
 data-parallel mesh one host device per core. ``docs/performance-kernels.md`` has the figures.
 """
@@ -31,7 +32,7 @@ from medjax.ops.cpu import onednn
 FOLD_MAX_CHANNELS = 4
 
 # Up to this many output pixels per image, XLA:CPU lowers some convolution gradients to a slow
-# generic loop (3-D ResNet stage 4 at 2×2); im2col is cheap there.
+# generic loop (3-D ResNet stage 4 at 2×2); the 3-D lowerings' 2-D convolutions use im2col there.
 SMALL_OUTPUT_PIXELS = 16
 
 
@@ -205,8 +206,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
     else:
       lowering = _conv3d_by_depth_taps
     return lowering(x, kernel, tuple(strides), padding)
-  if x.ndim == 4:
-    return _cpu_conv2d(x, kernel, tuple(strides), padding)
+  # 2-D: im2col for tiny outputs, as the 3-D lowerings do, gained nothing on the 2-D ResNet-18
+  # train step (benchmarks/cpu_kernels.py), so XLA's own convolution runs.
   return xla.conv(x, kernel, strides, padding)
 
 
