@@ -3,13 +3,14 @@
 float32 convolutions of every rank go to oneDNN (``onednn``: forward and both gradients), whose
 kernels are much faster than XLA:CPU's. The XLA lowerings here stay for everything else (other
 dtypes, hosts where the handlers cannot be built):
-- 2-D: XLA's own convolution, except tiny outputs (`SMALL_OUTPUT_PIXELS`), where XLA:CPU sends
-  some gradients to a slow generic loop and im2col + one matmul (`_conv_by_patches`) is cheap.
+- 1-D and 2-D: XLA's own convolution.
 - 3-D: XLA:CPU's 3-D convolution is far slower than its 2-D one, so it is rewritten as 2-D ones:
   a sum over the kernel's depth taps (`_conv3d_by_depth_taps`); with few input channels
   (`FOLD_MAX_CHANNELS`) the taps folded into the channels (`_conv3d_by_depth_fold`); with depth
   stride 1 the taps as output channels, summed with their depth shifts, with custom gradients
-  (`_conv3d_depth_stride1`).
+  (`_conv3d_depth_stride1`). Those 2-D ones with tiny outputs (`SMALL_OUTPUT_PIXELS`), where
+  XLA:CPU sends some gradients to a slow generic loop, are im2col + one matmul
+  (`_conv_by_patches`).
 XLA:CPU runs each of these on one thread, so without oneDNN ``medjax.host`` gives the
 data-parallel mesh one host device per core. ``docs/performance-kernels.md`` has the figures.
 """
@@ -31,7 +32,7 @@ from medjax.ops.cpu import onednn
 FOLD_MAX_CHANNELS = 4
 
 # Up to this many output pixels per image, XLA:CPU lowers some convolution gradients to a slow
-# generic loop (3-D ResNet stage 4 at 2×2); im2col is cheap there.
+# generic loop (3-D ResNet stage 4 at 2×2); the 3-D lowerings' 2-D convolutions use im2col there.
 SMALL_OUTPUT_PIXELS = 16
 
 
@@ -159,8 +160,13 @@ def _conv3d_depth_stride1_bwd(strides, padding, residuals, grad):
 
 _conv3d_depth_stride1.defvjp(_conv3d_depth_stride1_fwd, _conv3d_depth_stride1_bwd)
 
-# Benchmarks' A/B switch: False sends depth-stride-1 convolutions through the taps both ways.
+# Benchmarks' A/B switches, read at trace time. TAP_CHANNELS False sends depth-stride-1
+# convolutions through the taps both ways; ONEDNN False keeps every convolution (and so the fused
+# norm) off the handlers, as MEDJAX_ONEDNN=0 does; LOWERINGS False gives what oneDNN does not take
+# to XLA's native convolution instead of the lowerings here.
 TAP_CHANNELS = True
+ONEDNN = True
+LOWERINGS = True
 
 
 def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -175,7 +181,7 @@ def _cpu_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 def onednn_applies(x: jax.Array, kernel: jax.Array | None = None) -> bool:
   """Whether `conv` and `conv_transpose` of these operands go to oneDNN: float32, 1- to 3-D,
   handlers built (on the first call). ``kernel=None`` checks ``x`` alone."""
-  return (x.dtype == jnp.float32 and (kernel is None or kernel.dtype == jnp.float32)
+  return (ONEDNN and x.dtype == jnp.float32 and (kernel is None or kernel.dtype == jnp.float32)
           and x.ndim in (3, 4, 5) and onednn.available())
 
 
@@ -190,6 +196,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
     pads = tuple(xla.pads(n, k, s, padding)
                  for n, k, s in zip(x.shape[1:-1], kernel.shape[:-2], strides))
     return onednn.conv(x, kernel, tuple(strides), pads)
+  if not LOWERINGS:
+    return xla.conv(x, kernel, strides, padding)
   if x.ndim == 5:
     if x.shape[-1] <= FOLD_MAX_CHANNELS:
       lowering = _conv3d_by_depth_fold
@@ -198,8 +206,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str,
     else:
       lowering = _conv3d_by_depth_taps
     return lowering(x, kernel, tuple(strides), padding)
-  if x.ndim == 4:
-    return _cpu_conv2d(x, kernel, tuple(strides), padding)
+  # 2-D: im2col for tiny outputs, as the 3-D lowerings do, gained nothing on the 2-D ResNet-18
+  # train step (benchmarks/cpu_kernels.py), so XLA's own convolution runs.
   return xla.conv(x, kernel, strides, padding)
 
 

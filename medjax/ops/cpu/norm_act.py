@@ -19,12 +19,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from medjax.ops import xla
 from medjax.ops.cpu import conv, onednn
 
+# Benchmarks' A/B switch, read at trace time: False runs ``medjax.ops.xla``'s form everywhere.
+FUSED = True
+
 
 def fused_applies(x: jax.Array) -> bool:
   """Whether `instance_norm_leaky_relu` of ``x`` runs the fused handlers: where the convolutions
   run on oneDNN (float32, rank 3–5, handlers built), channels in multiples of 8 (the kernels'
   AVX2 vectors), an AVX2 + FMA CPU."""
-  return x.shape[-1] % 8 == 0 and conv.onednn_applies(x) and onednn.avx2_fma()
+  return FUSED and x.shape[-1] % 8 == 0 and conv.onednn_applies(x) and onednn.avx2_fma()
 
 
 def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,

@@ -238,6 +238,11 @@ def _partitioned(target: str):
   keeps each device on its own images, as XLA's convolution does: the batch-sharded operands
   stay sharded and the kernel is replicated; the kernel gradient, a sum over the batch, is each
   device's partial sum added over the batch's mesh axes.
+
+  Where a computation runs on one device, JAX lowers this as the plain call, so its HLO, and
+  its persistent compilation cache key, are the same in every process
+  (tests/ops/cpu/test_compilation_cache.py). Over several devices the partitioning call's
+  ``backend_config`` is a per-process id, so each process compiles such a step afresh.
   """
 
   @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))

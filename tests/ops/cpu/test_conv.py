@@ -61,8 +61,9 @@ def test_cpu_lowerings_equal_native_values_and_gradients(lowering, shape, kernel
     ((1, 6, 6, 6, 2), (3, 3, 3), (1, 1, 1), "_conv3d_by_depth_fold"),  # few input channels
     ((1, 6, 6, 6, 8), (3, 3, 3), (1, 1, 1), "_conv3d_depth_stride1"),
     ((1, 6, 6, 6, 8), (3, 3, 3), (2, 2, 2), "_conv3d_by_depth_taps"),
-    ((1, 4, 4, 8), (3, 3), (2, 2), "_conv_by_patches"),  # 2×2 outputs
-    ((1, 9, 9, 8), (3, 3), (1, 1), None)])  # XLA's own
+    ((1, 2, 6, 6, 8), (1, 3, 3), (1, 2, 2), "_conv_by_patches"),  # slices of 3×3 outputs
+    ((1, 4, 4, 8), (3, 3), (2, 2), None),  # 2-D: XLA's own, even at 2×2 outputs
+    ((1, 9, 9, 8), (3, 3), (1, 1), None)])
 def test_without_onednn_each_shape_gets_its_lowering(shape, kernel, strides, lowering,
                                                      monkeypatch):
   monkeypatch.setattr(onednn, "available", lambda: False)
