@@ -1,4 +1,4 @@
-"""Test setup: 4 fake CPU devices (data-parallel code paths run everywhere) and shared fixtures."""
+"""Test setup: 4 fake CPU devices (for the tests of data parallelism) and shared fixtures."""
 
 import os
 import sys

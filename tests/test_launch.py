@@ -18,9 +18,11 @@ STEPS = 2
 
 
 def _run(workdir, data_dir, *extra):
-  """launch.py on the runlocal config for ``STEPS`` steps; ``(returncode, output)``."""
+  """launch.py on the runlocal config for ``STEPS`` steps on one device, as ``helpers.config``;
+  ``(returncode, output)``."""
   return run_launch(str(workdir), [f"--config.data.dir={data_dir}",
-                                   f"--config.train.steps={STEPS}", *extra], timeout=300)
+                                   f"--config.train.steps={STEPS}", "--config.mesh.data=1",
+                                   *extra], timeout=300)
 
 
 def _error_line(returncode, out):

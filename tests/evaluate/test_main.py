@@ -62,7 +62,7 @@ def test_sequence_model_saves_and_plots_its_slice_attention(tmp_path):
   data = write_synthetic_medmnist(str(tmp_path), flag="adrenalmnist3d", n_train=16, n_val=12,
                                   ndim=3)
   c = adrenalmnist3d_lstm.get_config("runlocal")
-  c.data.dir, c.train.steps = data, 2
+  c.data.dir, c.train.steps, c.mesh.data = data, 2, 1
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(c, workdir)
   evaluate_classification(workdir, "val", n_boot=10)

@@ -164,6 +164,7 @@ def _sequence_config(data_dir, **overrides):
   c = adrenalmnist3d_lstm.get_config("runlocal")
   c.data.dir, c.train.steps, c.train.batch_size = data_dir, 4, 8
   c.train.checkpoint_every_steps, c.train.keep_checkpoints = 1, 10
+  c.mesh.data = 1  # one device unless a test says otherwise (helpers.config says why)
   return apply_overrides(c, overrides)
 
 

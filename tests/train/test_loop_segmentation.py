@@ -22,6 +22,7 @@ def _config(data_dir, dims=3, steps=6, **overrides):
   c.data.dir = data_dir
   c.train.steps = steps
   c.eval.every_steps = 3
+  c.mesh.data = 1  # one device unless a test says otherwise (helpers.config says why)
   return apply_overrides(c, overrides)
 
 
