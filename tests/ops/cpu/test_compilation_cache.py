@@ -2,6 +2,7 @@
 from JAX's persistent compilation cache (its HLO, and so its cache key, is the same in each)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,10 @@ jax.block_until_ready(jax.jit(cache_step)(x, w, scale, bias))
 
 
 def _entries(folder):
-  return sorted(f for f in os.listdir(folder) if f.startswith("jit_cache_step-"))
+  """The cached executables of the step, by key (with a size cap JAX keeps each one as a
+  ``-cache`` file and a ``-atime`` file beside it)."""
+  return sorted({re.sub(r"-(cache|atime)$", "", f) for f in os.listdir(folder)
+                 if f.startswith("jit_cache_step-")})
 
 
 @needs_onednn
