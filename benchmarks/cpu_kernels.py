@@ -48,7 +48,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_force_host_platform_device_count={CORES}").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from unet_step_vs_monai import MALLOC_KEPT, NUM_CLASSES, medjax_step  # noqa: E402,F401
 
@@ -118,39 +117,10 @@ def unet_step(devices: int):
 def resnet_step(dims: int, batch_size: int, devices: int):
   """ResNet-18's train step on random ``[batch, 28…, 1]`` images, as the MedMNIST configs set
   it up (3-D: stem kernel 3, no pooling, stride 2 as the config's ``cpu`` variant)."""
-  from configs import common
-  from medjax import registry
-  from medjax.train import loop, optim, sharding, tasks
-  from medjax.train.state import TrainState
+  from train_step_vs_torch import medjax_resnet_step
 
-  spatial = (28,) * dims
   kwargs = {"stem_kernel": 3, "stem_stride": 2, "stem_pool": False} if dims == 3 else {}
-  cfg = common.get_base_config()
-  mesh = sharding.make_mesh(devices)
-  model = registry.lookup("models.resnet18")(num_classes=2, **kwargs)
-  tx = optim.make_optimizer(cfg.optim, 1000)
-  repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
-  def init():
-    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *spatial, 1)), train=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
-                      rng=jax.random.PRNGKey(1), ema={}, apply_fn=model.apply, tx=tx)
-
-  state = jax.jit(init, out_shardings=repl)()
-  train_step = jax.jit(loop.make_train_step(tasks.classification()), in_shardings=(repl, data),
-                       out_shardings=(repl, repl), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batch = sharding.to_global({
-      "image": rng.standard_normal((batch_size, *spatial, 1), np.float32),
-      "label": rng.integers(0, 2, batch_size)}, mesh)
-
-  def step() -> float:
-    nonlocal state
-    state, out = train_step(state, batch)
-    return float(out["loss"])
-
-  return step
+  return medjax_resnet_step(batch_size, (28,) * dims, "resnet18", devices, **kwargs)
 
 
 def sliding_window(devices: int, volume_shape: tuple[int, ...]):

@@ -31,10 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
-                mesh_devices: int, stem_stride: int | None = 1, **model_kwargs) -> float:
-  """Images/s of the loop's own train step for registered ``model_name`` (``model_kwargs`` and,
-  unless None, ``stem_stride`` passed to it) on random ``[batch, *spatial, 1]`` inputs."""
+def medjax_resnet_step(batch_size: int, spatial: tuple[int, ...], model_name: str,
+                       mesh_devices: int, **model_kwargs):
+  """The loop's own train step for registered ``model_name`` (built with ``model_kwargs``) on a
+  fixed random ``[batch, *spatial, 1]`` batch: a callable that runs one step and returns the
+  loss (fetched, as the loop does every step)."""
   from configs import common
   from medjax import registry
   from medjax.train import loop, optim, sharding, tasks
@@ -42,8 +43,6 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
 
   cfg = common.get_base_config()
   mesh = sharding.make_mesh(mesh_devices)
-  if stem_stride is not None:
-    model_kwargs["stem_stride"] = stem_stride
   model = registry.lookup(f"models.{model_name}")(num_classes=2, **model_kwargs)
   tx = optim.make_optimizer(cfg.optim, 1000)
   repl, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -55,19 +54,32 @@ def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_nam
                       rng=jax.random.PRNGKey(1), ema={}, apply_fn=model.apply, tx=tx)
 
   state = jax.jit(init, out_shardings=repl)()
-  step = jax.jit(loop.make_train_step(tasks.classification()), in_shardings=(repl, data),
-                 out_shardings=(repl, repl), donate_argnums=0)
+  train_step = jax.jit(loop.make_train_step(tasks.classification()), in_shardings=(repl, data),
+                       out_shardings=(repl, repl), donate_argnums=0)
   rng = np.random.default_rng(0)
   batch = sharding.to_global({
       "image": rng.standard_normal((batch_size, *spatial, 1), np.float32),
       "label": rng.integers(0, 2, batch_size)}, mesh)
+
+  def step() -> float:
+    nonlocal state
+    state, out = train_step(state, batch)
+    return float(out["loss"])
+
+  return step
+
+
+def time_medjax(batch_size: int, steps: int, spatial: tuple[int, ...], model_name: str,
+                mesh_devices: int, stem_stride: int | None = 1, **model_kwargs) -> float:
+  """Images/s of `medjax_resnet_step` (``stem_stride`` passed to the model unless None)."""
+  if stem_stride is not None:
+    model_kwargs["stem_stride"] = stem_stride
+  step = medjax_resnet_step(batch_size, spatial, model_name, mesh_devices, **model_kwargs)
   for _ in range(2):  # compile + warm-up, each step waited for as in the timed loop
-    state, out = step(state, batch)
-    float(out["loss"])
+    step()
   t = time.perf_counter()
   for _ in range(steps):
-    state, out = step(state, batch)
-    float(out["loss"])  # the loop fetches the loss every step too
+    step()
   return batch_size * steps / (time.perf_counter() - t)
 
 
