@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from typing import Sequence
 
 import jax
@@ -46,6 +45,8 @@ import numpy as np
 from absl import logging
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
+
+from medjax.io.atomic import atomic_path
 
 SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                 for name in ("onednn_conv.cc", "winograd_conv.cc", "norm_act.cc"))
@@ -131,11 +132,9 @@ def build() -> str:
   if os.path.exists(out):
     return out
   os.makedirs(cache_dir(), exist_ok=True)
-  # Written under a temporary name and renamed: processes building at once each finish their own
-  # file, and no process ever loads a half-written one.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
-  os.close(fd)
-  try:
+  # Written under a temporary name and renamed (medjax.io.atomic): processes building at once
+  # each finish their own file, and no process ever loads a half-written one.
+  with atomic_path(out, suffix=".so") as tmp:
     done = subprocess.run(command + ["-o", tmp], capture_output=True, text=True)
     if done.returncode:
       tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -146,10 +145,6 @@ def build() -> str:
       if len(lines) > _WARNING_LINES:
         shown += f"\n... ({len(lines) - _WARNING_LINES} more lines)"
       logging.warning("%s warned building %s:\n%s", os.path.basename(cxx), out, shown)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return out
 
 
