@@ -29,6 +29,7 @@ from medjax import host  # noqa: E402
 host.keep_freed_memory()  # as launch.py: XLA's large temporaries stop faulting in on every call
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -120,24 +121,52 @@ def synthetic_medmnist(tmp_path):
   return write_synthetic_medmnist(str(tmp_path))
 
 
+def computed_once(tmp_path_factory, name, build):
+  """``build(folder)``'s JSON value, computed once per test run however many xdist workers ask.
+
+  For fixtures that train a model which tests then only read (or copy): the first worker to ask
+  builds into a folder beside the workers' own temporary folders, under a file lock; the others
+  wait for it and read the value it saved. A build that raises leaves nothing behind, so the
+  next worker to ask builds again (and fails the same way).
+  """
+  from filelock import FileLock
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the run's folder, shared by every worker
+  folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+  with FileLock(str(root / f"shared-{name}.lock")):
+    if not done.exists():
+      if folder.exists():
+        shutil.rmtree(folder)
+      folder.mkdir()
+      value = build(str(folder))
+      done.write_text(json.dumps(value, default=float))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory):
   """``(workdir, summary)`` of one small run that has learnt the synthetic task: 256 train, 40 val
   and 40 test images, 30 steps of 32 on all 4 devices (sharded checkpoints), evaluated every 10.
 
-  Trained once per test process and shared by the tests that only read it; a test that writes
-  into the workdir works on a copy (``shutil.copytree``).
+  Trained once per test run (`computed_once`) and shared by the tests that only read it; a test
+  that writes into the workdir works on a copy (``shutil.copytree``).
   """
-  from helpers import config
 
-  from medjax.train import loop
+  def train(root):
+    from helpers import config
 
-  root = tmp_path_factory.mktemp("learned")
-  data = write_synthetic_medmnist(str(root), n_train=256, n_val=40, with_test=True)
-  workdir = str(root / "run")
-  c = config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 10,
-                                "eval.batch_size": 40, "mesh.data": 4})
-  return workdir, loop.train_and_evaluate(c, workdir)
+    from medjax.train import loop
+
+    data = write_synthetic_medmnist(root, n_train=256, n_val=40, with_test=True)
+    workdir = os.path.join(root, "run")
+    c = config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 10,
+                                  "eval.batch_size": 40, "mesh.data": 4})
+    return workdir, loop.train_and_evaluate(c, workdir)
+
+  workdir, summary = computed_once(tmp_path_factory, "learned_run", train)
+  return workdir, summary
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Two ``launch.py`` processes joined by ``jax.distributed`` (gloo over TCP on this machine) train
 one model on a split global batch; the result must match a single-process run of the config.
 
-The single-process reference uses one device while the two processes use 2 or 4 in all: batch
-norm statistics and the loss are means over the global batch, so the device count must not
-change the parameters beyond summation-order noise.
+The single-process reference uses one device while the two processes use two each (four in all):
+batch norm statistics and the loss are means over the global batch, so neither the process count
+nor the device count may change the parameters beyond summation-order noise. One run covers both
+splits of the batch (across processes and across each process's devices) and the resume test
+restarts it, so the module trains two launch.py pairs in all.
 """
 
 import json
@@ -16,7 +18,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from conftest import write_synthetic_medmnist
+from conftest import computed_once, write_synthetic_medmnist
 from helpers import (
   config,
   final_params,
@@ -36,20 +38,26 @@ STEPS = 6
 OVERRIDES = {"train.steps": STEPS, "eval.every_steps": 2, "train.checkpoint_every_steps": 1,
              "train.record_batches": True}
 NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
 TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return write_synthetic_medmnist(str(tmp_path_factory.mktemp("data")))
+  # One folder for every worker: it is part of the shared runs' configs.
+  return computed_once(tmp_path_factory, "distributed_data", write_synthetic_medmnist)
 
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-  """A single-process, single-device run of the same config (in-process)."""
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  loop.train_and_evaluate(config(data_dir, **{"mesh.data": 1, **OVERRIDES}), workdir)
-  return workdir
+  """A single-process, single-device run of the same config (in-process), trained once."""
+
+  def train(root):
+    workdir = os.path.join(root, "run")
+    loop.train_and_evaluate(config(data_dir, **{"mesh.data": 1, **OVERRIDES}), workdir)
+    return workdir
+
+  return computed_once(tmp_path_factory, "distributed_reference", train)
 
 
 def _run_distributed(workdir, data_dir, devices_per_process, expect_rc=0):
@@ -66,18 +74,15 @@ def _run_distributed(workdir, data_dir, devices_per_process, expect_rc=0):
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(data_dir, tmp_path_factory):
-  """``get(devices_per_process) -> (workdir, results)``; each run happens once per module."""
-  cache = {}
+def distributed_run(data_dir, tmp_path_factory):
+  """``(workdir, results)`` of one two-process run, made once and read by the tests below."""
 
-  def get(devices_per_process):
-    if devices_per_process not in cache:
-      workdir = str(tmp_path_factory.mktemp(f"dist{devices_per_process}") / "run")
-      cache[devices_per_process] = (
-          workdir, _run_distributed(workdir, data_dir, devices_per_process))
-    return cache[devices_per_process]
+  def train(root):
+    workdir = os.path.join(root, "run")
+    return workdir, _run_distributed(workdir, data_dir, DEVICES_PER_PROCESS)
 
-  return get
+  workdir, results = computed_once(tmp_path_factory, "distributed_run", train)
+  return workdir, results
 
 
 def _jsonl(workdir, name):
@@ -114,9 +119,8 @@ def _assert_same_training(workdir, reference, results):
     assert diff <= 5e-5, f"{part}: relative difference {diff:.2e}\n{outputs_message(results)}"
 
 
-@pytest.mark.parametrize("devices_per_process", [1, 2])
-def test_two_processes_match_one(devices_per_process, distributed_runs, reference):
-  workdir, results = distributed_runs(devices_per_process)
+def test_two_processes_match_one(distributed_run, reference):
+  workdir, results = distributed_run
   _assert_same_training(workdir, reference, results)
 
   # Losses and evaluations agree too: each eval batch is gathered whole on every process, so
@@ -139,15 +143,14 @@ def test_two_processes_match_one(devices_per_process, distributed_runs, referenc
   assert "done:" in results[0][1] and "done:" not in results[1][1], outputs_message(results)
 
 
-def test_two_processes_resume_from_a_checkpoint(distributed_runs, reference, data_dir,
-                                                 tmp_path):
+def test_two_processes_resume_from_a_checkpoint(distributed_run, reference, data_dir, tmp_path):
   """Drops the last checkpoint of a finished run, as if both processes died just before saving
   it; the rerun restores step 5 (state and each process's Grain position) and redoes step 6."""
-  finished, _ = distributed_runs(1)
+  finished, _ = distributed_run
   workdir = str(tmp_path / "run")
   shutil.copytree(finished, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
-  results = _run_distributed(workdir, data_dir, 1)
+  results = _run_distributed(workdir, data_dir, DEVICES_PER_PROCESS)
   # Process 1's position shows in the parameters (its half of step 6's batch), process 0's
   # also in the batch digests: step 6 read the same records as in the uninterrupted run.
   _assert_same_training(workdir, reference, results)

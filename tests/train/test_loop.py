@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import write_multilabel_medmnist, write_synthetic_medmnist
+from conftest import computed_once, write_multilabel_medmnist, write_synthetic_medmnist
 from helpers import config as _config
 from helpers import final_params as _final_params
 from helpers import launch
@@ -152,8 +152,9 @@ def test_eval_split_test_is_used_when_the_file_has_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_volumes(tmp_path_factory):
-  return write_synthetic_medmnist(str(tmp_path_factory.mktemp("vol")), flag="adrenalmnist3d",
-                                  n_train=32, n_val=8, ndim=3)
+  # One folder for every worker: it is part of the shared sequence run's config.
+  return computed_once(tmp_path_factory, "synthetic_volumes", lambda root: write_synthetic_medmnist(
+      root, flag="adrenalmnist3d", n_train=32, n_val=8, ndim=3))
 
 
 def _sequence_config(data_dir, **overrides):
@@ -168,27 +169,38 @@ def _sequence_config(data_dir, **overrides):
   return apply_overrides(c, overrides)
 
 
-def test_sequence_model_data_parallel_matches_single_device(synthetic_volumes, tmp_path):
-  one = str(tmp_path / "one")
+@pytest.fixture(scope="module")
+def sequence_run(synthetic_volumes, tmp_path_factory):
+  """A finished one-device run of the sequence config, trained once and read by the tests below
+  (copied where one writes)."""
+
+  def train(root):
+    workdir = os.path.join(root, "one")
+    loop.train_and_evaluate(_sequence_config(synthetic_volumes), workdir)
+    return workdir
+
+  return computed_once(tmp_path_factory, "sequence_run", train)
+
+
+def test_sequence_model_data_parallel_matches_single_device(sequence_run, synthetic_volumes,
+                                                            tmp_path):
   four = str(tmp_path / "four")
-  loop.train_and_evaluate(_sequence_config(synthetic_volumes, **{"mesh.data": 1}), one)
   loop.train_and_evaluate(_sequence_config(synthetic_volumes, **{"mesh.data": 4}), four)
-  assert _rel_diff(_final_params(four)["params"], _final_params(one)["params"]) <= 1e-5
+  assert _rel_diff(_final_params(four)["params"], _final_params(sequence_run)["params"]) <= 1e-5
 
 
-def test_sequence_model_resumes_exactly(synthetic_volumes, tmp_path):
+def test_sequence_model_resumes_exactly(sequence_run, synthetic_volumes, tmp_path):
   import shutil
 
-  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-  loop.train_and_evaluate(_sequence_config(synthetic_volumes), ref)
+  cut = str(tmp_path / "cut")
   # The same run as if killed after step 2 (every step is checkpointed, so its workdir then is
-  # the reference's less the later checkpoints and the finished-run marker).
-  shutil.copytree(ref, cut)
+  # the finished run's less the later checkpoints and the finished-run marker).
+  shutil.copytree(sequence_run, cut)
   for d in ("3", "4"):
     shutil.rmtree(os.path.join(cut, "checkpoints", d))
   os.remove(os.path.join(cut, "summary.json"))
   loop.train_and_evaluate(_sequence_config(synthetic_volumes), cut)
-  a, b = _final_params(cut), _final_params(ref)
+  a, b = _final_params(cut), _final_params(sequence_run)
   assert int(a["step"]) == int(b["step"]) == 4
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a["params"], b["params"])
   assert max(jax.tree.leaves(diffs)) <= 1e-6
