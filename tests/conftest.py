@@ -169,6 +169,21 @@ def learned_run(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory):
+  """``(workdir, msd_root)`` of a 3-D U-Net trained one step on `write_msd` (5 LPS-stored cases):
+  a segmentation run for the tests that predict with one. Shared: tests only read it."""
+  from helpers import seg_config
+
+  from medjax.train import loop
+
+  root = tmp_path_factory.mktemp("seg")
+  msd = write_msd(root / "msd", n=5, lps=True)
+  workdir = str(root / "run")
+  loop.train_and_evaluate(seg_config(msd), workdir)
+  return workdir, msd
+
+
 @pytest.fixture
 def data_root():
   root = os.environ.get("MEDJAX_DATA_DIR")

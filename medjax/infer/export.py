@@ -4,8 +4,9 @@
 
 ``--out`` receives ``model.stablehlo``, a serialised ``jax.export`` module with the weights baked
 in as constants and a symbolic batch axis, lowered for CPU and CUDA, and ``model.json``, which
-says what the module expects and returns and how to preprocess (see `export_trained`). Load it
-with ``medjax.infer.serving.load_exported``, which needs only jax and numpy.
+says what the module expects and returns and how to preprocess (see `export_trained`), with the
+module's sha256 and a digest of itself (``manifest_sha256``) so that an edited or damaged export is
+refused. Load it with ``medjax.infer.serving.load_exported``, which needs only jax and numpy.
 
 Classification runs map preprocessed images ``[B, *spatial, C]`` to probabilities ``[B, K]``.
 Segmentation runs map one preprocessed patch ``[B, *patch_size, C]`` to softmax probabilities
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Any, Callable, Sequence
@@ -36,6 +38,7 @@ from medjax import ops
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
+from medjax.io.errors import MedjaxIOError
 
 # CUDA lowering needs no GPU (it is StableHLO plus platform-specific custom calls), so one file
 # serves a CPU box and a GPU server alike; the module picks its branch from the running backend.
@@ -216,6 +219,7 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
     with open(module_path, "wb") as f:
       f.write(blob)
     metadata["module"]["sha256"] = serving.sha256_file(module_path)
+    metadata[serving.MANIFEST_KEY] = serving.manifest_digest(metadata)  # last: covers the rest
     with open(os.path.join(tmp, serving.METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=1)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
@@ -242,7 +246,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   f = flags.FLAGS
-  metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms)
+  try:
+    metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms)
+  except (MedjaxIOError, FileExistsError, ValueError) as e:  # the user's to fix: one line
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({"out": os.path.abspath(f.out), "task": metadata["task"],
                     "step": metadata["source"]["step"], "input_shape": metadata["input"]["shape"],
                     "platforms": metadata["platforms"], "bytes": metadata["module"]["bytes"]}))

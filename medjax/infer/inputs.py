@@ -1,7 +1,8 @@
 """What `medjax.infer.predict` reads: inputs found under a path, read into Volumes, and named.
 
 A folder's DICOM series (grouped by SeriesInstanceUID, wherever their files lie) are one input
-each, every NIfTI/PNG/JPEG file another (`find_inputs`); `read_input` reads one; `output_stem`
+each, every NIfTI/PNG/JPEG file another (`find_inputs`); `read_input` reads one (and is where
+every input's voxels are checked to be finite: `NONFINITE`); `output_stem`
 names its output files; `Scrubber` removes the inputs' patient-identifying header values from a
 text (an error message that quoted one).
 """
@@ -21,9 +22,13 @@ from PIL import Image, ImageOps
 from medjax.io.dicom import read_dicom_series
 from medjax.io.errors import MedjaxIOError
 from medjax.io.nifti import NIFTI_SUFFIXES, read_nifti
-from medjax.io.volume import Volume
+from medjax.io.volume import Volume, fill_nonfinite, nonfinite_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What `read_input` does with NaN/±inf voxels: "refuse" the input (the default: a network answers
+# NaN input with a confident-looking, meaningless prediction), or "fill" them from the finite
+# range of their channel (NaN and -inf → its minimum, +inf → its maximum) and say so.
+NONFINITE = ("refuse", "fill")
 # Files with these names must be DICOM; other unknown files in a folder are skipped if they are not.
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # DICOM classes that hold pixels but are not images to predict on (earlier outputs, say).
@@ -178,13 +183,39 @@ def read_picture(path: str) -> Volume:
                 metadata={"format": os.path.splitext(path)[1].lstrip(".").lower()})
 
 
-def read_input(item: Input) -> Volume:
-  """The input's voxels on its own grid: NIfTI in the file's axis order (no reorientation)."""
+def read_input(item: Input, nonfinite: str = "refuse") -> tuple[Volume, str | None]:
+  """The input's voxels on its own grid: NIfTI in the file's axis order (no reorientation).
+
+  Args:
+    item: the input.
+    nonfinite: one of `NONFINITE`.
+
+  Returns:
+    ``(volume, note)``: ``note`` says what was repaired (``nonfinite="fill"``), else None.
+
+  Raises:
+    MedjaxIOError: the input is unreadable, or holds NaN/±inf voxels and ``nonfinite`` is
+      ``"refuse"`` (or a channel has no finite voxel at all).
+  """
+  if nonfinite not in NONFINITE:
+    raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
   if item.kind == "nifti":
-    return read_nifti(item.files[0], canonical=False)
-  if item.kind == "image":
-    return read_picture(item.files[0])
-  return read_dicom_series(list(item.files))
+    volume = read_nifti(item.files[0], canonical=False)
+  elif item.kind == "image":
+    volume = read_picture(item.files[0])
+  else:
+    volume = read_dicom_series(list(item.files))
+  # A series is named by its folder (the common one of its files), a file by itself.
+  where = item.files[0] if len(item.files) == 1 else os.path.commonpath(item.files)
+  if nonfinite == "refuse":
+    problem = nonfinite_problem(volume.array)
+    if problem:
+      raise MedjaxIOError(where, f"{problem} (--nonfinite=fill repairs them)")
+    return volume, None
+  try:
+    return fill_nonfinite(volume)
+  except ValueError as e:
+    raise MedjaxIOError(where, str(e)) from None
 
 
 class Scrubber:

@@ -2,13 +2,16 @@ r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, ta
 
   python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
       [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
-      [--saliency gradcam|gradient]
+      [--saliency gradcam|gradient] [--nonfinite refuse|fill]
 
 ``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
 holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
 lie) is one input and each NIfTI/PNG/JPEG file another. A bad input is reported (one line naming
 the file and the problem, on stderr and in ``errors.csv``) and skipped; the exit status is then
-`EXIT_SOME_FAILED`.
+`EXIT_SOME_FAILED`. An input with NaN or ±inf voxels is such a bad input (a network answers it with
+a confident-looking, meaningless prediction); ``--nonfinite=fill`` predicts it instead with NaN
+and -inf set to its channel's finite minimum and +inf to its maximum, and says so in the
+``warning`` column (`medjax.io.volume.fill_nonfinite`).
 
 Preprocessing is the run's own, read from its workdir, never re-typed:
 
@@ -68,6 +71,7 @@ from medjax.infer.classification_input import (  # noqa: F401  (public here too)
 from medjax.infer.inputs import (  # noqa: F401  (public here too)
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
+    NONFINITE,
     Failure,
     Input,
     Scrubber,
@@ -103,6 +107,12 @@ def _detail(error: Exception) -> str:
   return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
 
 
+def _warn(item: Input, note: str | None) -> None:
+  """One stderr line for an input predicted after a repair (its ``warning`` column says it too)."""
+  if note:
+    tqdm.tqdm.write(f"predict: {item.name}: warning: {note}", file=sys.stderr)
+
+
 def _write_csv(path: str, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(header))
@@ -118,26 +128,27 @@ SaliencyHook = Callable[[TrainedModel, np.ndarray, Sequence[Input], np.ndarray, 
 
 def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
               report: Callable[[Input, Exception | str], None], *, threshold: float, intensity: str,
-              progress: bool, saliency: SaliencyHook | None) -> tuple[list[str], list[dict]]:
+              nonfinite: str, progress: bool,
+              saliency: SaliencyHook | None) -> tuple[list[str], list[dict]]:
   data = trained.config.data
   info = medmnist.get_info(data.name, data.size)
   names = trained.class_names
   binary = not info.multi_label and len(names) == 2
   batch_size = max(1, min(trained.config.eval.batch_size, len(inputs)))
   header = ["input", "kind", "modality"] + [f"prob_{n}" for n in names] + [
-      "predicted", "predicted_index", "threshold"]
+      "predicted", "predicted_index", "threshold", "warning"]
   rows: list[dict[str, Any]] = []
-  pending: list[tuple[Input, np.ndarray, str]] = []
+  pending: list[tuple[Input, np.ndarray, str, str]] = []
 
   def flush():
     if not pending:
       return
-    images = np.stack([image for _, image, _ in pending])
+    images = np.stack([image for _, image, _, _ in pending])
     # The run's eval transforms, applied by the pipeline function its evaluation used.
     source = ArraySource(images, np.zeros(len(images), np.int64), name="predict")
     probs = trained.predict(source, batch_size=batch_size, progress=False)["probs"]
-    for (item, _, modality), p in zip(pending, probs):
-      row = {"input": item.name, "kind": item.kind, "modality": modality,
+    for (item, _, modality, warning), p in zip(pending, probs):
+      row = {"input": item.name, "kind": item.kind, "modality": modality, "warning": warning,
              **{f"prob_{n}": f"{v:.6f}" for n, v in zip(names, p)}}
       if info.multi_label:
         chosen = [n for n, v in zip(names, p) if v >= threshold]
@@ -150,18 +161,19 @@ def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
         row.update(predicted=names[k], predicted_index=k, threshold="argmax")
       rows.append(row)
     if saliency is not None:
-      saliency(trained, images, [item for item, _, _ in pending], probs, output)
+      saliency(trained, images, [item for item, _, _, _ in pending], probs, output)
     pending.clear()
 
   for item in tqdm.tqdm(inputs, desc="predict", unit="input", disable=not progress,
                         dynamic_ncols=True):
     try:
-      volume = read_input(item)
+      volume, note = read_input(item, nonfinite)
       image = classification_input(volume, data.size, info.ndim, info.n_channels, intensity)
     except Exception as e:  # noqa: BLE001 - one bad input must not stop the rest
       report(item, e)
       continue
-    pending.append((item, image, volume.modality))
+    _warn(item, note)
+    pending.append((item, image, volume.modality, note or ""))
     if len(pending) == batch_size:
       flush()
   flush()
@@ -170,13 +182,14 @@ def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
 
 def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
              report: Callable[[Input, Exception | str], None], *, probabilities: bool, mirror: bool,
-             segmentation_type: str, progress: bool) -> tuple[list[str], list[dict]]:
+             segmentation_type: str, nonfinite: str,
+             progress: bool) -> tuple[list[str], list[dict]]:
   plan = segmenter.plan
   names = list(plan["class_names"])
   channels = len(plan["normalization"])
   algorithm = f"medjax {segmenter.config.model.name}"
   header = ["input", "kind", "modality", "segmentation", "probabilities", "dicom_seg"] + [
-      f"ml_{n}" for n in names[1:]]
+      f"ml_{n}" for n in names[1:]] + ["warning"]
   rows: list[dict[str, Any]] = []
   taken: set[str] = set()
   for item in tqdm.tqdm(inputs, desc="predict", unit="input", disable=not progress,
@@ -184,7 +197,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
     try:
       if item.kind == "image":
         raise ValueError("segmentation runs take volumes (DICOM, NIfTI), not PNG/JPEG images")
-      volume = read_input(item)
+      volume, note = read_input(item, nonfinite)
       if volume.channels != channels:
         raise ValueError(f"the input has {volume.channels} channel(s); the run takes {channels}")
       probs = segmenter.predict(volume, mirror=mirror)
@@ -195,7 +208,8 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
                               metadata={})
       stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
-             "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": ""}
+             "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": "",
+             "warning": note or ""}
       write_nifti(labels, os.path.join(output, row["segmentation"]), dtype=np.uint8)
       if probabilities:
         row["probabilities"] = f"{stem}_probs.nii.gz"
@@ -207,6 +221,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
     except Exception as e:  # noqa: BLE001 - one bad input must not stop the rest
       report(item, e)
       continue
+    _warn(item, note)
     if item.kind == "dicom":
       try:
         write_dicom_seg(labels, item.files, names, os.path.join(output, f"{stem}_seg.dcm"),
@@ -219,8 +234,8 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
 
 def predict(workdir: str, input_path: str, output: str, *, step: int | None = None,
             threshold: float = 0.5, intensity: str = "auto", probabilities: bool = False,
-            mirror: bool = True, segmentation_type: str = "BINARY", progress: bool = True,
-            saliency: SaliencyHook | None = None) -> dict[str, Any]:
+            mirror: bool = True, segmentation_type: str = "BINARY", nonfinite: str = "refuse",
+            progress: bool = True, saliency: SaliencyHook | None = None) -> dict[str, Any]:
   """Predicts every input at ``input_path`` with the run in ``workdir``; writes into ``output``.
 
   Args:
@@ -234,6 +249,8 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
     probabilities: segmentation: also write the class probabilities.
     mirror: segmentation: mirroring test-time augmentation (8× the work in 3-D).
     segmentation_type: ``"BINARY"`` or ``"LABELMAP"`` DICOM-SEG (`write_dicom_seg`).
+    nonfinite: inputs with NaN/±inf voxels: ``"refuse"`` them (a failure) or ``"fill"`` them
+      (`medjax.io.volume.fill_nonfinite`; the row's ``warning`` says so).
     progress: show a progress bar over inputs (stderr).
     saliency: classification: called after each batch (`SaliencyHook`).
 
@@ -249,6 +266,8 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
   check_intensity(intensity)
   if segmentation_type.upper() not in ("BINARY", "LABELMAP"):
     raise ValueError(f"segmentation_type must be BINARY or LABELMAP, got {segmentation_type!r}")
+  if nonfinite not in NONFINITE:
+    raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
   input_path, output = os.path.abspath(input_path), os.path.abspath(output)
   if output == input_path:
     raise ValueError(f"{output}: write the outputs to another folder than the inputs' (a rerun "
@@ -280,11 +299,12 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
       model = Segmenter(workdir, step)
       header, rows = _segment(model, inputs, output, report, probabilities=probabilities,
                               mirror=mirror, segmentation_type=segmentation_type,
-                              progress=progress)
+                              nonfinite=nonfinite, progress=progress)
     else:
       model = TrainedModel.load(workdir, step)
       header, rows = _classify(model, inputs, output, report, threshold=threshold,
-                               intensity=intensity, progress=progress, saliency=saliency)
+                               intensity=intensity, nonfinite=nonfinite, progress=progress,
+                               saliency=saliency)
   _write_csv(os.path.join(output, "predictions.csv"), header, rows)
   _write_csv(os.path.join(output, "errors.csv"), ["input", "problem"],
              [dataclasses.asdict(f) for f in failures])
@@ -297,6 +317,7 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
               {"threshold": threshold, "intensity": intensity,
                # A hook's own settings (saliency.PredictHook has them), else that there was one.
                "saliency": getattr(saliency, "settings", None if saliency is None else "custom")})
+  settings["nonfinite"] = nonfinite
   with open(os.path.join(output, "predict.json"), "w") as f:
     json.dump({"workdir": os.path.abspath(workdir), "step": model.step, "settings": settings,
                **{k: v for k, v in summary.items() if k != "failures"}}, f, indent=1)
@@ -329,6 +350,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("saliency", "none", ["none", *saliency_lib.METHODS],
                     "classification: write <output>/saliency/<input>.png overlays",
                     flag_values=fv)
+  flags.DEFINE_enum("nonfinite", "refuse", list(NONFINITE), "inputs with NaN/inf voxels: refuse "
+                    "them (errors.csv), or fill them from the finite range (NaN, -inf: minimum; "
+                    "+inf: maximum) with a warning column", flag_values=fv)
 
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
@@ -338,9 +362,10 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
     summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
                       intensity=fv.intensity, probabilities=fv.probabilities,
                       mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
+                      nonfinite=fv.nonfinite,
                       saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
   except (MedjaxIOError, ValueError) as e:
-    print(f"predict: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return EXIT_UNUSABLE
   print(f"predict: {summary['predicted']} of {summary['inputs']} input(s) predicted, "
         f"{summary['failed']} failed; see {os.path.join(fv.output, 'predictions.csv')}"

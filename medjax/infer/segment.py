@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from absl import app, flags, logging
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
+from medjax.io.errors import MedjaxIOError
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.metrics import segmentation as seg_metrics
@@ -152,7 +154,11 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
-  result = validate(flags.FLAGS.workdir, mirror=not flags.FLAGS.no_mirror)
+  try:
+    result = validate(flags.FLAGS.workdir, mirror=not flags.FLAGS.no_mirror)
+  except (MedjaxIOError, ValueError) as e:  # a bad workdir or case file: one line, as predict
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({k: v for k, v in result.items()}, default=float))
 
 

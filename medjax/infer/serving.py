@@ -7,6 +7,15 @@ does (plus ``flatbuffers``, which jax needs to deserialise a module).
   model = load_exported("model/")
   probs = model(model.preprocess(raw_uint8_images))   # float32 [N, K]
 
+  python serving.py model/     # (or python -m medjax.infer.serving) checks an export, says what
+                               # it takes; a damaged or edited one: one ``error:`` line, exit 2
+
+Integrity: ``model.json`` records the module's sha256 and ``manifest_sha256``, a digest of its own
+canonical JSON (`manifest_digest`), so an edited preprocessing record, class list or module entry
+is refused like a modified module; the module must be a file inside the export folder. These
+digests catch edits and corruption, not forgery (anyone can recompute them): sign the folder where
+that matters.
+
 `preprocess` replays the run's recorded MedMNIST evaluation transforms in numpy, with the same
 float32 arithmetic as ``medjax.data.transforms``. Segmentation exports take preprocessed patches;
 their preprocessing (crop, normalise, resample) and the whole-volume sliding window stay with the
@@ -15,19 +24,30 @@ caller, as ``model.json`` describes.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 FORMAT = "medjax.export"
-# Bumped when model.json changes in a way an older loader would misread.
-FORMAT_VERSION = 1
+# Bumped when model.json changes in a way an older loader would misread (2: manifest_sha256).
+FORMAT_VERSION = 2
 MODULE_FILE = "model.stablehlo"
 METADATA_FILE = "model.json"
+MANIFEST_KEY = "manifest_sha256"
+# What the loader reads from model.json, as dotted paths, with their JSON types.
+_REQUIRED = {"format": str, "format_version": int, "task": str, "input.shape": list,
+             "output.shape": list, "class_names": list, "preprocessing": dict,
+             "module.file": str, "module.sha256": str, MANIFEST_KEY: str}
+
+
+class ExportError(ValueError):
+  """An export folder that cannot be used: the message names the file and the problem."""
 
 
 def sha256_file(path: str) -> str:
@@ -37,6 +57,14 @@ def sha256_file(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
+
+
+def manifest_digest(metadata: dict[str, Any]) -> str:
+  """Hex sha256 of ``metadata``'s canonical JSON without its `MANIFEST_KEY`: keys sorted, no
+  whitespace, ASCII (``json.dumps(..., sort_keys=True, separators=(",", ":"))``)."""
+  body = {k: v for k, v in metadata.items() if k != MANIFEST_KEY}
+  text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 # --- Preprocessing: numpy twins of medjax.data.transforms ops ----------------------------------
@@ -147,29 +175,97 @@ class ExportedModel:
     return np.ascontiguousarray(x, np.float32)
 
 
+def _read_metadata(meta_path: str) -> dict[str, Any]:
+  """``model.json``, checked to be a medjax export this loader reads, with every required key."""
+  try:
+    with open(meta_path) as f:
+      metadata = json.load(f)
+  except FileNotFoundError:
+    raise ExportError(f"{meta_path}: no such file (is the folder a medjax export?)") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ExportError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+    got = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+    raise ExportError(f"{meta_path}: not a medjax export (format {got!r})")
+  version = metadata.get("format_version")
+  if isinstance(version, int) and version > FORMAT_VERSION:
+    raise ExportError(f"{meta_path}: format version {version} is newer than this loader's "
+                      f"{FORMAT_VERSION}; use the serving.py that came with it")
+  if isinstance(version, int) and version < FORMAT_VERSION:
+    raise ExportError(f"{meta_path}: format version {version} predates the manifest digest this "
+                      "loader checks; export the run again (python -m medjax.infer.export)")
+  for key, kind in _REQUIRED.items():
+    value = metadata
+    for part in key.split("."):
+      value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+      raise ExportError(f"{meta_path}: no {key!r}; the file was edited or damaged since export")
+    if not isinstance(value, kind) or isinstance(value, bool):
+      raise ExportError(f"{meta_path}: {key!r} must be a JSON {kind.__name__}, got "
+                        f"{type(value).__name__}")
+  return metadata
+
+
+def _module_path(folder: str, meta_path: str, name: str) -> str:
+  """The module file named ``name`` in ``model.json``: refused unless it lies inside ``folder``
+  (after resolving ``..``, absolute paths and symbolic links)."""
+  path = os.path.realpath(os.path.join(folder, name))
+  root = os.path.realpath(folder)
+  if os.path.isabs(name) or os.path.commonpath([root, path]) != root or path == root:
+    raise ExportError(f"{meta_path}: module file {name!r} lies outside the export folder "
+                      f"({path}); an export is one self-contained folder")
+  if not os.path.isfile(path):
+    raise ExportError(f"{os.path.join(folder, name)}: no such file (named in {METADATA_FILE})")
+  return path
+
+
 def load_exported(folder: str) -> ExportedModel:
-  """Reads ``folder/model.json`` and ``folder/model.stablehlo``, checking the module's sha256.
+  """Reads ``folder/model.json`` and ``folder/model.stablehlo``, checking both (module docstring).
 
   Raises:
-    FileNotFoundError: either file is missing.
-    ValueError: ``model.json`` is not a medjax export of a version this loader reads, or
-      ``model.stablehlo`` does not match its recorded sha256 (modified or truncated).
+    ExportError (a ValueError): a file is missing or unreadable; ``model.json`` is not a medjax
+      export of the version this loader reads, lacks a required key, or was edited since export
+      (its `manifest_digest` differs from ``manifest_sha256``); the module lies outside
+      ``folder`` or does not match its recorded sha256 (modified or truncated).
   """
   folder = os.path.abspath(folder)
   meta_path = os.path.join(folder, METADATA_FILE)
-  with open(meta_path) as f:
-    metadata = json.load(f)
-  if metadata.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: not a medjax export (format {metadata.get('format')!r})")
-  if metadata.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: format version {metadata['format_version']} is newer than "
-                     f"this loader's {FORMAT_VERSION}; use the serving.py that came with it")
+  metadata = _read_metadata(meta_path)
   module = metadata["module"]
-  path = os.path.join(folder, module["file"])
+  path = _module_path(folder, meta_path, module["file"])
+  if manifest_digest(metadata) != metadata[MANIFEST_KEY]:
+    raise ExportError(f"{meta_path}: edited since export (its content does not match its "
+                      f"{MANIFEST_KEY}); export the run again rather than editing it")
   got = sha256_file(path)
   if got != module["sha256"]:
-    raise ValueError(f"{path}: sha256 {got} does not match {module['sha256']} recorded in "
-                     f"{METADATA_FILE}; the file was modified or corrupted since export")
+    raise ExportError(f"{path}: sha256 {got} does not match {module['sha256']} recorded in "
+                      f"{METADATA_FILE}; the file was modified or corrupted since export")
   with open(path, "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+    blob = f.read()
+  try:
+    exported = jax.export.deserialize(bytearray(blob))
+  except Exception as e:  # noqa: BLE001 - flatbuffers raises many types on junk
+    raise ExportError(f"{path}: not a jax.export module ({type(e).__name__}: {e})") from None
   return ExportedModel(folder, metadata, exported)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """``serving.py FOLDER``: loads the export and prints one JSON line about it (exit 0), or one
+  ``error:`` line (exit 2) when it cannot be used."""
+  parser = argparse.ArgumentParser(description="Checks a medjax export folder and says what the "
+                                   "model takes and returns.")
+  parser.add_argument("folder", help="the export folder (model.json + model.stablehlo)")
+  args = parser.parse_args(argv)
+  try:
+    model = load_exported(args.folder)
+  except ExportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({"folder": model.folder, "task": model.task, "input_shape": model.input_shape,
+                    "output_shape": model.output_shape, "class_names": model.class_names,
+                    "platforms": list(model.exported.platforms)}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

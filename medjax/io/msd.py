@@ -4,7 +4,7 @@ Both layouts in use are read: the original MSD release (one NIfTI per case, 4-D 
 several modalities) and nnU-Net's (``case_0000.nii.gz``, ``case_0001.nii.gz``… one file per
 channel). Labels are ``{"0": "background", ...}`` (MSD) or ``{"background": 0, ...}`` (nnU-Net v2).
 Every problem is a `MedjaxIOError` naming the file: missing files, channels on different grids, a
-label map that does not match its image, labels outside the declared classes.
+label map that does not match its image, labels outside the declared classes, NaN or ±inf voxels.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from medjax.io.errors import MedjaxIOError
 from medjax.io.nifti import read_nifti, read_nifti_labels
-from medjax.io.volume import Volume, grid_mismatch
+from medjax.io.volume import Volume, grid_mismatch, nonfinite_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,10 @@ def read_msd_dataset(root: str | os.PathLike) -> MSDDataset:
 def load_msd_case(dataset: MSDDataset, case: MSDCase) -> tuple[Volume, Volume | None]:
   """The case's image (one channel per modality, canonical RAS) and its label map (or None)."""
   parts = [read_nifti(p, modality=dataset.channels[0]) for p in case.images]
+  for p, v in zip(case.images, parts):  # NaN would train and score as silently wrong numbers
+    problem = nonfinite_problem(v.array)
+    if problem:
+      raise MedjaxIOError(p, problem)
   for p, v in zip(case.images[1:], parts[1:]):
     problem = grid_mismatch(parts[0], v)
     if problem:

@@ -145,3 +145,49 @@ def grid_mismatch(a: Volume, b: Volume, tolerance: float = GRID_TOLERANCE) -> st
   if gap > tolerance:
     return f"affine differs by up to {gap:.3g} (origin, spacing or direction)"
   return None
+
+
+def nonfinite_problem(array: np.ndarray) -> str | None:
+  """Why ``array``'s values cannot be an image's: how many are NaN or ±inf; None when all are
+  finite (integer arrays always are).
+
+  A network given NaN returns a confident-looking answer (the same for any NaN image), so
+  readers of user images refuse such files, or repair them on request (`fill_nonfinite`).
+  """
+  if array.dtype.kind != "f":
+    return None
+  finite = np.isfinite(array)
+  bad = finite.size - int(np.count_nonzero(finite))
+  if not bad:
+    return None
+  nan = int(np.count_nonzero(np.isnan(array)))
+  pos = int(np.count_nonzero(np.isposinf(array)))
+  kinds = ", ".join(f"{n} {name}" for n, name in ((nan, "NaN"), (pos, "+inf"),
+                                                 (bad - nan - pos, "-inf")) if n)
+  return f"{bad} of {array.size} voxel values are not finite ({kinds})"
+
+
+def fill_nonfinite(volume: Volume) -> tuple[Volume, str | None]:
+  """``volume`` with each channel's NaN and -inf set to its finite minimum, +inf to its maximum.
+
+  Returns:
+    ``(volume, note)``: the repaired volume and what was done (`nonfinite_problem`'s text plus
+    the fill), or the volume unchanged and None when every value was finite.
+
+  Raises:
+    ValueError: a channel holds no finite value to fill from.
+  """
+  problem = nonfinite_problem(volume.array)
+  if problem is None:
+    return volume, None
+  array = np.array(volume.array)  # a copy: the reader's array stays as read
+  for c in range(array.shape[-1]):
+    channel = array[..., c]
+    finite = channel[np.isfinite(channel)]
+    if not finite.size:
+      raise ValueError(f"{problem}; channel {c} has no finite value to fill them from")
+    low, high = finite.min(), finite.max()
+    channel[np.isnan(channel) | np.isneginf(channel)] = low
+    channel[np.isposinf(channel)] = high
+  note = f"{problem}; NaN and -inf set to the finite minimum, +inf to the finite maximum"
+  return volume.replace(array=array), note

@@ -14,11 +14,11 @@ import pydicom
 import pytest
 from absl import flags
 from conftest import write_msd, write_synthetic_medmnist
-from helpers import apply_overrides
+from helpers import apply_overrides, seg_config
 from helpers import config as cls_config
 from PIL import Image
 
-from configs import adrenalmnist3d_resnet18, hippocampus_unet3d
+from configs import adrenalmnist3d_resnet18
 from medjax.infer import predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import dicom, synthetic
@@ -308,24 +308,6 @@ def test_dicom_seg_of_an_enhanced_multiframe_ct(data_root, tmp_path):
 # Segmentation
 
 
-def _seg_config(data_dir, steps=1, **overrides):
-  c = hippocampus_unet3d.get_config("runlocal")
-  c.data.dir = data_dir
-  c.train.steps = steps
-  c.eval.every_steps = steps
-  c.mesh.data = 1
-  return apply_overrides(c, overrides)
-
-
-@pytest.fixture(scope="module")
-def seg_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("seg")
-  msd = write_msd(root / "msd", n=5, lps=True)
-  workdir = str(root / "run")
-  loop.train_and_evaluate(_seg_config(msd), workdir)
-  return workdir, msd
-
-
 def test_segmentation_writes_masks_on_the_input_grid_and_a_dicom_seg(seg_run, tmp_path):
   workdir, msd = seg_run
   inbox = tmp_path / "inbox"
@@ -395,7 +377,7 @@ def test_real_dicom_series(data_root, tmp_path):
   msd = write_msd(tmp_path / "msd", n=5)
   workdir = str(tmp_path / "run")
   # A 2 mm plan and large windows: the 512² CT then takes a few hundred windows, not thousands.
-  loop.train_and_evaluate(_seg_config(msd, steps=2, **{
+  loop.train_and_evaluate(seg_config(msd, steps=2, **{
       "data.plan.target_spacing": [2.0, 2.0, 2.0], "data.plan.patch_size": [48, 48, 16]}),
       workdir)
 
