@@ -2,7 +2,7 @@ r"""The fusion results table: each method scored with the eight fusion metrics o
 Harvard atlas pairs.
 
   python -m medjax.evaluate.fusion --out runs/fusion_eval [--split test]
-      [--pairs CT-MRI,PET-MRI,SPECT-MRI] [--methods mean,max,pyramid,wavelet]
+      [--pairs CT-MRI,PET-MRI,SPECT-MRI] [--methods mean,max,pyramid,wavelet[,copy_a,copy_b]]
       [--data_dir $MEDJAX_DATA_DIR/fusion/harvard_aanlib] [--figure_dir docs/figures]
 
 Every pair of the split is fused by each method (`medjax.infer.fuse`'s path: fused, rounded to
@@ -31,6 +31,17 @@ from medjax.io.atomic import atomic_open, atomic_write, atomic_write_json
 from medjax.io.errors import MedjaxIOError
 from medjax.metrics.fusion import METRICS, score
 
+# Not fusion: one source returned as the result (its grey levels; a colour source's colours kept),
+# to show which metrics reward copying a source. Accepted by --methods beside fusion.METHODS.
+COPIES = {"copy_a": lambda a, b: a, "copy_b": lambda a, b: b}
+
+
+def _check(methods: Sequence[str]) -> None:
+  unknown = [m for m in methods if m not in fusion.METHODS and m not in COPIES]
+  if unknown or not methods:
+    raise ValueError(f"unknown fusion method(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join([*fusion.METHODS, *COPIES])}")
+
 
 def evaluate_pairs(root: str, pair: str, methods: Sequence[str], split: str = "test",
                    figure_rows: int = 0) -> dict:
@@ -46,11 +57,12 @@ def evaluate_pairs(root: str, pair: str, methods: Sequence[str], split: str = "t
   picks = {round((i + 1) * len(pairs) / (figure_rows + 1)) for i in range(figure_rows)}
   rows, figure = [], []
   for index, p in enumerate(pairs):
-    results = {m: fusion.to_uint8(fusion.fuse(p.a, p.b, m)) for m in methods}
+    results = {m: fusion.to_uint8(fusion.fuse(p.a, p.b, COPIES.get(m, m))) for m in methods}
     for m, fused in results.items():
       rows.append({"id": p.id, "method": m, **score(fused, p.a, p.b)})
     if index in picks:
       figure.append((f"case {p.case} slice {p.slice}", p.a, p.b, results))
+  # SCD of an exact copy is NaN (F - A = 0 correlates with nothing): the mean says so.
   mean = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m])) for k in METRICS}
           for m in methods}
   return {"pair": pair, "split": split, "cases": sorted({p.case for p in pairs}),
@@ -74,10 +86,7 @@ def evaluate(root: str, out: str, pairs: Sequence[str] = harvard.PAIRS,
              methods: Sequence[str] = tuple(fusion.METHODS), split: str = "test",
              figure_dir: str | None = None, figure_rows: int = 2) -> list[dict]:
   """`evaluate_pairs` for each pair folder; writes the CSV, table and JSON (and figures)."""
-  unknown = [m for m in methods if m not in fusion.METHODS]
-  if unknown or not methods:
-    raise ValueError(f"unknown fusion method(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(fusion.METHODS)}")
+  _check(methods)
   results = [evaluate_pairs(root, p, methods, split, figure_rows if figure_dir else 0)
              for p in pairs]
   os.makedirs(out, exist_ok=True)
@@ -107,7 +116,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("out", None, "output folder for the table, scores and JSON", flag_values=fv)
   flags.DEFINE_enum("split", "test", ["test", "train", "all"], "which cases", flag_values=fv)
   flags.DEFINE_list("pairs", list(harvard.PAIRS), "pair folders", flag_values=fv)
-  flags.DEFINE_list("methods", list(fusion.METHODS), "fusion methods", flag_values=fv)
+  flags.DEFINE_list("methods", list(fusion.METHODS), "fusion methods (also copy_a, copy_b: "
+                    "a source as the result)", flag_values=fv)
   flags.DEFINE_string("figure_dir", None, "write fusion_<pair>.png figures here", flag_values=fv)
   flags.DEFINE_integer("figure_rows", 2, "slices per figure", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)

@@ -64,7 +64,8 @@ def mutual_information(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:
   x, y = x - x.mean(), y - y.mean()
-  return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+  with np.errstate(divide="ignore", invalid="ignore"):  # a constant x or y: NaN, said below
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
 
 
 def scd(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:

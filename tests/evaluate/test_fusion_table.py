@@ -52,6 +52,14 @@ def test_the_table_scores_each_method_on_the_test_cases_only(tmp_path):
   assert sorted(os.listdir(figures)) == [f"fusion_{p}.png" for p in harvard.PAIRS]
 
 
+def test_copying_a_source_is_scored_as_a_reference(tmp_path):
+  root = write_fusion_atlas(str(tmp_path / "atlas"), cases={"CT-MRI": {2: 1, 3: 1}})
+  results = evaluate_fusion.evaluate(root, str(tmp_path / "out"), ["CT-MRI"], ["copy_a"])
+  copy = results[0]["mean"]["copy_a"]
+  assert np.isnan(copy["SCD"])  # F - A = 0: SCD is undefined for an exact copy
+  assert copy["VIF"] >= 1.0  # VIF(A -> A) = 1, plus whatever of B the copy of A carries
+
+
 def test_a_missing_pair_folder_is_one_error_line(tmp_path):
   root = write_fusion_atlas(str(tmp_path / "atlas"), cases={"CT-MRI": {2: 1, 3: 1}})
   code, _, stderr = _run(f"--data_dir={root}", f"--out={tmp_path}/out", "--pairs=CT-MRI,PET-MRI")
