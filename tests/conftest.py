@@ -116,6 +116,38 @@ def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26,
   return str(root)
 
 
+def write_fusion_atlas(root, cases=None, size=32, seed=0):
+  """A Harvard-atlas-style fusion folder (`medjax.io.harvard`): ``{pair: {case: slices}}`` PNG
+  pairs, the MRI grey, CT grey and PET/SPECT RGB, each a disc with a ring (the skull) and noise.
+
+  Returns ``root``.
+  """
+  from PIL import Image
+
+  cases = cases or {"CT-MRI": {2: 2, 28: 2}, "PET-MRI": {25: 2, 30: 1},
+                    "SPECT-MRI": {3: 1, 28: 2, 40: 1}}
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  r = np.hypot(yy - size / 2, xx - size / 2)
+  for pair, by_case in cases.items():
+    first, second = pair.split("-")
+    for case, slices in by_case.items():
+      for s in range(1, slices + 1):
+        name = f"{case}{s:03d}.png"
+        mri = np.where(r < size * 0.4, 90 + 60 * np.sin(xx / 2.0), 0) + rng.normal(0, 5, r.shape)
+        other = np.where(np.abs(r - size * 0.42) < 2, 250, np.where(r < size * 0.4, 60, 0))
+        other = other + rng.normal(0, 3, r.shape)
+        images = {"MRI": mri, first: other}
+        if first in ("PET", "SPECT"):
+          images[first] = np.stack([other, 0.6 * other, 255 - other], -1)
+        for modality in (first, second):
+          folder = os.path.join(root, pair, modality)
+          os.makedirs(folder, exist_ok=True)
+          image = np.clip(np.round(images[modality]), 0, 255).astype(np.uint8)
+          Image.fromarray(image).save(os.path.join(folder, name))
+  return root
+
+
 @pytest.fixture
 def synthetic_medmnist(tmp_path):
   return write_synthetic_medmnist(str(tmp_path))
