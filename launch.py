@@ -83,7 +83,8 @@ def _override_error(e: BaseException, argv: Sequence[str]) -> str | None:
     return None
   text = str(e)
   m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-  missing, suggestion = (m[2], m[1]) if m else (re.search(r"[\w-]+", text)[0], None)
+  word = re.search(r"[\w-]+", text)
+  missing, suggestion = (m[2], m[1]) if m else (word[0] if word else "?", None)
   overrides = [re.sub(r"^--?(no)?config\.", "", a.split("=", 1)[0]) for a in argv
                if re.match(r"--?(no)?config\.", a)]
   paths = [o for o in overrides if missing in o.split(".")]
