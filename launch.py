@@ -11,15 +11,17 @@ Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every membe
 launch.py process, at most N at a time, skipping finished members and resuming the others:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
 
-Exit status: 0 done; 2 an expected error (bad data file, bad setting, a workdir of another
-experiment, a diverged run), printed as one ``error: ...`` line on stderr; 1 anything else
-(bad flags, or a bug, which keeps its traceback).
+Exit status: 0 done; 2 an expected error (bad data file, bad setting or ``--config.`` override,
+a workdir of another experiment, a diverged run), printed as one ``error: ...`` line on stderr;
+1 anything else (other bad flags, or a bug, which keeps its traceback).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from typing import Sequence
 
 from medjax import host
 
@@ -63,6 +65,65 @@ def _is_expected_error(e: BaseException) -> bool:
     tb = tb.tb_next
   package = os.path.dirname(os.path.realpath(medjax.__file__))
   return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def _override_error(e: BaseException, argv: Sequence[str]) -> str | None:
+  """The one-line message for ``e``, raised by absl's parsing of ``argv``, when a ``--config.``
+  override caused it (a key the config does not have, a value of the wrong type); else None.
+
+  ml_collections (1.1) raises a ``flags.Error`` ``"flag --config.k=v: <why>"`` for a wrongly typed
+  value, but a bare KeyError/AttributeError (``'k'`` and maybe ``Did you mean "x"``) from inside
+  the locked ConfigDict for an unknown key, naming only the last part of the path; the full
+  path is the override in ``argv`` that has that part.
+  """
+  if isinstance(e, flags.Error):
+    m = re.fullmatch(r"flag --(config\.[^=\s]+)=(.*?): (.*)", str(e), re.S)
+    return m and f"--{m[1]}={m[2]}: not a valid value for this setting ({m[3]})"
+  if not isinstance(e, (KeyError, AttributeError)) or not _raised_in(e, "ml_collections"):
+    return None
+  text = str(e)
+  m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  word = re.search(r"[\w-]+", text)
+  missing, suggestion = (m[2], m[1]) if m else (word[0] if word else "?", None)
+  overrides = [re.sub(r"^--?(no)?config\.", "", a.split("=", 1)[0]) for a in argv
+               if re.match(r"--?(no)?config\.", a)]
+  paths = [o for o in overrides if missing in o.split(".")]
+  if len(paths) != 1:
+    return f"--config.{missing}: the config has no such setting"
+  parts = paths[0].split(".")
+  hint = ""
+  if suggestion:
+    parts_fixed = [suggestion if p == missing else p for p in parts]
+    hint = f" (did you mean --config.{'.'.join(parts_fixed)}?)"
+  return f"--config.{paths[0]}: the config has no such setting{hint}"
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+  """Whether a frame of ``e``'s traceback runs code of the installed ``package``."""
+  tb, part = e.__traceback__, f"{os.sep}{package}{os.sep}"
+  while tb is not None:
+    if part in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a bad ``--config.`` override is a setting of the user's:
+  one ``error:`` line and exit status 2, like the settings the run checks itself."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # sorted below; anything else is re-raised
+    message = _override_error(e, argv)
+    if message is not None:
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.exit(2)
+    if not isinstance(e, flags.Error):
+      raise
+    # Any other bad flag: absl's own answer (app.parse_flags_with_usage), exit status 1.
+    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _sweep() -> int:
@@ -131,4 +192,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ imports work
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -5,6 +5,7 @@ Imported after ``conftest.py`` has set up the fake CPU devices (pytest loads con
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -117,6 +118,17 @@ def run_launch(workdir, flags: Sequence[str] = (), devices=1, timeout=300):
     out, _ = p.communicate()
     raise AssertionError(f"launch.py ran past {timeout} s:\n{tail(out)}") from None
   return p.returncode, out
+
+
+def launch_module():
+  """launch.py as a module, loaded once per process (a second load would redefine its flags): its
+  helpers, e.g. ``_is_expected_error``, tested in-process."""
+  if "launch" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["launch"] = module
+  return sys.modules["launch"]
 
 
 def tail(text: str, lines=25) -> str:

@@ -84,6 +84,14 @@ def resolve_workers(workers: int, backend: str, cores: int | None = None) -> int
   return 0 if backend == "cpu" else min(8, max(1, (cores or 2) // 2))
 
 
+def capped_batch_size(batch_size: int, num_records: int, multiple: int = 1) -> int:
+  """``batch_size``, but no larger than ``num_records`` rounded up to a multiple of ``multiple``
+  (the devices that share a batch): a split smaller than the configured eval batch is then
+  evaluated in one batch padded by fewer than ``multiple`` records, not by the rest of the
+  configured size (100,000 of which would fill the host's memory)."""
+  return max(multiple, min(batch_size, -(-num_records // multiple) * multiple))
+
+
 def eval_batches(source, transforms: Sequence[Transform], *, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of every record once, in fixed-size batches padded with a mask.

@@ -1,9 +1,9 @@
 """``train_and_evaluate(config, workdir)``: the one training loop for every medjax task.
 
 Sections: workdir → mesh → input → model/optimiser/state → jitted steps → checkpoint restore →
-loop (train, log, evaluate, checkpoint) → final report. Only this module, ``launch.py`` and the
-builders (here and in ``builders.py``) read the ConfigDict; everything they call takes plain
-arguments.
+loop (train, log, evaluate, checkpoint) → final report. Only this module, ``launch.py``, the
+builders (here and in ``builders.py``) and the checks (``settings.py``) read the ConfigDict;
+everything they call takes plain arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from medjax import planning
 from medjax.data import pipeline, sources, transforms
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
-from medjax.train import batch_norm, optim, report, runs, sharding, tasks, tta
+from medjax.train import batch_norm, optim, report, runs, settings, sharding, tasks, tta
 from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
     build_model,
     build_task,
@@ -227,7 +227,11 @@ def make_eval_step(task: tasks.Task, flip_axes: tuple[int, ...] = ()):
 
 
 def evaluate(state, eval_step, source, eval_tf, batch_size: int, mesh, task: tasks.Task):
-  """Runs ``eval_step`` over the whole split; returns ``(metrics, labels, predictions)``."""
+  """Runs ``eval_step`` over the whole split; returns ``(metrics, labels, predictions)``.
+
+  ``batch_size`` is capped by the split's size (`pipeline.capped_batch_size`)."""
+  batch_size = pipeline.capped_batch_size(batch_size, len(source),
+                                          math.lcm(mesh.size, jax.process_count()))
   preds, labels = [], []
   for batch in pipeline.eval_batches(source, eval_tf, global_batch_size=batch_size,
                                      process_index=jax.process_index(),
@@ -287,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "train_seconds"}``.
   """
   workdir = os.path.abspath(workdir)
+  settings.check(config)
 
   # Mesh: the global batch is split over every device of every process.
   mesh = sharding.make_mesh(config.mesh.data)
@@ -296,15 +301,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if bs % mesh.size:
       raise ValueError(f"{name}={bs} is not divisible by the {mesh.size} devices of the mesh")
 
-  if config.train.mixup < 0:
-    raise ValueError(f"train.mixup is Beta(α, α)'s α, >= 0 (0: off); got {config.train.mixup}")
-  if config.train.mixup and config.task == "segmentation":
-    # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
-    raise ValueError("train.mixup applies to classification tasks, not segmentation")
-  if config.eval.flip_axes and config.task == "segmentation":
-    # Per-voxel predictions would need un-flipping; the final validation mirrors (eval.mirror).
-    raise ValueError("eval.flip_axes applies to classification tasks; segmentation: eval.mirror")
-
   # Another experiment's workdir is refused before the data step writes anything there
   # (segmentation: plan.json, splits.json, the preprocessed cache).
   check_workdir_config(workdir, config, write=False)
@@ -313,6 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = build_data(config, workdir)
   train_src, eval_src, train_tf, eval_tf = data.train, data.eval, data.train_transforms, \
       data.eval_transforms
+  task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing)
+  settings.check_data(config, task, data.num_classes, len(train_src), len(eval_src),
+                      getattr(eval_src, "name", ""))
   steps_per_epoch = len(train_src) // config.train.batch_size
   total_steps = resolve_steps(config.train, steps_per_epoch)
   # Default: once per epoch, but no more than about MAX_EVALS times (small datasets, min_steps).
@@ -324,7 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
-  task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing)
   model = build_model(config.model, data.num_classes, data.model_defaults)
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only

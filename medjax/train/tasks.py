@@ -28,12 +28,30 @@ class Task:
     loss_fn: ``(outputs, batch) -> per-example loss [B]`` or a scalar (jnp, inside jit).
     predict_fn: ``outputs -> predictions`` kept for evaluation (jnp, inside jit).
     metrics_fn: ``(labels, predictions) -> {name: float}`` over a whole split (numpy, on host).
+    metric_names: ``num_classes -> names``: the keys ``metrics_fn`` reports, known before any
+      evaluation (so that ``eval.best_metric`` is checked before training).
   """
 
   name: str
   loss_fn: Callable[[jax.Array, dict], jax.Array]
   predict_fn: Callable[[jax.Array], jax.Array]
   metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+  metric_names: Callable[[int], tuple[str, ...]]
+
+
+# Reported metrics where lower is better: checkpoints are kept on the highest value, so these
+# cannot be ``eval.best_metric``.
+LOWER_IS_BETTER = frozenset({"nll"})
+
+
+def _probability_metrics(num_classes: int) -> tuple[str, ...]:
+  del num_classes
+  return ("acc", "auc", "nll")
+
+
+def _dice_metrics(num_classes: int) -> tuple[str, ...]:
+  """``dice`` (the mean) and ``dice_k`` for each foreground class, as `pseudo_dice` names them."""
+  return ("dice", *(f"dice_{k}" for k in range(1, max(num_classes, 2))))
 
 
 @registry.register("tasks.classification")
@@ -45,7 +63,8 @@ def classification(label_smoothing: float = 0.0) -> Task:
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], k), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
-  return Task("classification", loss_fn, jax.nn.softmax, metrics_lib.classification_metrics)
+  return Task("classification", loss_fn, jax.nn.softmax, metrics_lib.classification_metrics,
+              _probability_metrics)
 
 
 @registry.register("tasks.multilabel_classification")
@@ -58,7 +77,7 @@ def multilabel_classification(label_smoothing: float = 0.0) -> Task:
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets), -1)
 
   return Task("multilabel_classification", loss_fn, jax.nn.sigmoid,
-              metrics_lib.multilabel_metrics)
+              metrics_lib.multilabel_metrics, _probability_metrics)
 
 
 @registry.register("tasks.segmentation")
@@ -78,7 +97,7 @@ def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
     logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
     return jnp.argmax(logits, axis=-1).astype(jnp.int8)
 
-  return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice)
+  return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice, _dice_metrics)
 
 
 def get_task(name: str, **kwargs) -> Task:
