@@ -14,7 +14,8 @@ error naming the package to install. Long compressed series are decoded in worke
 Decoding files into frames is `medjax.io.dicom_frames`; this module stacks them into Volumes.
 
 Privacy: only the de-identified keywords in `SAFE_METADATA` ever leave this module (no names, IDs,
-dates or UIDs), and no DICOM value is logged.
+dates or UIDs; the frame of reference only as a digest, see `medjax.io.dicom_frames`), and no DICOM
+value is logged.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pydicom.pixels
 from medjax.io.dicom_frames import (  # noqa: F401  (SAFE_METADATA: public here too)
   _DEFER_BYTES,
   _NATIVE,
+  FRAME_OF_REFERENCE_KEY,
   SAFE_METADATA,
   _dcmread,
   _frames,

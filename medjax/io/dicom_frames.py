@@ -1,12 +1,15 @@
 """DICOM files to frames: reading headers, decoding pixels (pydicom's plugins), rescaling and
 photometric fixes, and each frame's plane geometry, for `medjax.io.dicom` to stack into Volumes.
 
-Privacy: `SAFE_METADATA` lists the only keywords `_safe_metadata` copies out of a header.
+Privacy: `SAFE_METADATA` lists the only keywords `_safe_metadata` copies out of a header; the
+FrameOfReferenceUID leaves only as a digest (`FRAME_OF_REFERENCE_KEY`), enough to tell whether two
+series share a patient frame without carrying the UID itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,9 @@ SAFE_METADATA = (
     "RescaleType", "WindowCenter", "WindowWidth", "MagneticFieldStrength", "RepetitionTime",
     "EchoTime", "InversionTime", "FlipAngle", "ScanningSequence", "SequenceVariant",
 )
+
+# Metadata key of the FrameOfReferenceUID's digest (series with equal digests share one frame).
+FRAME_OF_REFERENCE_KEY = "FrameOfReferenceDigest"
 
 # Transfer syntax → the packages that decode it (for the "missing decoder" message).
 _DECODER_PACKAGES = {
@@ -211,7 +217,8 @@ def _photometric(pixels: np.ndarray, ds: pydicom.Dataset, path: str, invert_mono
 
 
 def _safe_metadata(ds: pydicom.Dataset) -> dict[str, Any]:
-  """The `SAFE_METADATA` fields present in ``ds``, as plain JSON-able values."""
+  """The `SAFE_METADATA` fields present in ``ds``, as plain JSON-able values, and the digest of
+  its FrameOfReferenceUID (`FRAME_OF_REFERENCE_KEY`)."""
   out: dict[str, Any] = {}
   for keyword in SAFE_METADATA:
     value = ds.get(keyword)
@@ -225,6 +232,9 @@ def _safe_metadata(ds: pydicom.Dataset) -> dict[str, Any]:
   syntax = _transfer_syntax(ds)
   if syntax:
     out["TransferSyntax"] = UID(syntax).name
+  frame = str(ds.get("FrameOfReferenceUID", "")).strip()
+  if frame:
+    out[FRAME_OF_REFERENCE_KEY] = hashlib.sha256(frame.encode()).hexdigest()[:16]
   return out
 
 

@@ -20,3 +20,8 @@ class MedjaxIOError(Exception):
 
   def __reduce__(self):  # survives pickling (errors raised in worker processes)
     return type(self), (self.path, self.cause)
+
+
+class GeometryError(MedjaxIOError):
+  """Images cannot be put on one voxel grid: their DICOM frames of reference differ, or they do
+  not overlap in space. ``path`` names the moving image."""

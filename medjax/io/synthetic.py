@@ -36,6 +36,7 @@ def write_ct_series(
     skip: Sequence[int] = (),
     shuffle_names: bool = True,
     series_uid: str | None = None,
+    frame_uid: str | None = None,
     patient: dict[str, str] | None = None,
     seed: int = 0,
 ) -> list[str]:
@@ -51,6 +52,8 @@ def write_ct_series(
     shuffle_names: name files in a random order unrelated to their position (and InstanceNumber
       in reverse), so a reader that sorts by either gets it wrong.
     series_uid: SeriesInstanceUID (a new one by default).
+    frame_uid: FrameOfReferenceUID (a new one by default); series written with the same one share
+      a patient frame (as the series of one study do).
     patient: PatientName/PatientID/PatientBirthDate... values to write (for privacy tests).
     seed: for the file names.
   """
@@ -59,7 +62,7 @@ def write_ct_series(
   orientation = np.asarray(orientation, np.float64)
   normal = np.cross(orientation[:3], orientation[3:])
   series_uid = series_uid or generate_uid()
-  study_uid, frame_uid = generate_uid(), generate_uid()
+  study_uid, frame_uid = generate_uid(), frame_uid or generate_uid()
   n = hu.shape[0]
   names = np.random.default_rng(seed).permutation(n) if shuffle_names else np.arange(n)
   paths = []
