@@ -204,15 +204,20 @@ def learned_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def seg_run(tmp_path_factory):
   """``(workdir, msd_root)`` of a 3-D U-Net trained one step on `write_msd` (5 LPS-stored cases):
-  a segmentation run for the tests that predict with one. Shared: tests only read it."""
-  from helpers import seg_config
+  a segmentation run for the tests that predict with one. Made once (`computed_once`); tests
+  only read it."""
 
-  from medjax.train import loop
+  def train(root):
+    from helpers import seg_config
 
-  root = tmp_path_factory.mktemp("seg")
-  msd = write_msd(root / "msd", n=5, lps=True)
-  workdir = str(root / "run")
-  loop.train_and_evaluate(seg_config(msd), workdir)
+    from medjax.train import loop
+
+    msd = str(write_msd(os.path.join(root, "msd"), n=5, lps=True))
+    workdir = os.path.join(root, "run")
+    loop.train_and_evaluate(seg_config(msd), workdir)
+    return workdir, msd
+
+  workdir, msd = computed_once(tmp_path_factory, "seg_run", train)
   return workdir, msd
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, write_synthetic_medmnist
+from conftest import REPO, computed_once, write_synthetic_medmnist
 from helpers import config as _config
 
 from configs import hippocampus_unet2d
@@ -27,16 +27,20 @@ CPU = ("cpu",)  # the tests that only check folder handling skip the CUDA loweri
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A tiny trained run, exported once through the command line."""
-  root = tmp_path_factory.mktemp("export")
-  data = write_synthetic_medmnist(str(root), n_train=32, n_val=16)
-  workdir = str(root / "run")
-  loop.train_and_evaluate(_config(data, steps=2, **{"eval.every_steps": 2}), workdir)
-  out = str(root / "model")
-  cmd = [sys.executable, "-m", "medjax.infer.export", "--workdir", workdir, "--out", out]
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert json.loads(done.stdout.strip().splitlines()[-1])["platforms"] == ["cpu", "cuda"]
+  """A tiny trained run, exported once (per test run, `computed_once`) through the command line."""
+
+  def train_and_export(root):
+    data = write_synthetic_medmnist(root, n_train=32, n_val=16)
+    workdir = os.path.join(root, "run")
+    loop.train_and_evaluate(_config(data, steps=2, **{"eval.every_steps": 2}), workdir)
+    out = os.path.join(root, "model")
+    cmd = [sys.executable, "-m", "medjax.infer.export", "--workdir", workdir, "--out", out]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["platforms"] == ["cpu", "cuda"]
+    return workdir, out
+
+  workdir, out = computed_once(tmp_path_factory, "exported_run", train_and_export)
   trained = TrainedModel.load(workdir)
   src = trained.source("val")
   images = next(pipeline.eval_batches(src, trained.eval_transforms(),

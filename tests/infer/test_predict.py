@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from absl import flags
-from conftest import write_msd, write_synthetic_medmnist
+from conftest import computed_once, write_msd, write_synthetic_medmnist
 from helpers import apply_overrides, seg_config
 from helpers import config as cls_config
 from PIL import Image
@@ -94,12 +94,16 @@ def _assert_seg_matches(seg_path, source_files, nifti_path):
 
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cls")
-  data = write_synthetic_medmnist(str(root), n_train=32, n_val=16)
-  workdir = str(root / "run")
-  loop.train_and_evaluate(cls_config(data, steps=1, **{"mesh.data": 1, "eval.every_steps": 1,
-                                                       "eval.batch_size": 16}), workdir)
-  return workdir
+  """A classifier trained one step, made once (`computed_once`) and only read by the tests."""
+
+  def train(root):
+    data = write_synthetic_medmnist(root, n_train=32, n_val=16)
+    workdir = os.path.join(root, "run")
+    loop.train_and_evaluate(cls_config(data, steps=1, **{"mesh.data": 1, "eval.every_steps": 1,
+                                                         "eval.batch_size": 16}), workdir)
+    return workdir
+
+  return computed_once(tmp_path_factory, "predict_cls_run", train)
 
 
 @pytest.fixture(scope="module")
