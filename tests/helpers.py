@@ -5,6 +5,7 @@ Imported after ``conftest.py`` has set up the fake CPU devices (pytest loads con
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,6 +80,16 @@ def rel_diff(a, b):
   a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)])
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def launch_module():
+  """launch.py as a module, loaded once per process (a second load would redefine its flags)."""
+  if "launch" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["launch"] = module
+  return sys.modules["launch"]
 
 
 def launch_cmd(workdir, flags: Sequence[str] = (), config_file=RUNLOCAL) -> list[str]:

@@ -2,14 +2,12 @@
 problem, no traceback, and nothing already saved in the workdir touched."""
 
 import hashlib
-import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, write_synthetic_medmnist
-from helpers import config, run_launch, tail
+from conftest import write_synthetic_medmnist
+from helpers import config, launch_module, run_launch, tail
 
 from medjax.io.errors import MedjaxIOError
 from medjax.train import loop
@@ -165,18 +163,8 @@ def test_diverged_run_names_the_step_and_the_last_checkpoint(synthetic_medmnist,
   assert "Last good checkpoint: step" in line and "not finite" in line, line
 
 
-def _launch_module():
-  """launch.py as a module, loaded once per process (a second load would redefine its flags)."""
-  if "launch" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("launch", os.path.join(REPO, "launch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["launch"] = module
-  return sys.modules["launch"]
-
-
 def test_only_expected_errors_lose_their_traceback():
-  launch = _launch_module()
+  launch = launch_module()
 
   def raised(fn):
     try:
