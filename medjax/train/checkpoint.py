@@ -178,7 +178,7 @@ class Checkpointer:
       except CheckpointCorruptError as e:
         broken.append((step, e.cause))
         continue
-      except Exception as e:  # noqa: BLE001  (any failure to read an unrecorded step)
+      except Exception as e:  # Orbax's errors have no common type: any failure of an unrecorded step
         if recorded:
           raise
         broken.append((step, f"Orbax could not read it ({type(e).__name__}: "
@@ -188,8 +188,9 @@ class Checkpointer:
         self._set_aside(bad, why)
       return restored, step
     if broken:
-      raise CheckpointCorruptError(self.directory, "no intact checkpoint: " + "; ".join(
-          f"step {s}: {why}" for s, why in broken))
+      raise CheckpointCorruptError(self.directory, "no intact checkpoint (" + "; ".join(
+          f"step {s}: {why}" for s, why in broken) + "); nothing was moved: restore them from a "
+          "copy, or move checkpoints/ away to train from scratch")
     return state, 0
 
   def check_best(self) -> None:
