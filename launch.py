@@ -59,10 +59,13 @@ def _is_expected_error(e: BaseException) -> bool:
   """
   import medjax
   from medjax.io.errors import MedjaxIOError
+
+  if isinstance(e, MedjaxIOError):  # first: a workdir in use is refused without loading the loop
+    return True
   from medjax.train.divergence import DivergedError
   from medjax.train.loop import ConfigMismatchError, NonFiniteLossError
 
-  if isinstance(e, (MedjaxIOError, ConfigMismatchError, NonFiniteLossError, DivergedError)):
+  if isinstance(e, (ConfigMismatchError, NonFiniteLossError, DivergedError)):
     return True
   if not isinstance(e, ValueError) or e.__traceback__ is None:
     return False
