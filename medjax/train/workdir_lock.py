@@ -115,6 +115,12 @@ def hold_for_run(workdir: str) -> Iterator[None]:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if error is not None:
       raise error
-    if int(failed):
-      raise WorkdirLockedError(workdir, "in use by another run (process 0 could not lock it)")
+    if int(failed):  # the holder as process 0 saw it, read from the shared workdir
+      try:
+        with open(os.path.join(workdir, LOCK_FILE)) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      raise WorkdirLockedError(workdir, f"in use by another run ({_holder(holder)}); process 0 "
+                               "could not lock it")
     yield
