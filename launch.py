@@ -11,8 +11,15 @@ Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every membe
 launch.py process, at most N at a time, skipping finished members and resuming the others:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
 
+One run per workdir: a second launch.py on a workdir in use (a sweep root included) is refused;
+a lock left by a run that died is taken over, with a line saying so (medjax/train/workdir_lock.py).
+
 Exit status: 0 done; 2 an expected error (bad data file, bad setting or ``--config.`` override,
-a workdir of another experiment, a diverged run), printed as one ``error: ...`` line on stderr;
+a workdir of another experiment or in use by another run, a diverged run, a full disk, no intact
+checkpoint to resume from), printed as one ``error: ...`` line on stderr; 143 (128 + SIGTERM)
+stopped by SIGTERM, as SLURM and spot machines preempt, after saving a checkpoint at the step
+boundary: the same command resumes exactly (SLURM's --requeue requeues a preempted job whatever
+its status, and submitit from its own USR2 handler; 143 keeps `launch.py && next` from going on);
 1 anything else (other bad flags, or a bug, which keeps its traceback).
 """
 
@@ -54,9 +61,13 @@ def _is_expected_error(e: BaseException) -> bool:
   """
   import medjax
   from medjax.io.errors import MedjaxIOError
+
+  if isinstance(e, MedjaxIOError):  # first: a workdir in use is refused without loading the loop
+    return True
+  from medjax.train.divergence import DivergedError
   from medjax.train.loop import ConfigMismatchError, NonFiniteLossError
 
-  if isinstance(e, (MedjaxIOError, ConfigMismatchError, NonFiniteLossError)):
+  if isinstance(e, (ConfigMismatchError, NonFiniteLossError, DivergedError)):
     return True
   if not isinstance(e, ValueError) or e.__traceback__ is None:
     return False
@@ -132,13 +143,16 @@ def _sweep() -> int:
     raise app.UsageError("--sweep starts its members as separate processes; it takes no "
                          "--coordinator/--num_processes")
   from medjax import sweep
+  from medjax.io.errors import WorkdirLockedError
+  from medjax.train import workdir_lock
 
   flag = flags.FLAGS["config"]
   try:
-    return sweep.run(config_flags.get_config_filename(flag), config_flags.get_override_values(flag),
-                     _WORKDIR.value, workers=_SWEEP_WORKERS.value,
-                     launch_script=os.path.abspath(__file__))
-  except sweep.SweepError as e:
+    with workdir_lock.hold(_WORKDIR.value):  # each member locks its own folder as well
+      return sweep.run(config_flags.get_config_filename(flag),
+                       config_flags.get_override_values(flag), _WORKDIR.value,
+                       workers=_SWEEP_WORKERS.value, launch_script=os.path.abspath(__file__))
+  except (sweep.SweepError, WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
 
@@ -164,15 +178,28 @@ def main(argv):
   logging.warning("process %d of %d, %d local devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.default_backend())
 
-  from medjax.train import loop
+  from medjax.train import preemption, workdir_lock
 
   try:
-    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    with workdir_lock.hold_for_run(_WORKDIR.value):
+      _train_and_validate()
+  except preemption.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
   except Exception as e:
     if not _is_expected_error(e):
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _train_and_validate() -> None:
+  """Trains (and for segmentation validates) the run; process 0 prints the results."""
+  import jax
+
+  from medjax.train import loop
+
+  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() != 0:
     return
   best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())

@@ -61,6 +61,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # > 0: before each evaluation, recompute BatchNorm statistics on this many eval-size batches of
   # training images under the eval transforms (medjax/train/batch_norm.py: "precise BN").
   c.train.bn_recalibration_batches = 0
+  # A divergence that stays finite (NaN/Inf always stop the run): stop when the training loss
+  # stays above divergence_factor × the median of its last divergence_window losses for
+  # divergence_patience consecutive steps (medjax/train/divergence.py). 0: off.
+  c.train.divergence_factor = 10.0
+  c.train.divergence_window = 50
+  c.train.divergence_patience = 5
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | sgd

@@ -27,7 +27,17 @@ from medjax import planning
 from medjax.data import pipeline, sources, transforms
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
-from medjax.train import batch_norm, optim, report, runs, settings, sharding, tasks, tta
+from medjax.train import (
+    batch_norm,
+    optim,
+    preemption,
+    report,
+    runs,
+    settings,
+    sharding,
+    tasks,
+    tta,
+)
 from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
     build_model,
     build_task,
@@ -35,6 +45,7 @@ from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defa
     plan_model_defaults,
 )
 from medjax.train.checkpoint import Checkpointer
+from medjax.train.divergence import DivergedError, DivergenceRule
 from medjax.train.state import TrainState
 from medjax.train.writers import MetricWriter, read_jsonl
 
@@ -356,60 +367,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.train.bn_recalibration_batches:
     recalibrate = make_bn_recalibration(model.apply, train_src, eval_tf, config, mesh)
 
-  # Restore.
+  # Restore: the newest intact checkpoint; broken newer ones are moved aside, a line each.
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                       best_metric=config.eval.best_metric)
-  start_step = ckpt.latest_step() or 0
+  state, start_step = ckpt.restore_latest(state, train_iter)
   if start_step:
-    state = ckpt.restore(start_step, state, train_iter)
+    ckpt.check_best()
     logging.info("resumed from step %d", start_step)
   writer = MetricWriter(workdir, resume_step=start_step)
   record_path = os.path.join(workdir, "batches.jsonl")
 
-  # Loop.
+  # Loop. SIGTERM (preemption) stops it at the next step boundary, after a checkpoint.
   last_metrics: dict[str, float] = {}
   t0 = t_log = time.perf_counter()
   steps_since_log = 0
+  diverged = DivergenceRule(config.train.divergence_factor, config.train.divergence_window,
+                            config.train.divergence_patience)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                   disable=pindex != 0, dynamic_ncols=True)
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(train_iter)
-    if config.train.record_batches and pindex == 0:
-      with open(record_path, "a") as f:
-        f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
-    state, out = train_step(state, sharding.to_global(batch, mesh))
-    out = jax.device_get(out)
-    loss = float(out["loss"])
-    if not bool(out["finite"]):
-      bar.close()
-      last_good = ckpt.latest_step()
-      raise NonFiniteLossError(
-          f"step {step}: loss is {loss} or a gradient is not finite; stopped without saving. "
-          f"Last good checkpoint: step {last_good} in {os.path.join(workdir, 'checkpoints')}")
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    steps_since_log += 1
-    if itstime(step, config.train.log_every_steps, total_steps):
-      now = time.perf_counter()
-      writer.write(step, {"train/loss": loss,
-                          "time/seconds_per_step": (now - t_log) / steps_since_log,
-                          "train/lr": float(lr_schedule(step - 1)),
-                          "train/epoch": step / steps_per_epoch})
-      t_log, steps_since_log = time.perf_counter(), 0
-    eval_now = itstime(step, eval_every, total_steps)
-    if eval_now:
-      if recalibrate is not None:
-        state = recalibrate(state)
-      last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf, config.eval.batch_size,
-                                    mesh, task)
-      writer.write(step, {f"{config.eval.split}/{k}": v for k, v in last_metrics.items()})
-      if pindex == 0:  # tqdm.write prints even when the bar is disabled
-        bar.write(f"step {step}: " + " ".join(f"{config.eval.split}_{k}={v:.4f}"
-                                              for k, v in last_metrics.items()))
-    if eval_now or itstime(step, config.train.checkpoint_every_steps, total_steps):
-      metric = last_metrics.get(config.eval.best_metric) if eval_now else None
-      ok_metric = metric is not None and math.isfinite(metric)
-      ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
+  with preemption.StopOnSignal() as stop:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      if config.train.record_batches and pindex == 0:
+        with open(record_path, "a") as f:
+          f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
+      state, out = train_step(state, sharding.to_global(batch, mesh))
+      out = jax.device_get(out)
+      loss = float(out["loss"])
+      if not bool(out["finite"]):
+        bar.close()
+        last_good = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"step {step}: loss is {loss} or a gradient is not finite; stopped without saving. "
+            f"Last good checkpoint: step {last_good} in {os.path.join(workdir, 'checkpoints')}")
+      why = diverged.update(step, loss)
+      if why:
+        bar.close()
+        # The loss of step t is that of the weights saved at step t - 1.
+        before = [s for s in ckpt.all_steps() if s < diverged.first_high_step - 1]
+        raise DivergedError(
+            f"step {step}: {why}; stopped (train.divergence_factor=0 turns this rule off). Last "
+            f"good checkpoint: step {max(before) if before else None} in "
+            f"{os.path.join(workdir, 'checkpoints')}")
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      steps_since_log += 1
+      if itstime(step, config.train.log_every_steps, total_steps):
+        now = time.perf_counter()
+        writer.write(step, {"train/loss": loss,
+                            "time/seconds_per_step": (now - t_log) / steps_since_log,
+                            "train/lr": float(lr_schedule(step - 1)),
+                            "train/epoch": step / steps_per_epoch})
+        t_log, steps_since_log = time.perf_counter(), 0
+      eval_now = itstime(step, eval_every, total_steps)
+      if eval_now:
+        if recalibrate is not None:
+          state = recalibrate(state)
+        last_metrics, _, _ = evaluate(state, eval_step, eval_src, eval_tf,
+                                      config.eval.batch_size, mesh, task)
+        writer.write(step, {f"{config.eval.split}/{k}": v for k, v in last_metrics.items()})
+        if pindex == 0:  # tqdm.write prints even when the bar is disabled
+          bar.write(f"step {step}: " + " ".join(f"{config.eval.split}_{k}={v:.4f}"
+                                                for k, v in last_metrics.items()))
+      # No checkpoint while the loss is far above its median (a divergence may be starting):
+      # the last one before stays the newest, and keep_checkpoints never evicts it for it.
+      saved = ((eval_now or itstime(step, config.train.checkpoint_every_steps, total_steps))
+               and (diverged.first_high_step is None or step == total_steps))
+      if saved:
+        metric = last_metrics.get(config.eval.best_metric) if eval_now else None
+        ok_metric = metric is not None and math.isfinite(metric)
+        ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
+      if step < total_steps and stop.requested(pcount):
+        if not saved:
+          ckpt.save(step, state, train_iter)
+        bar.close()
+        train_iter.close()
+        writer.close()
+        ckpt.close()
+        raise preemption.Preempted(
+            f"stopped by a signal after step {step} of {total_steps}; checkpoint saved in "
+            f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
   bar.close()
   train_iter.close()  # stops Grain's prefetch threads and worker processes
   train_seconds = time.perf_counter() - t0
