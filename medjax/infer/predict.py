@@ -190,6 +190,8 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
              segmentation_type: str, nonfinite: str, channels: Sequence[str] | None,
              fill_missing: bool, progress: bool) -> tuple[list[str], list[dict]]:
   plan = segmenter.plan
+  filled = [c for c in segmenter.channels if channels and fill_missing and c not in channels]
+  fill_note = f"zero-filled channel {', '.join(filled)}" if filled else ""
   names = list(plan["class_names"])
   algorithm = f"medjax {segmenter.config.model.name}"
   header = ["input", "kind", "modality", "segmentation", "probabilities", "dicom_seg"] + [
@@ -213,7 +215,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
       stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
              "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": "",
-             "warning": note or ""}
+             "warning": "; ".join(w for w in (note, fill_note) if w)}
       write_nifti(labels, os.path.join(output, row["segmentation"]), dtype=np.uint8)
       if probabilities:
         row["probabilities"] = f"{stem}_probs.nii.gz"

@@ -70,6 +70,8 @@ def test_a_missing_modality_is_named_or_zero_filled(fused_run, tmp_path):
   assert code == predict.EXIT_OK, err
   seg = nib.load(tmp_path / "out3" / "flair_seg.nii.gz")
   assert seg.shape[:3] == src.shape[:3]
+  row = open(tmp_path / "out3" / "predictions.csv").read().splitlines()[1]
+  assert row.endswith("zero-filled channel T1")
 
 
 def test_zero_filling_needs_a_run_trained_with_modality_dropout(fused_run, monkeypatch):
