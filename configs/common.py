@@ -57,6 +57,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
   c.train.label_smoothing = 0.0
   c.train.mixup = 0.0  # > 0: mixup's Beta(α, α) (classification; loop.make_train_step).
+  # > 0: each training image loses one input channel (modality, zeroed) with this probability,
+  # never all; such a run may predict with a modality missing (predict --fill_missing_channels).
+  c.train.modality_dropout = 0.0
   c.train.ema_decay = 0.0  # > 0: evaluate (and select checkpoints on) an EMA of the weights.
   # > 0: before each evaluation, recompute BatchNorm statistics on this many eval-size batches of
   # training images under the eval transforms (medjax/train/batch_norm.py: "precise BN").

@@ -3,6 +3,7 @@ r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, ta
   python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
       [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
       [--saliency gradcam|gradient] [--nonfinite refuse|fill]
+      [--channels FLAIR,T1] [--fill_missing_channels]
 
 ``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
 holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
@@ -28,6 +29,10 @@ Preprocessing is the run's own, read from its workdir, never re-typed:
   probabilities on the input's own grid; written are ``<name>_seg.nii.gz`` (uint8 label map, the
   input's affine and axis order), with ``--probabilities`` ``<name>_probs.nii.gz`` (float32, one
   volume per class), and for DICOM input a DICOM-SEG ``<name>_seg.dcm`` (`write_dicom_seg`).
+  An input's channels are the run's modalities in the run's order (``plan.json`` ``channels``);
+  ``--channels`` names them otherwise. A missing one is an error naming it, unless
+  ``--fill_missing_channels`` zero-fills it, which runs trained with ``train.modality_dropout``
+  accept (`medjax.infer.segment.match_channels`).
 
 Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
 none failed), ``predict.json`` (the run, counts and settings); with ``--saliency``, an overlay
@@ -80,7 +85,7 @@ from medjax.infer.inputs import (  # noqa: F401  (public here too)
     read_input,
     read_picture,
 )
-from medjax.infer.segment import Segmenter
+from medjax.infer.segment import Segmenter, missing_channels
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
 from medjax.io.dicom_seg import dicom_seg_frames, write_dicom_seg  # noqa: F401  (public here too)
@@ -182,11 +187,12 @@ def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
 
 def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
              report: Callable[[Input, Exception | str], None], *, probabilities: bool, mirror: bool,
-             segmentation_type: str, nonfinite: str,
-             progress: bool) -> tuple[list[str], list[dict]]:
+             segmentation_type: str, nonfinite: str, channels: Sequence[str] | None,
+             fill_missing: bool, progress: bool) -> tuple[list[str], list[dict]]:
   plan = segmenter.plan
+  filled = [c for c in segmenter.channels if channels and fill_missing and c not in channels]
+  fill_note = f"zero-filled channel {', '.join(filled)}" if filled else ""
   names = list(plan["class_names"])
-  channels = len(plan["normalization"])
   algorithm = f"medjax {segmenter.config.model.name}"
   header = ["input", "kind", "modality", "segmentation", "probabilities", "dicom_seg"] + [
       f"ml_{n}" for n in names[1:]] + ["warning"]
@@ -198,9 +204,9 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
       if item.kind == "image":
         raise ValueError("segmentation runs take volumes (DICOM, NIfTI), not PNG/JPEG images")
       volume, note = read_input(item, nonfinite)
-      if volume.channels != channels:
-        raise ValueError(f"the input has {volume.channels} channel(s); the run takes {channels}")
-      probs = segmenter.predict(volume, mirror=mirror)
+      # Checks the channels against the run's (a missing one is named), zero-fills when asked.
+      probs = segmenter.predict(volume, mirror=mirror, channels=channels,
+                                fill_missing=fill_missing)
       problem = grid_mismatch(volume, probs)
       if problem:  # Segmenter's contract; checked because a shifted mask fails silently
         raise RuntimeError(f"prediction is not on the input's grid: {problem}")
@@ -209,7 +215,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
       stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
              "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": "",
-             "warning": note or ""}
+             "warning": "; ".join(w for w in (note, fill_note) if w)}
       write_nifti(labels, os.path.join(output, row["segmentation"]), dtype=np.uint8)
       if probabilities:
         row["probabilities"] = f"{stem}_probs.nii.gz"
@@ -235,6 +241,7 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
 def predict(workdir: str, input_path: str, output: str, *, step: int | None = None,
             threshold: float = 0.5, intensity: str = "auto", probabilities: bool = False,
             mirror: bool = True, segmentation_type: str = "BINARY", nonfinite: str = "refuse",
+            channels: Sequence[str] | None = None, fill_missing: bool = False,
             progress: bool = True, saliency: SaliencyHook | None = None) -> dict[str, Any]:
   """Predicts every input at ``input_path`` with the run in ``workdir``; writes into ``output``.
 
@@ -251,6 +258,10 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
     segmentation_type: ``"BINARY"`` or ``"LABELMAP"`` DICOM-SEG (`write_dicom_seg`).
     nonfinite: inputs with NaN/±inf voxels: ``"refuse"`` them (a failure) or ``"fill"`` them
       (`medjax.io.volume.fill_nonfinite`; the row's ``warning`` says so).
+    channels: segmentation: the names of the inputs' channels (default: the run's, in order);
+      an input lacking one of the run's channels fails, naming it, unless ``fill_missing``.
+    fill_missing: segmentation: zero-fill the run's channels missing from ``channels``; only
+      for runs trained with ``train.modality_dropout`` (`medjax.infer.segment.match_channels`).
     progress: show a progress bar over inputs (stderr).
     saliency: classification: called after each batch (`SaliencyHook`).
 
@@ -297,9 +308,13 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
         scrub(f"{category.__name__}: {message}"), file=sys.stderr)
     if segmentation:
       model = Segmenter(workdir, step)
+      if channels or fill_missing:  # a bad channel setting fails once, not once per input
+        missing_channels(model.channels, channels or model.channels, fill_missing,
+                         model.trained_with_dropout)
       header, rows = _segment(model, inputs, output, report, probabilities=probabilities,
                               mirror=mirror, segmentation_type=segmentation_type,
-                              nonfinite=nonfinite, progress=progress)
+                              nonfinite=nonfinite, channels=channels,
+                              fill_missing=fill_missing, progress=progress)
     else:
       model = TrainedModel.load(workdir, step)
       header, rows = _classify(model, inputs, output, report, threshold=threshold,
@@ -313,7 +328,9 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
              "failed": len({f.input for f in failures}),
              "failures": failures, "skipped_files": skipped}
   settings = ({"probabilities": probabilities, "mirror": mirror,
-               "dicom_seg_type": segmentation_type.upper()} if segmentation else
+               "dicom_seg_type": segmentation_type.upper(),
+               "channels": list(channels) if channels else None,
+               "fill_missing": fill_missing} if segmentation else
               {"threshold": threshold, "intensity": intensity,
                # A hook's own settings (saliency.PredictHook has them), else that there was one.
                "saliency": getattr(saliency, "settings", None if saliency is None else "custom")})
@@ -347,6 +364,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_enum("dicom_seg_type", "binary", ["binary", "labelmap"],
                     "DICOM-SEG segmentation type", flag_values=fv)
+  flags.DEFINE_list("channels", None, "segmentation: names of the inputs' channels, e.g. FLAIR "
+                    "(default: the run's, in order)", flag_values=fv)
+  flags.DEFINE_bool("fill_missing_channels", False, "segmentation: zero-fill the run's channels "
+                    "missing from --channels (runs trained with train.modality_dropout only)",
+                    flag_values=fv)
   flags.DEFINE_enum("saliency", "none", ["none", *saliency_lib.METHODS],
                     "classification: write <output>/saliency/<input>.png overlays",
                     flag_values=fv)
@@ -362,7 +384,8 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
     summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
                       intensity=fv.intensity, probabilities=fv.probabilities,
                       mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
-                      nonfinite=fv.nonfinite,
+                      nonfinite=fv.nonfinite, channels=fv.channels,
+                      fill_missing=fv.fill_missing_channels,
                       saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
   except (MedjaxIOError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 import nibabel as nib
@@ -39,6 +39,69 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def plan_channels(plan: dict[str, Any]) -> tuple[str, ...]:
+  """The run's input channel (modality) names in input order; plans written before they were
+  recorded name them ``channel <k>``."""
+  return tuple(plan.get("channels") or
+               (f"channel {k}" for k in range(len(plan["normalization"]))))
+
+
+def missing_channels(run_channels: Sequence[str], given: Sequence[str], fill_missing: bool = False,
+                     trained_with_dropout: bool = False) -> list[str]:
+  """The run's channels absent from ``given`` (the input's channel names), checked.
+
+  Raises:
+    ValueError: names the run does not know (or repeated), a missing channel (named) without
+      ``fill_missing``, filling for a run trained without modality dropout, or nothing given.
+  """
+  run_channels, given = tuple(run_channels), tuple(given)
+  unknown = [c for c in given if c not in run_channels]
+  if unknown or len(set(given)) != len(given) or not given:
+    raise ValueError(f"input channel(s) {', '.join(unknown or given) or '(none)'} unknown, "
+                     f"repeated or absent; the run takes {', '.join(run_channels)}")
+  missing = [c for c in run_channels if c not in given]
+  if missing and not fill_missing:
+    raise ValueError(f"missing input channel {', '.join(missing)}: the run takes "
+                     f"{', '.join(run_channels)} (in this order), the input has {len(given)} "
+                     f"({', '.join(given)})")
+  if missing and not trained_with_dropout:
+    raise ValueError(f"cannot zero-fill channel {', '.join(missing)}: the run was trained "
+                     "without train.modality_dropout, so a zero channel is out of its training")
+  return missing
+
+
+def match_channels(image: Volume, run_channels: Sequence[str],
+                   channels: Sequence[str] | None = None, fill_missing: bool = False,
+                   trained_with_dropout: bool = False) -> Volume:
+  """``image`` with its channels in the run's order, missing ones zero-filled when asked.
+
+  Args:
+    image: ``[i, j, k, C]``.
+    run_channels: the run's channel names (`plan_channels`).
+    channels: the names of ``image``'s channels; None: the run's first ``C``, in order.
+    fill_missing: zero-fill the run's channels that ``image`` lacks (zero is what
+      ``train.modality_dropout`` trained the model to read as "absent": z-scored channels only).
+    trained_with_dropout: the run trained with ``train.modality_dropout > 0``; filling needs it.
+
+  Raises:
+    ValueError: as `missing_channels`, or channel names that do not fit ``image``.
+  """
+  run_channels = tuple(run_channels)
+  if not channels and image.channels > len(run_channels):
+    raise ValueError(f"the input has {image.channels} channel(s); the run takes "
+                     f"{len(run_channels)} ({', '.join(run_channels)})")
+  given = tuple(channels) if channels else run_channels[:image.channels]
+  if len(given) != image.channels:
+    raise ValueError(f"{len(given)} channel name(s) ({', '.join(given)}) for an input with "
+                     f"{image.channels} channel(s)")
+  if given == run_channels:
+    return image
+  missing_channels(run_channels, given, fill_missing, trained_with_dropout)
+  zeros = np.zeros(image.array.shape[:-1] + (1,), image.array.dtype)
+  parts = [image.array[..., given.index(c), None] if c in given else zeros for c in run_channels]
+  return image.replace(array=np.concatenate(parts, axis=-1))
+
+
 class Segmenter:
   """A trained segmentation model with its plan, ready to predict whole images."""
 
@@ -51,8 +114,25 @@ class Segmenter:
     self.apply = trained.logits
     self.batch_size = batch_size
 
-  def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5) -> Volume:
-    """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation)."""
+  @property
+  def trained_with_dropout(self) -> bool:
+    """Whether the run trained with ``train.modality_dropout`` (older runs: without)."""
+    return float(self.config.train.get("modality_dropout", 0.0)) > 0
+
+  @property
+  def channels(self) -> tuple[str, ...]:
+    """The run's input channel (modality) names, in input order."""
+    return plan_channels(self.plan)
+
+  def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5,
+              channels: Sequence[str] | None = None, fill_missing: bool = False) -> Volume:
+    """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation).
+
+    ``channels`` names ``image``'s channels (default: the run's, in order); ``fill_missing``
+    zero-fills the ones it lacks, for runs trained with ``train.modality_dropout``
+    (`match_channels`, which also raises the missing-channel error)."""
+    image = match_channels(image, self.channels, channels, fill_missing,
+                           self.trained_with_dropout)
     canonical = image.to_canonical()
     array, _, props = preprocess(canonical, None, self.plan)
     patch, k = self.plan["patch_size"], self.plan["num_classes"]

@@ -5,6 +5,11 @@ several modalities) and nnU-Net's (``case_0000.nii.gz``, ``case_0001.nii.gz``…
 channel). Labels are ``{"0": "background", ...}`` (MSD) or ``{"background": 0, ...}`` (nnU-Net v2).
 Every problem is a `MedjaxIOError` naming the file: missing files, channels on different grids, a
 label map that does not match its image, labels outside the declared classes, NaN or ±inf voxels.
+
+A folder without ``dataset.json`` is read as an MSD dataset when it has a known case-folder layout
+(`CASE_FOLDER_LAYOUTS`: one sub-folder per case holding one NIfTI per channel and the label map,
+as the BraTS FLAIR + T1 set is shipped), so planning, training and inference see one kind of
+dataset.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 
@@ -71,10 +77,62 @@ def _labels(path: str, raw: dict) -> tuple[str, ...]:
   return tuple(by_value[k] for k in range(len(by_value)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CaseFolderLayout:
+  """``<root>/<case>/<channel>.nii.gz`` for each of ``channels`` and ``<label>.nii.gz``."""
+
+  channels: tuple[str, ...]  # file stems, which are also the channel (modality) names
+  label: str
+  labels: tuple[str, ...]  # class names, index = label value
+
+
+# BraTS 2018 FLAIR + T1 with the whole-tumour mask, as in the deepvoxnet2 demos
+# ($MEDJAX_DATA_DIR/brats2018_flair_t1/case_<i>/{FLAIR,T1,GT_W}.nii.gz; see SOURCES.md there).
+CASE_FOLDER_LAYOUTS = {
+    "brats_flair_t1": CaseFolderLayout(("FLAIR", "T1"), "GT_W", ("background", "tumour")),
+}
+
+
+def _natural_key(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _case_folder_dataset(root: str) -> MSDDataset | None:
+  """``root`` read through the first `CASE_FOLDER_LAYOUTS` entry that its first case folder
+  matches, or None when none does (or ``root`` has no sub-folders)."""
+  try:
+    folders = sorted((n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))),
+                     key=_natural_key)
+  except OSError:
+    return None
+  for layout in CASE_FOLDER_LAYOUTS.values():
+    def files(folder: str, layout: CaseFolderLayout = layout) -> list[str]:
+      names = (*layout.channels, layout.label)  # the channels, then the label map
+      return [os.path.join(root, folder, f"{n}.nii.gz") for n in names]
+
+    if not folders or not all(map(os.path.isfile, files(folders[0]))):
+      continue
+    cases = []
+    for folder in folders:
+      paths = files(folder)
+      for p in paths:
+        if not os.path.isfile(p):
+          raise MedjaxIOError(p, "missing (the first case folder holds it)")
+      cases.append(MSDCase(folder, tuple(paths[:-1]), paths[-1]))
+    return MSDDataset(root, os.path.basename(os.path.normpath(root)), layout.channels,
+                      layout.labels, tuple(cases))
+  return None
+
+
 def read_msd_dataset(root: str | os.PathLike) -> MSDDataset:
-  """Reads ``root/dataset.json`` and resolves every training case's files."""
+  """Reads ``root/dataset.json`` and resolves every training case's files (a folder without one:
+  through `CASE_FOLDER_LAYOUTS`)."""
   root = os.fspath(root)
   path = os.path.join(root, "dataset.json")
+  if not os.path.exists(path):
+    dataset = _case_folder_dataset(root)
+    if dataset is not None:
+      return dataset
   try:
     with open(path) as f:
       meta = json.load(f)

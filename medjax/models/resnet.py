@@ -4,6 +4,9 @@ The spatial rank comes from the input (``[B, H, W, C]`` or ``[B, D, H, W, C]``),
 parameter names serve both; the kernel shapes differ. The default stem (3×3, stride 1, no
 max-pool) suits MedMNIST's 28-pixel images, as in MedMNIST's and MONAI's small-input ResNets;
 ``stem_kernel=7, stem_stride=2, stem_pool=True`` is the classic ImageNet stem.
+
+Multi-modal input (one channel per modality) is fused early (channels stacked, the default), or
+late / gated on the pooled features of one trunk per modality (`medjax.models.fusion`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax import registry
+from medjax.models import fusion as fusion_lib
 from medjax.models.layers import ConvNormAct
 
 
@@ -71,6 +75,10 @@ class ResNet(nn.Module):
     stem_pool: a 3×3 (×3) stride-2 max-pool after the stem.
     dropout: dropout rate before the head.
     zero_init_residual: start each block's last norm scale at 0 (blocks start as identities).
+    fusion: how the input's channels (one per modality) meet: ``"early"``, stacked at the stem;
+      ``"late"`` / ``"gated"``, one headless ResNet per modality (``modality<m>``) whose pooled
+      features are fused (``fuse``: concatenation + linear map, or Chen et al.'s gates) before
+      the head. See `medjax.models.fusion`.
     dtype: compute dtype (``None`` keeps the input's); parameters stay float32.
   """
 
@@ -83,6 +91,7 @@ class ResNet(nn.Module):
   stem_pool: bool = False
   dropout: float = 0.0
   zero_init_residual: bool = False
+  fusion: str = "early"
   dtype: Any = None
 
   @nn.compact
@@ -91,6 +100,25 @@ class ResNet(nn.Module):
     ``[B, F]`` features when ``return_features``); with ``num_classes=0`` the features alone."""
     if x.ndim not in (4, 5):
       raise ValueError(f"ResNet expects [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}")
+    fusion_lib.check_fusion(self.fusion)
+    if self.fusion == "early":
+      features = self._trunk(x, train)
+    else:
+      # Each modality's trunk: this ResNet, single-modality and headless.
+      trunk = functools.partial(self.clone, parent=self, num_classes=0, dropout=0.0,
+                                fusion="early")
+      feats = [trunk(name=f"modality{m}")(xm, train)
+               for m, xm in enumerate(fusion_lib.split_modalities(x))]
+      features = fusion_lib.fusion_block(self.fusion, feats[0].shape[-1], name="fuse")(feats)
+    self.sow("intermediates", "embedding", features)  # exported by medjax.infer.features
+    if self.num_classes == 0:  # headless: no Dense/Dropout, so no unused head parameters
+      return features
+    h = nn.Dropout(self.dropout, deterministic=not train)(features)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32)(h)
+    return (logits, features) if return_features else logits
+
+  def _trunk(self, x: jax.Array, train: bool) -> jax.Array:
+    """Stem and stages (named in this module's scope), pooled: ``[B, *spatial, C]`` → ``[B, F]``."""
     nd = x.ndim - 2
     x = ConvNormAct(self.width, self.stem_kernel, self.stem_stride, dtype=self.dtype)(x, train)
     if self.stem_pool:
@@ -100,13 +128,7 @@ class ResNet(nn.Module):
       for j in range(n):
         x = block_cls(self.width * 2**i, strides=2 if (i > 0 and j == 0) else 1,
                       dtype=self.dtype, zero_init_residual=self.zero_init_residual)(x, train)
-    features = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, nd + 1)))
-    self.sow("intermediates", "embedding", features)  # exported by medjax.infer.features
-    if self.num_classes == 0:  # headless: no Dense/Dropout, so no unused head parameters
-      return features
-    h = nn.Dropout(self.dropout, deterministic=not train)(features)
-    logits = nn.Dense(self.num_classes, dtype=jnp.float32)(h)
-    return (logits, features) if return_features else logits
+    return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, nd + 1)))
 
 
 ResNet18 = registry.register("models.resnet18")(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)))

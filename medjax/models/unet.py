@@ -7,6 +7,9 @@ no pooling; per-stage strides may be anisotropic (``(1, 2, 2)``), as nnU-Net pla
 Any spatial size works: a stride-``s`` stage outputs ``ceil(n / s)`` voxels (``SAME`` padding), and
 the decoder crops its up-sampled maps to the skip's size. Sizes divisible by the total stride (what
 nnU-Net's patch sizes and the sliding window give) are the exact case: no voxel is cropped.
+
+Multi-modal input (one channel per modality) is fused early (channels stacked, the default), late
+(one encoder per modality, every level fused) or by gates (`medjax.models.fusion`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax import ops, registry
+from medjax.models import fusion as fusion_lib
 from medjax.models.layers import Conv
 
 NORMS = ("instance", "group", "batch")
@@ -115,6 +119,43 @@ class UpTranspose(nn.Module):
     return y.transpose(perm).reshape(shape) + bias.astype(self.dtype)
 
 
+def _encode(x: jax.Array, train: bool, block: Any, features: Sequence[int],
+            strides: Sequence[tuple[int, ...]], convs_per_stage: int) -> list[jax.Array]:
+  """The encoder: ``convs_per_stage`` blocks per stage, named ``enc<stage>_<conv>`` in the module
+  whose compact method calls it. Returns each stage's output, highest resolution first."""
+  skips = []
+  for i, (f, s) in enumerate(zip(features, strides)):
+    for j in range(convs_per_stage):
+      x = block(f, s if j == 0 else 1, name=f"enc{i}_{j}")(x, train)
+    skips.append(x)
+  return skips
+
+
+class Encoder(nn.Module):
+  """The U-Net encoder of one modality (late and gated fusion); same blocks as the U-Net's own.
+
+  Attributes:
+    features, convs_per_stage, norm, norm_groups, negative_slope, dtype: as `UNet`'s.
+    strides: per-stage strides, already one per spatial axis (`UNet.stage_strides`).
+  """
+
+  features: Sequence[int]
+  strides: Sequence[Sequence[int]]
+  convs_per_stage: int = 2
+  norm: str = "instance"
+  norm_groups: int = 32
+  negative_slope: float = 0.01
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
+    """Args: x: ``[B, *spatial, C]``. Returns: each stage's ``[B, *spatial_i, features[i]]``."""
+    block = functools.partial(ConvBlock, norm=self.norm, norm_groups=self.norm_groups,
+                              negative_slope=self.negative_slope, dtype=self.dtype)
+    return _encode(x, train, block, self.features, [tuple(s) for s in self.strides],
+                   self.convs_per_stage)
+
+
 @registry.register("models.unet")
 class UNet(nn.Module):
   """A plain-conv U-Net over 2-D or 3-D inputs.
@@ -136,6 +177,11 @@ class UNet(nn.Module):
       but the bottleneck), instead of the full-resolution ones only. Parameter names do not
       depend on it (heads are ``head<level>``), so a model trained with it can be evaluated
       without it from the same parameters.
+    fusion: how the input's channels (one per modality) meet: ``"early"``, stacked at the input
+      (one encoder ``enc<i>_<j>``); ``"late"``, one `Encoder` per modality (``modality<m>``) and
+      each level's features fused by concatenation and a 1×1 conv (``fuse<i>``) before the
+      decoder; ``"gated"``, the same with learned per-modality gates (``fuse<i>``, Chen et al.
+      2019; gates sown as ``intermediates/fuse<i>/gates``). See `medjax.models.fusion`.
     dtype: compute dtype; parameters and the returned logits are float32.
   """
 
@@ -148,6 +194,7 @@ class UNet(nn.Module):
   negative_slope: float = 0.01
   upsample: str = "transpose"
   deep_supervision: bool = False
+  fusion: str = "early"
   dtype: Any = jnp.float32
 
   def stage_strides(self, nd: int) -> list[tuple[int, ...]]:
@@ -181,16 +228,21 @@ class UNet(nn.Module):
       raise ValueError(f"upsample must be one of {UPSAMPLES}, got {self.upsample!r}")
     if len(self.features) < 2:
       raise ValueError(f"a U-Net needs at least 2 stages, got features={self.features}")
+    fusion_lib.check_fusion(self.fusion)
     nd = x.ndim - 2
     strides = self.stage_strides(nd)
     block = functools.partial(ConvBlock, norm=self.norm, norm_groups=self.norm_groups,
                               negative_slope=self.negative_slope, dtype=self.dtype)
 
-    skips = []
-    for i, (f, s) in enumerate(zip(self.features, strides)):
-      for j in range(self.convs_per_stage):
-        x = block(f, s if j == 0 else 1, name=f"enc{i}_{j}")(x, train)
-      skips.append(x)
+    if self.fusion == "early":
+      skips = _encode(x, train, block, self.features, strides, self.convs_per_stage)
+    else:
+      per_modality = [
+          Encoder(self.features, strides, self.convs_per_stage, self.norm, self.norm_groups,
+                  self.negative_slope, self.dtype, name=f"modality{m}")(xm, train)
+          for m, xm in enumerate(fusion_lib.split_modalities(x))]
+      skips = [fusion_lib.fusion_block(self.fusion, f, self.dtype, name=f"fuse{i}")(
+          [stages[i] for stages in per_modality]) for i, f in enumerate(self.features)]
 
     outputs = []
     x = skips.pop()

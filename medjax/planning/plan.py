@@ -109,6 +109,7 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
       "slice_axis": slice_axis,
       "strides": strides,
       "features": [min(base_features * 2**s, _MAX_FEATURES) for s in range(stages)],
+      "channels": list(channels),  # input channel (modality) names, in input order
       "normalization": ["ct" if c.upper() == "CT" else "zscore" for c in channels],
       "foreground_intensity": fp["foreground_intensity"],
       "num_classes": len(fp["class_names"]),

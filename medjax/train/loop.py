@@ -27,6 +27,7 @@ from medjax import planning
 from medjax.data import pipeline, sources, transforms
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
+from medjax.models import fusion
 from medjax.train import (
     batch_norm,
     optim,
@@ -190,8 +191,12 @@ def _batch_digest(batch: dict[str, np.ndarray]) -> str:
 # Steps.
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(task: tasks.Task, mixup: float = 0.0):
+def make_train_step(task: tasks.Task, mixup: float = 0.0, modality_dropout: float = 0.0):
   """``(state, batch) -> (state, {"loss", "finite"})``: one optimiser update on a global batch.
+
+  ``modality_dropout > 0``: each image loses one input channel (modality), zeroed, with this
+  probability, never all of them (`medjax.models.fusion.modality_dropout`), so that the model
+  can be run with a modality missing (zero-filled, `medjax.infer.segment.match_channels`).
 
   ``mixup > 0``: mixup (Zhang et al., 2018) with ``λ ~ Beta(mixup, mixup)`` per step: each image
   is blended with its neighbour in the (already shuffled) batch, ``λ·x_i + (1-λ)·x_{i-1}``, and the
@@ -202,6 +207,9 @@ def make_train_step(task: tasks.Task, mixup: float = 0.0):
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     images = batch["image"]
+    if modality_dropout:
+      images = fusion.modality_dropout(jax.random.fold_in(dropout_rng, 2), images,
+                                       modality_dropout)
     if mixup:
       lam = jax.random.beta(jax.random.fold_in(dropout_rng, 1), mixup, mixup)
       partner = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), batch)
@@ -358,8 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
                config.model.name, num_params / 1e6, input_shape, mesh.size, pcount)
 
-  train_step = jax.jit(make_train_step(task, config.train.mixup), in_shardings=(repl, data_sharding),
-                       out_shardings=(repl, repl), donate_argnums=0)
+  train_step = jax.jit(
+      make_train_step(task, config.train.mixup, config.train.modality_dropout),
+      in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task, tuple(config.eval.flip_axes)),
                       in_shardings=(repl, data_sharding),
                       out_shardings=repl)

@@ -32,6 +32,7 @@ _RANGES = (
     ("train.keep_checkpoints", "[1, inf)"),
     ("train.label_smoothing", "[0, 1)"),
     ("train.mixup", "[0, inf)"),  # Beta(α, α)'s α; 0: off
+    ("train.modality_dropout", "[0, 1]"),  # per image: one modality zeroed with this probability
     ("train.ema_decay", "[0, 1)"),
     ("train.bn_recalibration_batches", "[0, inf)"),
     ("optim.lr", "(0, inf)"),

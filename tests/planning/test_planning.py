@@ -176,3 +176,33 @@ def test_patch_sampler_oversamples_foreground_and_pads():
   assert np.all(big["image"][:3] == 0) and np.all(big["image"][-3:] == 0)  # padded both sides
   flat = seg.RandomPatch(shape=(1, 8, 8), squeeze=0).random_map(record, np.random.default_rng(2))
   assert flat["image"].shape == (8, 8, 1) and flat["label"].shape == (8, 8, 1)
+
+
+def _write_case_folders(root, ids, shape=(6, 7, 5)):
+  """BraTS-like case folders: ``case_<i>/{FLAIR,T1,GT_W}.nii.gz`` (float labels, as shipped)."""
+  rng = np.random.default_rng(0)
+  for i in ids:
+    folder = os.path.join(root, f"case_{i}")
+    os.makedirs(folder)
+    for name in ("FLAIR", "T1"):
+      nib.save(nib.Nifti1Image(rng.uniform(1, 9, shape).astype(np.float32), np.eye(4)),
+               os.path.join(folder, f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image((rng.uniform(size=shape) > 0.7).astype(np.float32), np.eye(4)),
+             os.path.join(folder, "GT_W.nii.gz"))
+  return root
+
+
+def test_case_folders_read_as_an_msd_dataset(tmp_path):
+  root = _write_case_folders(str(tmp_path / "brats"), [10, 2, 0])
+  dataset = msd.read_msd_dataset(root)
+  assert dataset.channels == ("FLAIR", "T1") and dataset.labels == ("background", "tumour")
+  assert [c.case_id for c in dataset.cases] == ["case_0", "case_2", "case_10"]  # natural order
+  image, label = msd.load_msd_case(dataset, dataset.cases[1])
+  assert image.channels == 2 and label.channels == 1 and set(np.unique(label.array)) <= {0, 1}
+  os.remove(os.path.join(root, "case_10", "T1.nii.gz"))
+  with pytest.raises(MedjaxIOError, match="missing") as e:
+    msd.read_msd_dataset(root)
+  assert e.value.path.endswith(os.path.join("case_10", "T1.nii.gz"))
+  os.makedirs(tmp_path / "other" / "case_0")
+  with pytest.raises(MedjaxIOError, match="no dataset.json"):
+    msd.read_msd_dataset(tmp_path / "other")
