@@ -14,9 +14,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Cached executables are keyed by their HLO, flags and jaxlib, so a hit runs exactly what a
 # fresh compile would; a changed model or jaxlib only adds entries, and JAX evicts the least
 # recently used past the size cap. JAX_COMPILATION_CACHE_DIR set by the user wins.
+#
+# The CPU kernels' partitioning rules (jax custom_partitioning, medjax/ops/cpu) put a pointer to
+# their Python callback into the HLO, which differs in every process: every step compiled on more
+# than one device missed the cache. The pointer is left out of the key here, which is safe only
+# while the rules cannot change under a cached executable; so the folder is named by a digest of
+# the sources that define them, and a folder of older sources is removed.
+def _compilation_cache_dir() -> str:
+  """``~/.cache/medjax/jax-tests/ops-<digest of medjax/ops/cpu/*.py>``; removes the others."""
+  import hashlib
+  import shutil
+
+  ops_cpu = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "medjax",
+                         "ops", "cpu")
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(ops_cpu)):
+    if name.endswith(".py"):
+      with open(os.path.join(ops_cpu, name), "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+  root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                      "medjax", "jax-tests")
+  cache = os.path.join(root, "ops-" + digest.hexdigest()[:12])
+  if os.path.isdir(root) and not os.environ.get("PYTEST_XDIST_WORKER"):  # once, before workers
+    for name in os.listdir(root):  # folders of other sources, or entries of the flat layout
+      path = os.path.join(root, name)
+      if path != cache:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+  return cache
+
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "medjax", "jax-tests")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
+  os.environ.setdefault("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "1")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small ones too
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 from sklearn import metrics as skm
 
 NUM_BINS = 15  # Guo et al. 2017, "On Calibration of Modern Neural Networks".
@@ -56,6 +57,16 @@ def accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float | None = No
   return float(np.mean(predict(probs, threshold) == labels))
 
 
+def _binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+  """The ROC AUC in its Mann–Whitney form, P(score of a positive > a negative's) with ties
+  counting half: equal to scikit-learn's trapezoidal AUC, without its input validation, which
+  took most of the time of a bootstrap (thousands of calls on a few hundred cases)."""
+  ranks = stats.rankdata(scores)  # average ranks for ties
+  n_pos = int(positive.sum())
+  n_neg = positive.size - n_pos
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
   """Positive-class ROC AUC for ``K == 2``, macro one-vs-rest AUC otherwise (scikit-learn's).
 
@@ -66,7 +77,7 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
   if not _all_present(labels, k):
     return float("nan")
   if k == 2:
-    return float(skm.roc_auc_score(labels, probs[:, 1]))
+    return _binary_auc(labels == 1, probs[:, 1])
   # Renormalised because float32 softmax rows may miss scikit-learn's sum-to-one check.
   return float(skm.roc_auc_score(labels, probs / probs.sum(1, keepdims=True), multi_class="ovr",
                                  average="macro", labels=np.arange(k)))

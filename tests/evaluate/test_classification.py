@@ -47,6 +47,8 @@ def test_binary_metrics_equal_sklearn(seed):
   labels, probs = _binormal(np.random.default_rng(seed), 200)
   pred = (probs[:, 1] >= 0.5).astype(int)
   assert cls.roc_auc(labels, probs) == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
+  tied = np.round(probs, 1)  # many ties: they count half, as in scikit-learn's trapezoids
+  assert cls.roc_auc(labels, tied) == pytest.approx(skm.roc_auc_score(labels, tied[:, 1]))
   np.testing.assert_array_equal(cls.confusion_matrix(labels, probs, 0.5),
                                 skm.confusion_matrix(labels, pred))
   assert cls.f1(labels, probs, 0.5) == pytest.approx(skm.f1_score(labels, pred))
@@ -219,9 +221,8 @@ def test_bootstrap_ci_covers_the_population_accuracy():
 
 
 def test_bootstrap_ci_covers_the_population_auc():
-  # Fewer repetitions (sklearn's AUC costs ~1 ms a call), so a looser lower bound.
-  assert 0.84 <= _coverage(cls.roc_auc, POPULATION_AUC, repetitions=50, n_cases=100,
-                           n_boot=100, seed=10) <= 1.0
+  assert 0.88 <= _coverage(cls.roc_auc, POPULATION_AUC, repetitions=200, n_cases=100,
+                           n_boot=200, seed=10) <= 0.99
 
 
 # --- Report, tables, CSV
