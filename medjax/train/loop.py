@@ -152,6 +152,10 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
                          write: bool = True) -> None:
   """Checks that an existing ``config.json`` matches ``config``, or (``write``) writes it.
 
+  Settings that the saved config lacks are ones medjax gained after the run started: the run
+  resumes with their current values, named in one warning, and (``write``) the saved config
+  takes them so that the next resume is quiet.
+
   Raises:
     ConfigMismatchError: the workdir holds another experiment; names the differing keys.
   """
@@ -160,23 +164,36 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    diffs = _dict_diff(saved, current)
+    added: list[str] = []
+    diffs = _dict_diff(saved, current, added=added)
     if diffs:
       raise ConfigMismatchError(
           f"{workdir} holds a run with a different config ({', '.join(diffs[:8])}); use a new "
           "--workdir, or the same config to resume")
+    if added and write:
+      logging.warning("%s: the run predates settings medjax has gained since; it goes on with "
+                      "%s", path, ", ".join(added))
+      if jax.process_index() == 0:
+        atomic_write_json(path, current, indent=2, sort_keys=True)
   elif write and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     atomic_write_json(path, current, indent=2, sort_keys=True)
 
 
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
+def _dict_diff(saved: Any, current: Any, prefix: str = "",
+               added: list[str] | None = None) -> list[str]:
+  """``"key: saved → current"`` for each differing setting; keys only ``current`` has go to
+  ``added`` as ``"key=value"``."""
+  if isinstance(saved, dict) and isinstance(current, dict):
     out = []
-    for k in sorted(set(a) | set(b)):
-      out += _dict_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}{k}.")
+    for k in sorted(set(saved) | set(current)):
+      if k not in saved and added is not None:
+        added.append(f"{prefix}{k}={current[k]!r}")
+        continue
+      out += _dict_diff(saved.get(k, "<missing>"), current.get(k, "<missing>"), f"{prefix}{k}.",
+                        added)
     return out
-  return [] if a == b else [f"{prefix[:-1]}: {a!r} → {b!r}"]
+  return [] if saved == current else [f"{prefix[:-1]}: {saved!r} → {current!r}"]
 
 
 def _batch_digest(batch: dict[str, np.ndarray]) -> str:

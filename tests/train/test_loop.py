@@ -1,6 +1,8 @@
 """End-to-end tests of the training loop on a small synthetic MedMNIST file (CPU, 4 fake devices)."""
 
+import contextlib
 import json
+import logging as std_logging
 import os
 import signal
 import time
@@ -67,11 +69,42 @@ def test_grain_worker_processes_train_the_same_model(synthetic_medmnist, tmp_pat
                    _final_params(str(tmp_path / "threads"))["params"]) == 0.0
 
 
+@contextlib.contextmanager
+def absltest_warnings():
+  """The messages absl logs at WARNING or above while the block runs."""
+  from absl import logging as absl_logging
+
+  lines = []
+  handler = std_logging.Handler(std_logging.WARNING)
+  handler.emit = lambda record: lines.append(record.getMessage())
+  absl_logging.get_absl_logger().addHandler(handler)
+  try:
+    yield lines
+  finally:
+    absl_logging.get_absl_logger().removeHandler(handler)
+
+
 def test_workdir_of_another_experiment_is_refused(synthetic_medmnist, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(_config(synthetic_medmnist, steps=2), workdir)
   with pytest.raises(loop.ConfigMismatchError, match="optim.lr"):
     loop.train_and_evaluate(_config(synthetic_medmnist, steps=2, **{"optim.lr": 0.5}), workdir)
+
+  # A run started before medjax gained a setting resumes with the setting's value, and its
+  # config.json takes it; a setting the code no longer has still refuses.
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+  del saved["train"]["mixup"]
+  json.dump(saved, open(path, "w"))
+  c = _config(synthetic_medmnist, steps=2)
+  with absltest_warnings() as logged:
+    loop.train_and_evaluate(c, workdir)
+  assert len([ln for ln in logged if f"train.mixup={c.train.mixup}" in ln]) == 1, logged
+  assert json.load(open(path))["train"]["mixup"] == c.train.mixup
+  saved["train"]["mixup"], saved["train"]["retired_setting"] = c.train.mixup, 1
+  json.dump(saved, open(path, "w"))
+  with pytest.raises(loop.ConfigMismatchError, match="train.retired_setting: 1 → '<missing>'"):
+    loop.train_and_evaluate(_config(synthetic_medmnist, steps=2), workdir)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(synthetic_medmnist,
