@@ -17,7 +17,8 @@ DATA = os.environ.get("MEDJAX_DATA_DIR", "")
 TRAINING = {"02_classify_and_explain.py", "03_segment_hippocampus.py"}
 # The file of $MEDJAX_DATA_DIR each reads (without it they download it, or stop saying where to
 # get it; tests make no downloads).
-NEEDS = {"03_segment_hippocampus.py": "msd_task04_hippocampus/dataset.json"}
+NEEDS = {"03_segment_hippocampus.py": "msd_task04_hippocampus/dataset.json",
+         "04_fuse_modalities.py": "fusion/harvard_aanlib/PET-MRI"}
 
 
 def _cells(notebook):
