@@ -52,30 +52,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _is_expected_error(e: BaseException) -> bool:
-  """Whether ``e`` is the user's to fix (input, settings, workdir), not a bug in the code.
+  """Whether ``e`` is the user's to fix: one ``error:`` line, not a traceback
+  (`medjax.io.errors.is_users_error`)."""
+  from medjax.io.errors import is_users_error
 
-  Those get a one-line message: the exception text already names the file, key or step, and a
-  traceback through the loop would bury it. medjax checks settings by raising ValueError itself,
-  so a ValueError counts only when raised from medjax code; one from inside JAX, Flax or numpy
-  is a bug and keeps its traceback.
-  """
-  import medjax
-  from medjax.io.errors import MedjaxIOError
-
-  if isinstance(e, MedjaxIOError):  # first: a workdir in use is refused without loading the loop
-    return True
-  from medjax.train.divergence import DivergedError
-  from medjax.train.loop import ConfigMismatchError, NonFiniteLossError
-
-  if isinstance(e, (ConfigMismatchError, NonFiniteLossError, DivergedError)):
-    return True
-  if not isinstance(e, ValueError) or e.__traceback__ is None:
-    return False
-  tb = e.__traceback__
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  package = os.path.dirname(os.path.realpath(medjax.__file__))
-  return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+  return is_users_error(e)
 
 
 def _override_error(e: BaseException, argv: Sequence[str]) -> str | None:

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 
 from medjax.evaluate import classification as cls_metrics
 from medjax.evaluate import report as report_lib
+from medjax.io.errors import exit_on_users_error
 
 
 def evaluate_classification(workdir: str, split: str = "val", *, step: int | None = None,
@@ -123,12 +124,14 @@ def _evaluate_multilabel(trained, split: str, *, n_boot: int, seed: int,
   return report
 
 
+@exit_on_users_error
 def main(argv):
   del argv
   args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
-  with open(os.path.join(args.workdir, "config.json")) as f:
-    task = json.load(f).get("task")
+  from medjax.infer.trained import read_run_config
+
+  task = read_run_config(args.workdir).get("task")
   if task == "segmentation":
     from medjax.infer.segment import validate
 

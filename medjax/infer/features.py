@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from medjax.infer.trained import TrainedModel
+from medjax.io.errors import exit_on_users_error
 
 
 def export_features(workdir: str, splits: list[str], out: str, *, step: int | None = None,
@@ -60,6 +61,7 @@ def export_features(workdir: str, splits: list[str], out: str, *, step: int | No
   return meta
 
 
+@exit_on_users_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO

@@ -39,6 +39,12 @@ def _read_json(path: str) -> dict[str, Any]:
     raise MedjaxIOError(path, f"not valid JSON ({e})") from None
 
 
+def read_run_config(workdir: str) -> dict[str, Any]:
+  """A finished run's ``config.json`` as a dict; a `MedjaxIOError` naming it when it is missing
+  or broken."""
+  return _read_json(os.path.join(workdir, "config.json"))
+
+
 # Sowed intermediates that prediction returns beside the probabilities, where a model has them.
 SOWN = ("embedding", "slice_attention")
 
@@ -90,7 +96,7 @@ class TrainedModel:
       MedjaxIOError: the workdir lacks ``config.json`` / ``plan.json`` or any checkpoint.
     """
     workdir = os.path.abspath(workdir)
-    config = ml_collections.ConfigDict(_read_json(os.path.join(workdir, "config.json")))
+    config = ml_collections.ConfigDict(read_run_config(workdir))
     plan, defaults = None, {}
     if config.data.source == "msd":
       plan = _read_json(os.path.join(workdir, "plan.json"))

@@ -1,10 +1,14 @@
 """The one error type of medjax's readers and writers, naming the file and the cause, and its
-kinds: a corrupt checkpoint, a workdir in use, a full disk."""
+kinds: a corrupt checkpoint, a workdir in use, a full disk; and how every command line tells a
+user's mistake (one ``error:`` line, exit status 2) from a bug (a traceback)."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import sys
+from typing import Callable
 
 
 class MedjaxIOError(Exception):
@@ -93,3 +97,40 @@ def _size(n: float) -> str:
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1024
   return f"{n:.1f} TiB"
+
+
+def is_users_error(e: BaseException) -> bool:
+  """Whether ``e`` is the user's to fix (input, settings, workdir), not a bug in the code.
+
+  Those get a one-line message: the exception text already names the file, key or step, and a
+  traceback would bury it. They are a `MedjaxIOError`, an exception whose type says so
+  (``users_error = True``: another experiment's workdir, a diverged run), or a ValueError raised
+  from medjax's own code, which checks settings that way; a ValueError from inside JAX, Flax or
+  numpy is a bug and keeps its traceback.
+  """
+  if isinstance(e, MedjaxIOError) or getattr(type(e), "users_error", False):
+    return True
+  if not isinstance(e, ValueError) or e.__traceback__ is None:
+    return False
+  tb = e.__traceback__
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  package = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+  return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def exit_on_users_error(main: Callable) -> Callable:
+  """Wraps a command line's ``main(argv)``: a user's error (`is_users_error`) ends as one
+  ``error: ...`` line on stderr and exit status 2; anything else keeps its traceback."""
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except Exception as e:
+      if not is_users_error(e):
+        raise
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  return wrapped

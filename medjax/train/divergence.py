@@ -20,6 +20,8 @@ import statistics
 class DivergedError(FloatingPointError):
   """The training loss stayed far above its running median: the run diverged."""
 
+  users_error = True  # the settings' to fix: one line, exit 2
+
 
 class DivergenceRule:
   """Feeds on one training loss per step; `update` says when the run has diverged.

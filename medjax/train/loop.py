@@ -54,9 +54,13 @@ from medjax.train.writers import MetricWriter, read_jsonl
 class ConfigMismatchError(ValueError):
   """The workdir belongs to a run with a different config."""
 
+  users_error = True  # one line, exit 2 (medjax.io.errors.is_users_error)
+
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/Inf loss or gradient."""
+
+  users_error = True  # the settings' to fix: one line, exit 2
 
 
 # ---------------------------------------------------------------------------------------------
