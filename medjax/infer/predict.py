@@ -86,7 +86,7 @@ from medjax.infer.inputs import (  # noqa: F401  (public here too)
     read_picture,
 )
 from medjax.infer.segment import Segmenter, missing_channels
-from medjax.infer.trained import TrainedModel
+from medjax.infer.trained import TrainedModel, read_run_config
 from medjax.io import medmnist
 from medjax.io.dicom_seg import dicom_seg_frames, write_dicom_seg  # noqa: F401  (public here too)
 from medjax.io.errors import MedjaxIOError
@@ -283,6 +283,7 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
   if output == input_path:
     raise ValueError(f"{output}: write the outputs to another folder than the inputs' (a rerun "
                      "would take them for inputs)")
+  read_run_config(workdir)  # a folder that is no run: one error before any input is read
   inputs, failures, skipped = find_inputs(input_path, exclude=output)
   if not inputs and not failures:
     raise MedjaxIOError(input_path, "no DICOM, NIfTI, PNG or JPEG inputs found")

@@ -12,7 +12,8 @@ from medjax.io.errors import is_users_error
 
 @pytest.mark.parametrize("command", [
     ["medjax.evaluate", "--split", "val"],
-    ["medjax.infer.features", "--split", "train", "--out", "{tmp}/features"],
+    ["medjax.infer.features", "--split", "train", "--out", "{tmp}/out"],
+    ["medjax.infer.predict", "--input", "{tmp}", "--output", "{tmp}/out"],
 ])
 def test_a_folder_that_is_no_run_is_one_error_line(command, tmp_path):
   workdir = tmp_path / "not_a_run"
@@ -23,6 +24,7 @@ def test_a_folder_that_is_no_run_is_one_error_line(command, tmp_path):
   assert done.returncode == 2, done.stderr[-2000:]
   assert done.stderr.splitlines() == [
       f"error: {workdir / 'config.json'}: missing: is this the workdir of a finished medjax run?"]
+  assert not (tmp_path / "out").exists()  # nothing written, no input read
 
 
 def test_only_users_errors_lose_their_traceback():
