@@ -25,7 +25,7 @@ stem kernel 3 and stride 2 (its ``cpu`` variant), ``--resnet3d_batch``):
 - ``unet3d_fused_norm``: the fused instance norm + leaky ReLU vs XLA's form, both on oneDNN.
 - ``unet3d_upsample_fold``: the decoder's up-sampling folded into the convolution that reads it
   (``ops/cpu/upsample_fold.py``) vs the up-sampled map built, concatenated and convolved, both on
-  oneDNN; ``unet3d_upsample_fold_no_ds`` the same without deep supervision.
+  oneDNN; ``unet3d_upsample_fold_no_ds`` the same without deep supervision (``--only`` only).
 - ``*_lowerings_vs_native``: without oneDNN, ``ops/cpu/conv.py``'s lowerings vs
   ``lax.conv_general_dilated`` itself.
 - ``--parts`` (instead of the above): the lowerings vs the lowerings without one part (tap
@@ -171,6 +171,8 @@ def comparisons(a) -> dict[str, tuple]:
 
 
 PARTS = ("unet3d_tap_channels", "unet3d_depth_fold", "resnet3d_depth_fold", "resnet3d_patches")
+# Run only when named with --only (the default run stays under 10 minutes).
+NAMED_ONLY = ("unet3d_upsample_fold_no_ds",)
 
 
 def main():
@@ -197,7 +199,7 @@ def main():
 
   built = {}  # (build, variant) -> (step, handlers, seconds of its first two steps)
   for name, (build, kernel, baseline) in table.items():
-    if (name not in a.only) if a.only else ((name in PARTS) != a.parts):
+    if (name not in a.only) if a.only else ((name in PARTS) != a.parts or name in NAMED_ONLY):
       continue
     variants = {"kernel": kernel, "baseline": baseline}
     steps, handlers, compile_s = {}, {}, {}
