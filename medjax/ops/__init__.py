@@ -4,9 +4,9 @@
 plain functions. Where JAX's default backend is the CPU, they go to ``medjax.ops.cpu`` (oneDNN's
 convolutions, a 3-D Winograd, a fused norm + activation, the U-Net's up-sampling folded into the
 convolution that reads it, and XLA lowerings that suit XLA:CPU), which builds its C++ kernels on
-first use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``. Inside
-`portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA lowerings). All
-forms give the same results up to float rounding.
+first use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``.
+Inside `portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA
+lowerings). All forms give the same results up to float rounding.
 
 ``medjax.ops.cpu`` is imported only once a CPU op is chosen: a process whose default backend is
 not the CPU never imports it, and so never compiles C++.
