@@ -1,6 +1,7 @@
 r"""Whole-step A/B timings of each CPU kernel choice in ``medjax/ops/cpu``, in one process.
 
   python benchmarks/cpu_kernels.py [--rounds 3 --steps 1 --only unet3d_onednn_vs_xla]
+  python benchmarks/cpu_kernels.py --only unet3d_upsample_fold --rounds 5 --steps 3
 
 Every kernel medjax keeps for the CPU has to earn its place on a whole train step (and, for the
 3-D U-Net, on sliding-window inference). Each comparison builds the real step twice, once per
@@ -22,6 +23,9 @@ stem kernel 3 and stride 2 (its ``cpu`` variant), ``--resnet3d_batch``):
 - ``unet3d_winograd``, ``sliding_window_winograd``: Winograd forced on (``MEDJAX_WINOGRAD=1``'s
   setting) vs oneDNN's direct 3×3×3 kernels.
 - ``unet3d_fused_norm``: the fused instance norm + leaky ReLU vs XLA's form, both on oneDNN.
+- ``unet3d_upsample_fold``: the decoder's up-sampling folded into the convolution that reads it
+  (``ops/cpu/upsample_fold.py``) vs the up-sampled map built, concatenated and convolved, both on
+  oneDNN; ``unet3d_upsample_fold_no_ds`` the same without deep supervision (``--only`` only).
 - ``*_lowerings_vs_native``: without oneDNN, ``ops/cpu/conv.py``'s lowerings vs
   ``lax.conv_general_dilated`` itself.
 - ``--parts`` (instead of the above): the lowerings vs the lowerings without one part (tap
@@ -51,7 +55,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from unet_step_vs_monai import MALLOC_KEPT, NUM_CLASSES, medjax_step  # noqa: E402,F401
 
-from medjax.ops.cpu import conv, norm_act, onednn  # noqa: E402
+from medjax.ops.cpu import conv, norm_act, onednn, upsample_fold  # noqa: E402
 
 FEATURES, PATCH, BATCH = (16, 32, 64, 128), (40, 56, 40), 4  # configs/hippocampus_unet3d.py
 
@@ -73,6 +77,7 @@ XLA_NATIVE = {"devices": CORES, "switches": {(conv, "ONEDNN"): False, (conv, "LO
 WINOGRAD_ON = {"devices": 1, "switches": {(onednn, "WINOGRAD_CPUS"): "1"}}
 WINOGRAD_OFF = {"devices": 1, "switches": {(onednn, "WINOGRAD_CPUS"): "0"}}
 UNFUSED = {"devices": 1, "switches": {(norm_act, "FUSED"): False}}
+UNFOLDED = {"devices": 1, "switches": {(upsample_fold, "FOLD"): False}}
 # The lowerings with one of their parts off (``--parts``).
 NO_TAP_CHANNELS = {"devices": CORES, "switches": {**XLA_LOWERINGS["switches"],
                                                   (conv, "TAP_CHANNELS"): False}}
@@ -106,12 +111,17 @@ def switched(variant, handlers: set[str]):
       setattr(module, name, value)
 
 
-def unet_step(devices: int):
+def unet_step(devices: int, deep_supervision: bool = True):
   """The hippocampus U-Net's train step (``benchmarks/unet_step_vs_monai.py``'s)."""
   rng = np.random.default_rng(0)
   batch = rng.standard_normal((BATCH, *PATCH, 1), np.float32)
   labels = rng.integers(0, NUM_CLASSES, (BATCH, *PATCH)).astype(np.int32)
-  return medjax_step(FEATURES, PATCH, batch, labels, True, devices)[0]
+  return medjax_step(FEATURES, PATCH, batch, labels, deep_supervision, devices)[0]
+
+
+def unet_step_no_ds(devices: int):
+  """`unet_step` without deep supervision (``unet_step_vs_monai.py``'s default)."""
+  return unet_step(devices, deep_supervision=False)
 
 
 def resnet_step(dims: int, batch_size: int, devices: int):
@@ -147,6 +157,8 @@ def comparisons(a) -> dict[str, tuple]:
       "unet3d_winograd": (unet_step, WINOGRAD_ON, winograd_off),
       "sliding_window_winograd": (window, WINOGRAD_ON, winograd_off),
       "unet3d_fused_norm": (unet_step, ONEDNN, UNFUSED),
+      "unet3d_upsample_fold": (unet_step, ONEDNN, UNFOLDED),
+      "unet3d_upsample_fold_no_ds": (unet_step_no_ds, ONEDNN, UNFOLDED),
       "resnet2d_lowerings_vs_native": (resnet2d, XLA_LOWERINGS, XLA_NATIVE),
       "resnet3d_lowerings_vs_native": (resnet3d, XLA_LOWERINGS, XLA_NATIVE),
       "unet3d_lowerings_vs_native": (unet_step, XLA_LOWERINGS, XLA_NATIVE),
@@ -159,6 +171,8 @@ def comparisons(a) -> dict[str, tuple]:
 
 
 PARTS = ("unet3d_tap_channels", "unet3d_depth_fold", "resnet3d_depth_fold", "resnet3d_patches")
+# Run only when named with --only (the default run stays under 10 minutes).
+NAMED_ONLY = ("unet3d_upsample_fold_no_ds",)
 
 
 def main():
@@ -185,7 +199,7 @@ def main():
 
   built = {}  # (build, variant) -> (step, handlers, seconds of its first two steps)
   for name, (build, kernel, baseline) in table.items():
-    if (name not in a.only) if a.only else ((name in PARTS) != a.parts):
+    if (name not in a.only) if a.only else ((name in PARTS) != a.parts or name in NAMED_ONLY):
       continue
     variants = {"kernel": kernel, "baseline": baseline}
     steps, handlers, compile_s = {}, {}, {}

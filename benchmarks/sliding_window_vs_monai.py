@@ -26,8 +26,9 @@ medjax, ...). Prints one JSON line with the median seconds per volume and ratio 
 medjax time (> 1: medjax is faster); nothing is hard-coded. ``--compare NAME`` also times, in
 the same rounds, medjax with one of its speed-ups turned off, and adds ``medjax_no_NAME_s`` and
 ``NAME_speedup`` (the median of the per-round time ratios): ``winograd`` runs oneDNN's direct
-3×3×3 forward instead of the Winograd one (``medjax.ops.cpu.onednn.WINOGRAD``). Repeat the flag
-to compare several.
+3×3×3 forward instead of the Winograd one (``medjax.ops.cpu.onednn.WINOGRAD``); ``fold`` builds
+the decoder's up-sampled maps instead of folding them into the convolutions that read them
+(``medjax.ops.cpu.upsample_fold.FOLD``). Repeat the flag to compare several.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ SIGMA_SCALE = 0.125
 
 def _switches():
   """``--compare``'s names: (module, flag) of each speed-up that can be turned off."""
-  from medjax.ops.cpu import onednn
-  return {"winograd": (onednn, "WINOGRAD")}
+  from medjax.ops.cpu import onednn, upsample_fold
+  return {"winograd": (onednn, "WINOGRAD"), "fold": (upsample_fold, "FOLD")}
 
 
 SWITCHES = _switches()

@@ -39,17 +39,23 @@ class Conv(nn.Module):
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
 
   @nn.compact
+  def weights(self, in_features: int, nd: int) -> tuple[jax.Array, jax.Array | None]:
+    """The kernel ``[*kernel_size, in_features, features]`` and the bias (``None`` without
+    ``use_bias``), float32: for a caller that convolves through another op than ``ops.conv``."""
+    ks = (self.kernel_size,) * nd if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    kernel = self.param("kernel", self.kernel_init, ks + (in_features, self.features), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    return kernel, bias
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x: ``[B, *spatial, C]``. Returns: ``[B, *spatial', features]``."""
     nd = x.ndim - 2
-    ks = (self.kernel_size,) * nd if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     st = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
-    kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), jnp.float32)
+    kernel, bias = self.weights(x.shape[-1], nd)
     dtype = self.dtype or x.dtype
     y = ops.conv(x.astype(dtype), kernel.astype(dtype), st, self.padding)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
-    return y
+    return y if bias is None else y + bias.astype(dtype)
 
 
 class ConvNormAct(nn.Module):

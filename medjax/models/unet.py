@@ -61,9 +61,23 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, 3, self.strides, dtype=self.dtype,
-             kernel_init=_he_init(self.negative_slope))(x)
+  def __call__(self, x: jax.Array, train: bool, skip: jax.Array | None = None,
+               up: UpTranspose | None = None) -> jax.Array:
+    """Args: x: ``[B, *spatial, C]``; train: batch statistics (``norm="batch"``); skip: a
+    decoder's skip connection, concatenated after ``x`` (its channels last) before the convolution;
+    up: with ``skip``, the up-sampling that ``x`` goes through first (``x`` is then the lower
+    resolution's map): up-sampling, concatenation and convolution run as one op,
+    ``ops.upsample_concat_conv``, which a backend may fuse."""
+    conv = Conv(self.features, 3, self.strides, dtype=self.dtype,
+                kernel_init=_he_init(self.negative_slope))
+    if up is not None:
+      up_kernel, up_bias = up.weights(x.shape[-1], x.ndim - 2)
+      kernel, _ = conv.weights(up.features + skip.shape[-1], x.ndim - 2)
+      x = ops.upsample_concat_conv(x.astype(self.dtype), up_kernel.astype(self.dtype),
+                                   up_bias.astype(self.dtype), skip.astype(self.dtype),
+                                   kernel.astype(self.dtype))
+    else:
+      x = conv(x if skip is None else jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
     if self.norm == "instance":
       # Named as flax's InstanceNorm was: checkpoints keep their parameter paths.
       return InstanceNormLeakyReLU(self.negative_slope, dtype=self.dtype, name="InstanceNorm_0")(x)
@@ -102,21 +116,19 @@ class UpTranspose(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    nd = x.ndim - 2
-    s = tuple(self.strides)
+  def weights(self, in_features: int, nd: int) -> tuple[jax.Array, jax.Array]:
+    """The kernel ``[*strides, in_features, features]`` and the bias ``[features]``, float32."""
     # Fan-in is C_in: the stride axes index separate outputs, not summed inputs.
     init = _he_init(self.negative_slope, batch_axis=range(nd))
-    kernel = self.param("kernel", init, s + (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", init, tuple(self.strides) + (in_features, self.features),
+                        jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    # With kernel = stride the output blocks do not overlap: input voxel i alone fills output
-    # voxels s·i + k, each as x[i] @ kernel[k]. That is one matmul and a depth-to-space reshape.
-    x = x.astype(self.dtype)
-    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=[[x.ndim - 1], [nd]])
-    # [B, *X, *s, F] → [B, X1, s1, X2, s2, ..., F] → [B, X1·s1, X2·s2, ..., F]
-    perm = (0, *(a for i in range(nd) for a in (1 + i, 1 + nd + i)), 1 + 2 * nd)
-    shape = (x.shape[0], *(n * k for n, k in zip(x.shape[1:-1], s)), self.features)
-    return y.transpose(perm).reshape(shape) + bias.astype(self.dtype)
+    return kernel, bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: ``[B, *X, C]``. Returns: ``[B, *(X · strides), features]``."""
+    kernel, bias = self.weights(x.shape[-1], x.ndim - 2)
+    return ops.upsample(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
 def _encode(x: jax.Array, train: bool, block: Any, features: Sequence[int],
@@ -252,18 +264,17 @@ class UNet(nn.Module):
     for i in reversed(range(len(skips))):
       skip, f = skips[i], self.features[i]
       if self.upsample == "transpose":
-        x = UpTranspose(f, strides[i + 1], self.negative_slope, self.dtype, name=f"up{i}")(x)
-        if x.shape[1:-1] != skip.shape[1:-1]:
-          # Non-divisible sizes: ceil(n / s) · s ≥ n; the extra voxels lie past the skip's end.
-          x = x[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
+        up = UpTranspose(f, strides[i + 1], self.negative_slope, self.dtype, name=f"up{i}")
       else:
+        up = None
         # A 1×1 conv commutes with interpolation (both linear, weights sum to 1), so it runs at
         # the low resolution, where it is cheaper.
         x = Conv(f, 1, dtype=self.dtype, kernel_init=_he_init(self.negative_slope),
                  name=f"up{i}")(x)
         x = jax.image.resize(x, x.shape[:1] + skip.shape[1:-1] + x.shape[-1:], "linear")
-      x = jnp.concatenate([x, skip.astype(self.dtype)], axis=-1)
-      for j in range(self.convs_per_stage):
+      # The first block up-samples x (transpose), concatenates the skip and convolves.
+      x = block(f, name=f"dec{i}_0")(x, train, skip=skip, up=up)
+      for j in range(1, self.convs_per_stage):
         x = block(f, name=f"dec{i}_{j}")(x, train)
       if self.deep_supervision or i == 0:
         head = Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype, name=f"head{i}")

@@ -1,11 +1,12 @@
 """The ops medjax's models compute with, and the one place that chooses how each runs.
 
-`conv`, `conv_transpose` and `instance_norm_leaky_relu` are plain functions. Where JAX's default
-backend is the CPU, they go to ``medjax.ops.cpu`` (oneDNN's convolutions, a 3-D Winograd, a fused
-norm + activation, and XLA lowerings that suit XLA:CPU), which builds its C++ kernels on first
-use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``. Inside
-`portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA lowerings). All
-forms give the same results up to float rounding.
+`conv`, `conv_transpose`, `instance_norm_leaky_relu`, `upsample` and `upsample_concat_conv` are
+plain functions. Where JAX's default backend is the CPU, they go to ``medjax.ops.cpu`` (oneDNN's
+convolutions, a 3-D Winograd, a fused norm + activation, the U-Net's up-sampling folded into the
+convolution that reads it, and XLA lowerings that suit XLA:CPU), which builds its C++ kernels on
+first use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``.
+Inside `portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA
+lowerings). All forms give the same results up to float rounding.
 
 ``medjax.ops.cpu`` is imported only once a CPU op is chosen: a process whose default backend is
 not the CPU never imports it, and so never compiles C++.
@@ -18,6 +19,7 @@ import contextvars
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from medjax.ops import xla
 
@@ -71,3 +73,34 @@ def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
     from medjax.ops.cpu import norm_act
     return norm_act.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope)
   return xla.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope).astype(x.dtype)
+
+
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The transposed convolution with kernel = stride (nnU-Net's decoder up-sampling) of
+  ``x [B, *X, C]`` by ``kernel [*s, C, F]`` (PyTorch's layout, unflipped), plus ``bias [F]``:
+  ``[B, *(X · s), F]``. One matmul and a reshape on every backend."""
+  return xla.upsample(x, kernel, bias)
+
+
+def upsample_concat_conv(x: jax.Array, up_kernel: jax.Array, up_bias: jax.Array,
+                         skip: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A U-Net decoder's up-sampling, skip connection and first convolution, as one op.
+
+  ``x [B, *X, C]`` is up-sampled by `upsample` (``up_kernel [*s, C, F]``, ``up_bias [F]``),
+  cropped to the size of ``skip [B, *spatial, S]`` (``X · s`` may exceed it by less than ``s``),
+  concatenated with it (up-sampled channels first) and convolved with ``kernel [*k, F + S, O]``,
+  stride 1, ``"SAME"``. Returns ``[B, *spatial, O]``, in ``x``'s dtype.
+
+  On the CPU, large up-sampled maps are never built: the convolution is folded into the
+  up-sampling (``medjax.ops.cpu.upsample_fold``). Elsewhere, and inside `portable()`, the
+  sequence runs as written. Both give the same results up to float rounding.
+  """
+  if _on_cpu() and not _PORTABLE.get():
+    from medjax.ops.cpu import upsample_fold
+    if upsample_fold.applies(x, up_kernel, skip, kernel):
+      return upsample_fold.upsample_concat_conv(x, up_kernel, up_bias, skip, kernel)
+  up = upsample(x, up_kernel, up_bias)
+  # Spatial sizes not divisible by the strides: the extra voxels lie past the skip's end.
+  up = up[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
+  return conv(jnp.concatenate([up, skip.astype(up.dtype)], axis=-1), kernel.astype(up.dtype),
+              (1,) * (x.ndim - 2), "SAME")

@@ -57,6 +57,23 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
       x)(y)[0]
 
 
+def upsample(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """The transposed convolution with kernel = stride of ``x [B, *X, C]`` by ``kernel [*s, C, F]``
+  (PyTorch's ``ConvTranspose`` layout, unflipped), plus ``bias [F]``: ``[B, *(X · s), F]``.
+
+  With kernel = stride the output blocks do not overlap: input voxel ``i`` alone fills output
+  voxels ``s·i + k``, each as ``x[i] @ kernel[k]``. That is one matmul and a depth-to-space
+  reshape, exact for any rank and backend, with no convolution to lower.
+  """
+  nd = x.ndim - 2
+  s = kernel.shape[:nd]
+  y = jnp.tensordot(x, kernel.astype(x.dtype), axes=[[x.ndim - 1], [nd]])
+  # [B, *X, *s, F] → [B, X1, s1, X2, s2, ..., F] → [B, X1·s1, X2·s2, ..., F]
+  perm = (0, *(a for i in range(nd) for a in (1 + i, 1 + nd + i)), 1 + 2 * nd)
+  shape = (x.shape[0], *(n * k for n, k in zip(x.shape[1:-1], s)), kernel.shape[-1])
+  return y.transpose(perm).reshape(shape) + bias.astype(x.dtype)
+
+
 def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
                              negative_slope: float) -> jax.Array:
   """jax.numpy's instance norm (flax's: variance as E[x²] − E[x]², at least 0) + leaky ReLU."""
