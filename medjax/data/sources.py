@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from medjax.data.fusion import luminance
+from medjax.io import harvard
 from medjax.io.errors import MedjaxIOError
 from medjax.io.medmnist import MedMNISTSplit, load_medmnist
 from medjax.io.volume import Volume, grid_mismatch
@@ -42,6 +44,31 @@ def medmnist_source(flag: str, split: str, *, size: int = 28, data_dir: str | No
   """Loads one MedMNIST split as an ``ArraySource`` (and returns the split's metadata too)."""
   data = load_medmnist(flag, split, size=size, data_dir=data_dir, download=download)
   return ArraySource(data.images, data.labels, name=f"{flag}_{size}:{split}"), data
+
+
+def harvard_source(root: str, pair: str, split: str) -> ArraySource:
+  """One split of a Harvard atlas pair folder (`medjax.io.harvard`) for a fusion model.
+
+  Splits: ``test`` (`harvard.split_of`'s held-out cases), ``val`` (`harvard.validation_cases`,
+  carved from the other cases) and ``train`` (the rest). Records: ``image`` float32 ``[H, W, 2]``,
+  the MRI and the other source's grey levels (a colour source's luminance, BT.601 Y, as the
+  classical methods fuse it) over 255; ``label`` the same rounded to uint8 0..255, what the
+  fusion metrics score against. Both are on the image grid, so geometric transforms move both.
+
+  Raises:
+    MedjaxIOError: the folder is unreadable or the split holds no pair.
+  """
+  if split not in ("train", "val", "test"):
+    raise ValueError(f"Harvard atlas split must be train, val or test, not {split!r}")
+  pairs = harvard.read_pairs(root, pair, "test" if split == "test" else "train")
+  if split != "test":
+    val = set(harvard.validation_cases(root, [pair])[pair])
+    pairs = [p for p in pairs if (p.case in val) == (split == "val")]
+  if not pairs:
+    raise MedjaxIOError(os.path.join(root, pair), f"no pairs on the {split} split")
+  grey = np.stack([np.stack([luminance(p.a), luminance(p.b)], axis=-1) for p in pairs])
+  return ArraySource((grey / 255.0).astype(np.float32),
+                     np.clip(np.round(grey), 0, 255).astype(np.uint8), name=f"{pair}:{split}")
 
 
 def volume_record(image: Volume, label: Volume | None = None,

@@ -4,6 +4,7 @@ Harvard atlas pairs.
   python -m medjax.evaluate.fusion --out runs/fusion_eval [--split test]
       [--pairs CT-MRI,PET-MRI,SPECT-MRI] [--methods mean,max,pyramid,wavelet[,copy_a,copy_b]]
       [--data_dir $MEDJAX_DATA_DIR/fusion/harvard_aanlib] [--figure_dir docs/figures]
+      [--workdir runs/fuse_ctmri,runs/fuse_petmri,...]   # with --methods ...,learned
 
 Every pair of the split is fused by each method (`medjax.infer.fuse`'s path: fused, rounded to
 the uint8 that would be written) and scored on grey levels as the field's evaluation code does
@@ -11,7 +12,9 @@ the uint8 that would be written) and scored on grey levels as the field's evalua
 and method), ``fusion_table.md`` (the mean of each metric per pair folder and method, with the
 test cases) and ``fusion_table.json``; the table is also printed. ``--figure_dir`` adds one
 side-by-side figure per pair folder, ``fusion_<pair>.png`` (``--figure_rows`` slices of the split,
-evenly spaced). Errors: one ``error:`` line on stderr, exit status 2.
+evenly spaced). Method ``learned`` is a trained fusion network (``configs/harvard_fusion.py``) fed
+the same luminance as the classical methods: ``--workdir`` lists the runs, each used on the pair
+folder it was trained on. Errors: one ``error:`` line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -37,15 +40,33 @@ COPIES = {"copy_a": lambda a, b: a, "copy_b": lambda a, b: b}
 
 
 def _check(methods: Sequence[str]) -> None:
-  unknown = [m for m in methods if m not in fusion.METHODS and m not in COPIES]
+  known = [*fusion.METHODS, fuse_cli.LEARNED, *COPIES]
+  unknown = [m for m in methods if m not in known]
   if unknown or not methods:
     raise ValueError(f"unknown fusion method(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join([*fusion.METHODS, *COPIES])}")
+                     f"choose from {', '.join(known)}")
+
+
+def learned_by_pair(workdirs: Sequence[str]) -> dict[str, Callable]:
+  """``{pair folder: the fuse function of the run trained on it}`` (`fuse_cli.load_learned`).
+
+  Raises:
+    ValueError: two runs trained on the same pair folder.
+  """
+  learned: dict[str, Callable] = {}
+  for workdir in workdirs:
+    pair, function = fuse_cli.load_learned(workdir)
+    if pair in learned:
+      raise ValueError(f"two --workdir runs were trained on {pair}; give one per pair folder")
+    learned[pair] = function
+  return learned
 
 
 def evaluate_pairs(root: str, pair: str, methods: Sequence[str], split: str = "test",
-                   figure_rows: int = 0) -> dict:
-  """Scores ``methods`` on the ``split`` of one pair folder.
+                   figure_rows: int = 0, functions: Mapping[str, Callable] | None = None
+                   ) -> dict:
+  """Scores ``methods`` on the ``split`` of one pair folder; ``functions`` gives the fuse
+  function of methods that are not names `fusion.fuse` knows (``learned``).
 
   Returns:
     ``{"pair", "split", "cases", "count", "rows": [per image and method: {"id", "method",
@@ -57,7 +78,8 @@ def evaluate_pairs(root: str, pair: str, methods: Sequence[str], split: str = "t
   picks = {round((i + 1) * len(pairs) / (figure_rows + 1)) for i in range(figure_rows)}
   rows, figure = [], []
   for index, p in enumerate(pairs):
-    results = {m: fusion.to_uint8(fusion.fuse(p.a, p.b, COPIES.get(m, m))) for m in methods}
+    results = {m: fusion.to_uint8(fusion.fuse(p.a, p.b, (functions or {}).get(m) or
+                                              COPIES.get(m, m))) for m in methods}
     for m, fused in results.items():
       rows.append({"id": p.id, "method": m, **score(fused, p.a, p.b)})
     if index in picks:
@@ -84,10 +106,24 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 def evaluate(root: str, out: str, pairs: Sequence[str] = harvard.PAIRS,
              methods: Sequence[str] = tuple(fusion.METHODS), split: str = "test",
-             figure_dir: str | None = None, figure_rows: int = 2) -> list[dict]:
-  """`evaluate_pairs` for each pair folder; writes the CSV, table and JSON (and figures)."""
+             figure_dir: str | None = None, figure_rows: int = 2,
+             workdirs: Sequence[str] = ()) -> list[dict]:
+  """`evaluate_pairs` for each pair folder; writes the CSV, table and JSON (and figures).
+
+  Args:
+    workdirs: trained fusion runs, one per pair folder, for method ``learned``.
+
+  Raises:
+    ValueError: an unknown method, or ``learned`` for a pair folder no run was trained on.
+  """
   _check(methods)
-  results = [evaluate_pairs(root, p, methods, split, figure_rows if figure_dir else 0)
+  learned = learned_by_pair(workdirs) if fuse_cli.LEARNED in methods else {}
+  missing = [p for p in pairs if fuse_cli.LEARNED in methods and p not in learned]
+  if missing:
+    raise ValueError(f"method {fuse_cli.LEARNED} on {', '.join(missing)}: no --workdir run was "
+                     f"trained on {'it' if len(missing) == 1 else 'them'}")
+  results = [evaluate_pairs(root, p, methods, split, figure_rows if figure_dir else 0,
+                            {fuse_cli.LEARNED: learned[p]} if p in learned else None)
              for p in pairs]
   os.makedirs(out, exist_ok=True)
   with atomic_open(os.path.join(out, "fusion_scores.csv"), newline="") as f:
@@ -116,8 +152,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("out", None, "output folder for the table, scores and JSON", flag_values=fv)
   flags.DEFINE_enum("split", "test", ["test", "train", "all"], "which cases", flag_values=fv)
   flags.DEFINE_list("pairs", list(harvard.PAIRS), "pair folders", flag_values=fv)
-  flags.DEFINE_list("methods", list(fusion.METHODS), "fusion methods (also copy_a, copy_b: "
-                    "a source as the result)", flag_values=fv)
+  flags.DEFINE_list("methods", list(fusion.METHODS), "fusion methods (also learned, with "
+                    "--workdir; copy_a, copy_b: a source as the result)", flag_values=fv)
+  flags.DEFINE_list("workdir", [], "trained fusion runs (configs/harvard_fusion.py), one per "
+                    "pair folder, for method learned", flag_values=fv)
   flags.DEFINE_string("figure_dir", None, "write fusion_<pair>.png figures here", flag_values=fv)
   flags.DEFINE_integer("figure_rows", 2, "slices per figure", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
@@ -130,7 +168,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
                                      "fusion", "harvard_aanlib")
   try:
     results = evaluate(root, fv.out, fv.pairs, fv.methods, fv.split, fv.figure_dir,
-                       fv.figure_rows)
+                       fv.figure_rows, fv.workdir)
   except (MedjaxIOError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

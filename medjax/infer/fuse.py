@@ -1,11 +1,13 @@
 r"""Pixel-level fusion of co-registered image pairs on the command line: PNGs in, fused PNGs out.
 
   python -m medjax.infer.fuse --a MRI/ --b CT/ --out fused/ --method pyramid,wavelet [--figure]
+  python -m medjax.infer.fuse --a MRI/ --b CT/ --out fused/ --method learned --workdir runs/fuse
 
 ``--a`` and ``--b`` are two folders (images of the same file name are one pair) or two files.
 Each method's results go to ``<out>/<method>/<name>.png``: grey when both sources are grey, RGB
 when one is colour (PET, SPECT: fused through its luminance, its colours put back; see
-`medjax.data.fusion`). ``--figure`` also writes ``<out>/figure.png``: the first
+`medjax.data.fusion`); ``learned`` is a network trained by ``configs/harvard_fusion.py``, fed the
+same luminance. ``--figure`` also writes ``<out>/figure.png``: the first
 ``--figure_pairs`` pairs side by side, sources then each method.
 
 Any problem (a missing folder or file, an unreadable image, a name in one folder only, two
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,13 +29,59 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from medjax.data import fusion
+from medjax.infer.trained import TrainedModel
 from medjax.io.atomic import atomic_path
 from medjax.io.errors import MedjaxIOError
 from medjax.io.harvard import read_image
 
 EXIT_OK, EXIT_ERROR = 0, 2
+# The method name of a trained fusion network (``--workdir``), beside fusion.METHODS.
+LEARNED = "learned"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _PANEL_INCHES, _DPI = 1.6, 160  # 256 px per panel: the atlas images at their own resolution
+
+
+def load_learned(workdir: str) -> tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+  """A trained fusion run (`configs/harvard_fusion.py`) as a `fusion.fuse` method.
+
+  Returns:
+    ``(pair, f)``: the pair folder it was trained on (``config.data.name``, e.g. ``"CT-MRI"``)
+    and ``f(a, b)``, float ``[H, W]`` grey levels 0..255 in (a colour source's luminance, as
+    `fusion.fuse` passes them and the run trained on), the fused grey levels 0..255 out, from the
+    run's best checkpoint.
+
+  Raises:
+    MedjaxIOError: the workdir holds no finished run or checkpoint.
+    ValueError: the run is not a fusion run.
+  """
+  trained = TrainedModel.load(workdir)
+  if trained.config.task != "fusion":
+    raise ValueError(f"{workdir}: a {trained.config.task} run, not a fusion run")
+
+  def fuse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sources = np.stack([a, b], axis=-1)[None] / 255.0
+    fused = trained.logits(jnp.asarray(sources, jnp.float32))
+    return 255.0 * np.asarray(trained.task.predict_fn(fused), np.float64)[0, ..., 0]
+
+  return trained.config.data.name, fuse
+
+
+def method_functions(methods: Sequence[str], workdir: str | None = None
+                     ) -> dict[str, str | Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+  """What `fusion.fuse` takes for each method name: the name of a classical method, or the
+  trained network of ``workdir`` for `LEARNED`.
+
+  Raises:
+    ValueError: an unknown method, none, or `LEARNED` without a workdir.
+  """
+  unknown = [m for m in methods if m not in fusion.METHODS and m != LEARNED]
+  if unknown or not methods:
+    raise ValueError(f"unknown fusion method(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join([*fusion.METHODS, LEARNED])}")
+  if LEARNED in methods and not workdir:
+    raise ValueError(f"--method {LEARNED} needs --workdir, a trained fusion run")
+  learned = load_learned(workdir)[1] if LEARNED in methods else None
+  return {m: learned if m == LEARNED else m for m in methods}
 
 
 def find_pairs(a: str, b: str) -> list[tuple[str, str, str]]:
@@ -125,25 +174,23 @@ def save_figure(fig: Figure, path: str) -> None:
     image.save(tmp, optimize=True)
 
 
-def fuse_folder(a: str, b: str, out: str, methods: Sequence[str], figure_pairs: int = 0
-                ) -> dict[str, int]:
+def fuse_folder(a: str, b: str, out: str, methods: Sequence[str], figure_pairs: int = 0,
+                workdir: str | None = None) -> dict[str, int]:
   """Fuses every pair of ``a`` and ``b`` with each method into ``out/<method>/<name>.png``.
 
   Args:
     figure_pairs: if > 0, the first that many pairs go into ``out/figure.png``.
+    workdir: the trained fusion run of method `LEARNED`.
 
   Returns:
     ``{"pairs": n, "written": n * len(methods)}``.
   """
-  unknown = [m for m in methods if m not in fusion.METHODS]
-  if unknown or not methods:
-    raise ValueError(f"unknown fusion method(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(fusion.METHODS)}")
+  functions = method_functions(methods, workdir)
   pairs = find_pairs(a, b)
   rows = []
   for name, path_a, path_b in pairs:
     image_a, image_b = read_pair(path_a, path_b)
-    results = {m: fusion.to_uint8(fusion.fuse(image_a, image_b, m)) for m in methods}
+    results = {m: fusion.to_uint8(fusion.fuse(image_a, image_b, f)) for m, f in functions.items()}
     for m, image in results.items():
       write_png(os.path.join(out, m, f"{name}.png"), image)
     if len(rows) < figure_pairs:
@@ -161,7 +208,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_string("out", None, "output folder: <out>/<method>/<name>.png", flag_values=fv)
   flags.DEFINE_list("method", ["pyramid"], f"fusion methods, comma-separated: "
-                    f"{', '.join(fusion.METHODS)}", flag_values=fv)
+                    f"{', '.join([*fusion.METHODS, LEARNED])}", flag_values=fv)
+  flags.DEFINE_string("workdir", None, f"a trained fusion run (configs/harvard_fusion.py), for "
+                      f"--method {LEARNED}", flag_values=fv)
   flags.DEFINE_bool("figure", False, "also write <out>/figure.png (sources and each method)",
                     flag_values=fv)
   flags.DEFINE_integer("figure_pairs", 3, "pairs in the --figure", flag_values=fv)
@@ -174,7 +223,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     summary = fuse_folder(fv.a, fv.b, fv.out, fv.method,
-                          figure_pairs=fv.figure_pairs if fv.figure else 0)
+                          figure_pairs=fv.figure_pairs if fv.figure else 0, workdir=fv.workdir)
   except (MedjaxIOError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_ERROR

@@ -29,6 +29,8 @@ from medjax.io.errors import MedjaxIOError
 PAIRS = ("CT-MRI", "PET-MRI", "SPECT-MRI")
 # Fraction of each pair folder's cases held out as the test split (at least one case).
 TEST_FRACTION = 0.25
+# Fraction of each pair folder's training cases held out to select models on (at least one case).
+VAL_FRACTION = 0.2
 _NAME = re.compile(r"^(\d+)(\d{3})\.png$")
 
 
@@ -158,6 +160,28 @@ def split_of(root: str | os.PathLike, pairs: Sequence[str] = PAIRS) -> dict[str,
   present = [p for p in PAIRS if os.path.isdir(os.path.join(os.fspath(root), p))]
   split = held_out_cases({p: [c for c, _, _ in list_pairs(root, p)] for p in present})
   return {p: split[p] for p in pairs if p in split}
+
+
+def validation_cases(root: str | os.PathLike, pairs: Sequence[str] = PAIRS,
+                     fraction: float = VAL_FRACTION) -> dict[str, list[int]]:
+  """The validation cases of each pair folder: `held_out_cases` applied to the training cases.
+
+  Whole cases again, on one side in every folder (a model selected on a case never trained on
+  it in another folder), depending on every folder of `PAIRS` that exists, as `split_of`.
+  On the atlas folders: CT-MRI {20}, PET-MRI {25}, SPECT-MRI {4, 25}.
+
+  Raises:
+    MedjaxIOError: a pair folder of ``pairs`` would keep no training case.
+  """
+  test = split_of(root)
+  train = {p: [c for c, _, _ in list_pairs(root, p) if c not in test[p]] for p in test}
+  val = held_out_cases(train, fraction)
+  for p in pairs:
+    if p in val and not set(train[p]) - set(val[p]):
+      raise MedjaxIOError(os.path.join(os.fspath(root), p),
+                          f"{len(train[p])} training case(s) only: none left to train on after "
+                          "holding out a validation case")
+  return {p: val[p] for p in pairs if p in val}
 
 
 def read_pairs(root: str | os.PathLike, pair: str, split: str = "all") -> list[Pair]:

@@ -199,6 +199,20 @@ def fusion_metrics(fused: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str,
           "Qabf": qabf(f, a, b), "SSIM": ssim(f, a, b)}
 
 
+def mean_metrics(sources: np.ndarray, fused: np.ndarray) -> dict[str, float]:
+  """The mean of each of `METRICS` over a set of images (a validation split, say).
+
+  Args:
+    sources: ``[N, H, W, 2]`` grey levels 0..255 of the two sources (A, B as channels).
+    fused: ``[N, H, W]`` or ``[N, H, W, 1]`` grey levels 0..255; rounded here, as a written image
+      would be.
+  """
+  fused = np.asarray(fused, np.float64)
+  fused = np.clip(np.round(fused[..., 0] if fused.ndim == 4 else fused), 0, 255)
+  scores = [fusion_metrics(f, s[..., 0], s[..., 1]) for f, s in zip(fused, sources)]
+  return {k: float(np.mean([s[k] for s in scores])) for k in METRICS}
+
+
 def grey(image: np.ndarray) -> np.ndarray:
   """The grey levels the reference scores: a grey image rounded, an RGB image's BT.601 luma
   rounded (OpenCV's 8-bit ``COLOR_BGR2GRAY``), as float ``[H, W]``."""

@@ -23,6 +23,12 @@ def msd_root(data_cfg: ml_collections.ConfigDict) -> str:
   return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
 
 
+def harvard_root(data_cfg: ml_collections.ConfigDict) -> str:
+  """The Harvard atlas folder: ``data.dir``, else ``$MEDJAX_DATA_DIR/fusion/harvard_aanlib``."""
+  return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), "fusion",
+                                      "harvard_aanlib")
+
+
 def plan_model_defaults(plan: dict[str, Any]) -> dict[str, Any]:
   """The U-Net fields a plan decides (config ``model.kwargs`` may still override them)."""
   return {"features": plan["features"], "strides": plan["strides"]}
@@ -49,7 +55,9 @@ def build_task(name: str, multi_label: bool = False, **kwargs) -> tasks.Task:
 def label_space(config: ml_collections.ConfigDict, plan: dict[str, Any] | None = None
                 ) -> tuple[int, tuple[str, ...], bool]:
   """``(num_classes, class_names, multi_label)`` of a run's data: the plan's for segmentation
-  (MSD) runs, the MedMNIST set's otherwise."""
+  (MSD) runs, one fused channel for fusion runs, the MedMNIST set's otherwise."""
+  if config.data.source == "harvard":  # fusion: one output channel, the fused image
+    return 1, ("fused",), False
   if config.data.source == "msd":
     if plan is None:
       raise ValueError("a segmentation run's label space comes from its plan")

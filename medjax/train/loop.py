@@ -42,6 +42,7 @@ from medjax.train import (
 from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
     build_model,
     build_task,
+    harvard_root,
     msd_root,
     plan_model_defaults,
 )
@@ -105,7 +106,7 @@ class Data:
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-  """Sources and transforms for ``config.data.source`` (medmnist | msd)."""
+  """Sources and transforms for ``config.data.source`` (medmnist | msd | harvard)."""
   data_cfg = config.data
   if data_cfg.source == "medmnist":
     kw = dict(size=data_cfg.size, data_dir=data_cfg.dir or None, download=data_cfg.download)
@@ -116,7 +117,13 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
                 info.info.multi_label)
   if data_cfg.source == "msd":
     return _segmentation_data(config, workdir)
-  raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist | msd)")
+  if data_cfg.source == "harvard":  # fusion: two sources in, one fused image (1 channel) out
+    root = harvard_root(data_cfg)
+    return Data(sources.harvard_source(root, data_cfg.name, data_cfg.train_split),
+                transforms.parse(data_cfg.train_transforms),
+                sources.harvard_source(root, data_cfg.name, config.eval.split),
+                transforms.parse(data_cfg.eval_transforms), 1)
+  raise ValueError(f"unknown data.source {data_cfg.source!r} (medmnist | msd | harvard)")
 
 
 def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
@@ -349,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = build_data(config, workdir)
   train_src, eval_src, train_tf, eval_tf = data.train, data.eval, data.train_transforms, \
       data.eval_transforms
-  task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing)
+  task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing,
+                    **config.get("task_kwargs", {}))
   settings.check_data(config, task, data.num_classes, len(train_src), len(eval_src),
                       getattr(eval_src, "name", ""))
   steps_per_epoch = len(train_src) // config.train.batch_size
@@ -496,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "workdir": workdir}
   if pindex == 0:
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if task.name == "segmentation":  # voxel maps, no ROC; launch.py adds the full validation
+    if task.name in ("segmentation", "fusion"):  # images, no ROC (segmentation: launch.py
+      # adds the full validation)
       report.write_report(workdir, summary, history)
     else:
       report.write_report(workdir, summary, history, labels, preds)

@@ -20,6 +20,7 @@ from medjax.train import optim, tasks  # noqa: F401  (optim: registers the optim
 SOURCE_TASKS = {
     "medmnist": ("classification", "multilabel_classification"),
     "msd": ("segmentation",),
+    "harvard": ("fusion",),
 }
 
 # Numeric settings and the intervals they must lie in ("inf": unbounded); floats must also be
@@ -82,7 +83,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.train.mixup and config.task == "segmentation":
     # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
     raise ValueError("train.mixup applies to classification tasks, not segmentation")
-  if config.eval.flip_axes and config.task == "segmentation":
+  if config.eval.flip_axes and config.task in ("segmentation", "fusion"):
     # Per-voxel predictions would need un-flipping; the final validation mirrors (eval.mirror).
     raise ValueError("eval.flip_axes applies to classification tasks; segmentation: eval.mirror")
 

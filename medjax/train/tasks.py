@@ -15,8 +15,9 @@ import numpy as np
 import optax
 
 from medjax import registry
+from medjax.metrics import fusion as fusion_metrics
 from medjax.metrics import selection as metrics_lib
-from medjax.train import losses
+from medjax.train import fusion_losses, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,28 @@ def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
     return jnp.argmax(logits, axis=-1).astype(jnp.int8)
 
   return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice, _dice_metrics)
+
+
+@registry.register("tasks.fusion")
+def fusion(label_smoothing: float = 0.0, ssim_weight: float = 1.0, gradient_weight: float = 10.0,
+           intensity_weight: float = 1.0) -> Task:
+  """Unsupervised pixel-level fusion of two sources (the image's two channels, in [0, 1]) into
+  the model's one-channel output: `fusion_losses.fusion_loss` with these weights; evaluated with
+  the eight fusion metrics (`medjax.metrics.fusion`) against the record's ``label``, the sources'
+  grey levels 0..255 (``[H, W, 2]``), the fused image rounded to 0..255 first."""
+  del label_smoothing  # no labels to smooth; accepted so configs share one signature
+
+  def loss_fn(outputs: jax.Array, batch: dict) -> jax.Array:
+    return fusion_losses.fusion_loss(outputs, batch["image"], ssim_weight, gradient_weight,
+                                     intensity_weight)
+
+  def predict_fn(outputs: jax.Array) -> jax.Array:
+    return jnp.clip(outputs.astype(jnp.float32), 0.0, 1.0)
+
+  def metrics_fn(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    return fusion_metrics.mean_metrics(labels, 255.0 * np.asarray(predictions, np.float64))
+
+  return Task("fusion", loss_fn, predict_fn, metrics_fn, lambda _: fusion_metrics.METRICS)
 
 
 def get_task(name: str, **kwargs) -> Task:

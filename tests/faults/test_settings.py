@@ -50,7 +50,7 @@ def _refused(c, *needles):
      "error: --config.train.batch_size=big: not a valid value for this setting "
      "(invalid literal for int() with base 10: 'big')"),
     ("--config.model.name=resnet999",  # refused by the loop's settings.check
-     "error: model.name='resnet999' is unknown; known: resnet18, "),
+     "error: model.name='resnet999' is unknown; known: dense_fusion, resnet18, "),
 ])
 def test_bad_setting_is_one_error_line_and_exit_2(flag, line, tmp_path):
   data = write_synthetic_medmnist(str(tmp_path))
@@ -96,10 +96,10 @@ def test_bad_override_names_the_flag(flag, message):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, value, known", [
-    ("model.name", "resnet999", "resnet18, resnet18_2p5d"),
-    ("task", "detection", "classification, multilabel_classification, segmentation"),
+    ("model.name", "resnet999", "dense_fusion, resnet18, resnet18_2p5d"),
+    ("task", "detection", "classification, fusion, multilabel_classification, segmentation"),
     ("optim.name", "lamb", "adamw, sgd"),
-    ("data.source", "dicomdir", "medmnist, msd"),
+    ("data.source", "dicomdir", "medmnist, msd, harvard"),
 ])
 def test_unknown_name_lists_the_known_ones(key, value, known):
   _refused(config("", **{key: value}), f"{key}={value!r}", known)

@@ -52,6 +52,22 @@ def test_the_atlas_split_is_the_documented_one(data_root):
   assert {p.b.ndim for p in harvard.read_pairs(root, "PET-MRI", "test")[:3]} == {3}
 
 
+def test_validation_cases_are_whole_training_cases_the_same_in_every_folder(tmp_path, data_root):
+  root = os.path.join(data_root, "fusion", "harvard_aanlib")
+  if not os.path.isdir(root):
+    pytest.skip(f"{root} is missing")
+  val, test = harvard.validation_cases(root), harvard.split_of(root)
+  assert val == {"CT-MRI": [20], "PET-MRI": [25], "SPECT-MRI": [4, 25]}
+  cases = {p: {c for c, _, _ in harvard.list_pairs(root, p)} for p in harvard.PAIRS}
+  held = {c for p in harvard.PAIRS for c in val[p]}
+  for p in harvard.PAIRS:
+    assert not set(val[p]) & set(test[p]) and cases[p] - set(val[p]) - set(test[p])
+    assert cases[p] & held == set(val[p])  # a validation case is one in every folder
+  small = write_fusion_atlas(str(tmp_path), cases={"CT-MRI": {2: 1, 3: 1}})
+  with pytest.raises(MedjaxIOError, match="1 training case.*none left to train on"):
+    harvard.validation_cases(small)
+
+
 def test_one_folder_read_alone_keeps_the_split_of_all(tmp_path):
   root = write_fusion_atlas(str(tmp_path))
   both = harvard.split_of(root)
