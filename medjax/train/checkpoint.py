@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -39,28 +39,27 @@ _SAVED_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng", "ema")
 
 
 @contextlib.contextmanager
-def _drop_absl_warning(text: str):
-  """Drops absl log records containing ``text`` while the block runs (Orbax logs through absl)."""
-  drop = lambda record: text not in record.getMessage()
-  logger = std_logging.getLogger("absl")
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
-
-
-@contextlib.contextmanager
-def _drop_disk_full_logs():
-  """Drops the tracebacks Orbax's writer threads log when the disk is full: `DiskFullError`
-  says it in one line."""
-  keep = lambda record: not mentions_disk_full(record.getMessage())
+def _drop_absl_records(drop: Callable[[str], bool]):
+  """Drops the absl log records whose message ``drop`` accepts while the block runs (Orbax logs
+  through absl)."""
+  keep = lambda record: not drop(record.getMessage())
   logger = std_logging.getLogger("absl")
   logger.addFilter(keep)
   try:
     yield
   finally:
     logger.removeFilter(keep)
+
+
+def _drop_absl_warning(text: str):
+  """Drops absl log records containing ``text`` while the block runs."""
+  return _drop_absl_records(lambda message: text in message)
+
+
+def _drop_disk_full_logs():
+  """Drops the tracebacks Orbax's writer threads log when the disk is full: `DiskFullError`
+  says it in one line."""
+  return _drop_absl_records(mentions_disk_full)
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
