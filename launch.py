@@ -90,6 +90,28 @@ def _override_error(e: BaseException, argv: Sequence[str]) -> str | None:
   return f"--config.{paths[0]}: the config has no such setting{hint}"
 
 
+def _config_argument(argv: Sequence[str]) -> str | None:
+  """The value given to ``--config`` in ``argv`` (``--config=x`` or ``--config x``), if any."""
+  for i, a in enumerate(argv):
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1]
+  return None
+
+
+def _config_file_error(e: BaseException) -> str | None:
+  """The one-line message for a ``--config`` file that cannot be loaded (missing, or its
+  ``get_config`` refused the ``:variant``); ml_collections quotes the whole traceback in ``e``, of
+  which the last line names the problem. None for any other error."""
+  text = str(e)
+  if not (isinstance(e, flags.IllegalFlagValueError) and text.startswith("flag --config=")):
+    return None
+  flag = text.split(":", 1)[0].removeprefix("flag ")
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  return f"{flag}: {lines[-1]}"
+
+
 def _raised_in(e: BaseException, package: str) -> bool:
   """Whether a frame of ``e``'s traceback runs code of the installed ``package``."""
   tb, part = e.__traceback__, f"{os.sep}{package}{os.sep}"
@@ -103,10 +125,14 @@ def _raised_in(e: BaseException, package: str) -> bool:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, except that a bad ``--config.`` override is a setting of the user's:
   one ``error:`` line and exit status 2, like the settings the run checks itself."""
+  value = _config_argument(argv)
+  if value and not os.path.isfile(value.split(":", 1)[0]):  # ml_collections would defer it
+    print(f"error: --config={value}: no such file", file=sys.stderr, flush=True)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # sorted below; anything else is re-raised
-    message = _override_error(e, argv)
+    message = _override_error(e, argv) or _config_file_error(e)
     if message is not None:
       print(f"error: {message}", file=sys.stderr, flush=True)
       sys.exit(2)

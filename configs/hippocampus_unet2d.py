@@ -7,7 +7,7 @@ Run:
   python launch.py --config configs/hippocampus_unet2d.py --workdir runs/hippocampus2d
 """
 
-from configs import hippocampus_unet3d
+from configs import common, hippocampus_unet3d
 
 
 def get_config(arg: str | None = None):
@@ -18,6 +18,6 @@ def get_config(arg: str | None = None):
       "|gamma(p=0.3)|contrast(p=0.15)|noise(std=(0., 0.1), p=0.1)")
   c.train.batch_size = 32
   c.eval.batch_size = 64
-  if arg == "runlocal":
+  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
     hippocampus_unet3d.runlocal(c)
   return c

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 250
   c.eval.batch_size = 8
   c.eval.best_metric = "dice"
-  if arg == "runlocal":
+  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
     runlocal(c)
   return c
 

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   c.eval.flip_axes = (1,)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-2
-  if arg == "runlocal":
+  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
     common.runlocal(c)
   else:
     # Half the usual width (32-64-128-256 channels): a quarter of width 64's FLOPs for the same

@@ -9,13 +9,14 @@ workdir); the rest check in-process that the check raises an error naming the ke
 import glob
 import importlib
 import os
+import subprocess
 import warnings
 
 import numpy as np
 import pytest
 from absl import flags
 from conftest import REPO, write_synthetic_medmnist
-from helpers import apply_overrides, config, launch_module, run_launch, tail
+from helpers import apply_overrides, config, launch_cmd, launch_module, run_launch, tail
 from ml_collections import config_flags
 
 from configs import hippocampus_unet3d
@@ -61,6 +62,20 @@ def test_bad_setting_is_one_error_line_and_exit_2(flag, line, tmp_path):
   errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
   assert len(errors) == 1 and errors[0].startswith(line), tail(out)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("config_arg, line", [
+    ("configs/nosuch.py", "error: --config=configs/nosuch.py: no such file"),
+    ("configs/pneumoniamnist_resnet18.py:runlocl",
+     "error: --config=configs/pneumoniamnist_resnet18.py: ValueError: unknown config variant(s) "
+     "['runlocl']; known: runlocal"),
+])
+def test_a_config_file_or_variant_that_is_not_there_is_one_error_line(config_arg, line, tmp_path):
+  workdir = str(tmp_path / "run")
+  done = subprocess.run(launch_cmd(workdir, config_file=config_arg), cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and done.stderr.splitlines()[-1] == line, tail(done.stderr)
+  assert "Traceback" not in done.stderr and not os.path.exists(workdir)
 
 
 # ---------------------------------------------------------------------------------------------
