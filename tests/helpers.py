@@ -5,7 +5,9 @@ Imported after ``conftest.py`` has set up the fake CPU devices (pytest loads con
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -129,6 +131,20 @@ def launch_module():
     spec.loader.exec_module(module)
     sys.modules["launch"] = module
   return sys.modules["launch"]
+
+
+def run_cli(module, *args) -> tuple[int | None, str, str]:
+  """A command line (a module with ``define_flags(fv)`` and ``main(argv, fv)``) run in-process
+  on fresh flags; returns ``(exit status, stdout, stderr)``."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  fv(["cli", *args])
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    code = module.main(["cli"], fv)
+  return code, stdout.getvalue(), stderr.getvalue()
 
 
 def tail(text: str, lines=25) -> str:

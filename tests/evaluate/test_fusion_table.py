@@ -1,15 +1,13 @@
 """``python -m medjax.evaluate.fusion``: the fusion results table on the whole-case test split."""
 
-import contextlib
 import csv
-import io
 import json
 import os
 
 import numpy as np
 import pytest
-from absl import flags
 from conftest import write_fusion_atlas
+from helpers import run_cli
 
 from medjax.data import fusion
 from medjax.evaluate import fusion as evaluate_fusion
@@ -18,13 +16,7 @@ from medjax.metrics.fusion import METRICS, score
 
 
 def _run(*args):
-  fv = flags.FlagValues()
-  evaluate_fusion.define_flags(fv)
-  fv(["fusion", *args])
-  stdout, stderr = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    code = evaluate_fusion.main(["fusion"], fv)
-  return code, stdout.getvalue(), stderr.getvalue()
+  return run_cli(evaluate_fusion, *args)
 
 
 def test_the_table_scores_each_method_on_the_test_cases_only(tmp_path):

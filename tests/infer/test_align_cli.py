@@ -1,13 +1,11 @@
 """``python -m medjax.infer.align``: a multi-channel NIfTI and an overlay figure, one-line errors."""
 
-import contextlib
-import io
 import logging
 import os
 
 import nibabel as nib
 import numpy as np
-from absl import flags
+from helpers import run_cli
 
 from medjax.infer import align as align_cli
 from medjax.io import synthetic
@@ -17,13 +15,7 @@ _MARKERS = {"PatientName": "Zzaligner^Qqfirst", "PatientID": "ID-ALIGN-4471",
 
 
 def _run(*args):
-  fv = flags.FlagValues()
-  align_cli.define_flags(fv)
-  fv(["align", *args])
-  stdout, stderr = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    code = align_cli.main(["align"], fv)
-  return code, stdout.getvalue(), stderr.getvalue()
+  return run_cli(align_cli, *args)
 
 
 def _series(tmp_path, name, origin=(-20.0, -18.0, -12.0), frame_uid="1.2.826.0.1.3680043.8.498.21",

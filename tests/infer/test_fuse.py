@@ -1,15 +1,13 @@
 """``python -m medjax.infer.fuse``: fused PNGs per method, the figure, and one-line errors."""
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from absl import flags
 from conftest import REPO, write_fusion_atlas
+from helpers import run_cli
 from PIL import Image
 
 from medjax.data import fusion
@@ -17,13 +15,7 @@ from medjax.infer import fuse
 
 
 def _run(*args):
-  fv = flags.FlagValues()
-  fuse.define_flags(fv)
-  fv(["fuse", *args])
-  stdout, stderr = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    code = fuse.main(["fuse"], fv)
-  return code, stdout.getvalue(), stderr.getvalue()
+  return run_cli(fuse, *args)
 
 
 @pytest.fixture
