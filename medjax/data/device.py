@@ -14,6 +14,7 @@ stream is the train state's step, so a checkpoint of the state is a checkpoint o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Sequence
 
 import grain
@@ -42,6 +43,50 @@ def _flip(op: augment.RandomFlip) -> DeviceOp:
   return apply
 
 
+def _rotation(key: jax.Array, nd: int, degrees: float) -> jax.Array:
+  """As `medjax.data.spatial._random_rotation`: one uniform rotation per plane, multiplied."""
+  matrix = jnp.eye(nd)
+  planes = list(itertools.combinations(range(nd), 2))
+  thetas = jnp.deg2rad(jax.random.uniform(key, (len(planes),), minval=-degrees, maxval=degrees))
+  for (a, b), theta in zip(planes, thetas):
+    r = jnp.eye(nd).at[a, a].set(jnp.cos(theta)).at[b, b].set(jnp.cos(theta))
+    matrix = matrix @ r.at[a, b].set(-jnp.sin(theta)).at[b, a].set(jnp.sin(theta))
+  return matrix
+
+
+def warp_about_centre(image: jax.Array, matrix: jax.Array, shift: jax.Array) -> jax.Array:
+  """`medjax.data.spatial._about_centre` on one image ``[*spatial, C]``: output voxel ``o``
+  samples ``matrix @ (o - centre) + centre - shift``, linearly, edges padded with the nearest
+  value."""
+  nd = image.ndim - 1
+  centre = (jnp.asarray(image.shape[:nd], jnp.float32) - 1) / 2
+  grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in image.shape[:nd]],
+                                indexing="ij"))
+  coords = jnp.tensordot(matrix, grid, axes=1) + (centre - matrix @ centre - shift).reshape(
+      (nd,) + (1,) * nd)
+  return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], list(coords), order=1,
+                                                      mode="nearest")
+                    for c in range(image.shape[-1])], axis=-1)
+
+
+def _affine(op: augment.RandomAffine) -> DeviceOp:
+  """As `augment.RandomAffine` (rotation per plane, isotropic scale and shift about the centre,
+  applied with probability ``p``), each image its own draw."""
+
+  def one(key, image):
+    nd = image.ndim - 1
+    k_apply, k_rot, k_scale, k_shift = jax.random.split(key, 4)
+    matrix = _rotation(k_rot, nd, op.rotate) / jax.random.uniform(
+        k_scale, minval=1 - op.scale, maxval=1 + op.scale)
+    shift = jax.random.uniform(k_shift, (nd,), minval=-op.translate, maxval=op.translate) * \
+        jnp.asarray(image.shape[:nd], jnp.float32)
+    image = image.astype(jnp.float32)
+    return jnp.where(jax.random.uniform(k_apply) < op.p,
+                     warp_about_centre(image, matrix, shift), image)
+
+  return lambda key, images: jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
 def _normalize(op: transforms.Normalize) -> DeviceOp:
   return lambda key, images: (images - jnp.float32(op.mean)) / jnp.float32(op.std)
 
@@ -54,6 +99,7 @@ def _to_float(op: transforms.ToFloat) -> DeviceOp:
 # Grain (`unsupported` names it).
 DEVICE_OPS: dict[type, Callable[..., DeviceOp]] = {
     augment.RandomFlip: _flip,
+    augment.RandomAffine: _affine,
     transforms.Normalize: _normalize,
     transforms.ToFloat: _to_float,
 }
@@ -82,23 +128,42 @@ def unsupported(chain: Sequence) -> list[str]:
   return [type(op).__name__ for op in device if type(op) not in DEVICE_OPS]
 
 
+def problems(source, chain: Sequence) -> list[str]:
+  """Why ``source`` through ``chain`` cannot be fed from the device (empty: it can): ops without
+  a twin; a label map on the image grid, which the twins do not move with the image."""
+  found = [f"{name} has no on-device version" for name in unsupported(chain)]
+  record = source[0]
+  label = record.get("label")
+  if (split_chain(chain)[1] and isinstance(label, np.ndarray)
+      and label.shape[:-1] == np.shape(record["image"])[:-1]):
+    found.append("its labels are maps on the image grid (segmentation), which the on-device "
+                 "transforms do not move with the image")
+  return found
+
+
 MODES = ("off", "on", "auto")
 
 
-def wanted(mode: str, chain: Sequence, split_bytes: Callable[[], int], backend: str,
-           device_bytes: int | None) -> bool:
+def wanted(mode: str, source, chain: Sequence, backend: str, device_bytes: int | None) -> bool:
   """Whether a run with ``data.on_device = mode`` keeps its split on the device.
 
   ``auto``: on an accelerator (not the CPU, where host and device memory are one and Grain's
-  workers already run beside the step), when every op of the chain can run there and the split
-  takes at most a quarter of the device's memory (unknown memory: no).
+  workers already run beside the step), when nothing stands in the way (`problems`) and the
+  split takes at most a quarter of the device's memory (unknown memory: no).
+
+  Raises:
+    ValueError: an unknown mode, or ``on`` with `problems` (each named).
   """
   if mode not in MODES:
     raise ValueError(f"data.on_device={mode!r}: expected one of {', '.join(MODES)}")
-  if mode != "auto":
-    return mode == "on"
-  return (backend != "cpu" and not unsupported(chain) and device_bytes is not None
-          and split_bytes() <= device_bytes // 4)
+  if mode == "off" or (mode == "auto" and (backend == "cpu" or device_bytes is None)):
+    return False
+  found = problems(source, chain)
+  if mode == "on" and found:
+    raise ValueError(f"data.on_device='on' but {'; '.join(found)} (on-device ops: "
+                     f"{', '.join(t.__name__ for t in DEVICE_OPS)}); set data.on_device='off' "
+                     "to keep the Grain pipeline")
+  return not found and (mode == "on" or split_bytes(source, chain) <= device_bytes // 4)
 
 
 def stream_indices(num_records: int, batch_size: int, seed: int, steps: int) -> np.ndarray:
@@ -155,14 +220,9 @@ def build(source, chain: Sequence, *, batch_size: int, seed: int, steps: int,
   """Reads every record of ``source`` once through the host part of ``chain`` and uploads them.
 
   Raises:
-    ValueError: an op that would run on the device has no twin (`unsupported`), or the records
-      differ in shape.
+    ValueError: as `wanted` for ``on``, or the records differ in shape.
   """
-  missing = unsupported(chain)
-  if missing:
-    raise ValueError(f"data.on_device: {', '.join(missing)} has no on-device version (on-device "
-                     f"ops: {', '.join(t.__name__ for t in DEVICE_OPS)}); set data.on_device="
-                     "'off' to keep the Grain pipeline")
+  wanted("on", source, chain, "", None)
   host, device = split_chain(chain)
   records = []
   for i in range(len(source)):

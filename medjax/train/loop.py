@@ -366,10 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Default: once per epoch, but no more than about MAX_EVALS times (small datasets, min_steps).
   eval_every = config.eval.every_steps or max(steps_per_epoch, -(-total_steps // MAX_EVALS))
   repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  on_device = device_data.wanted(
-      config.data.get("on_device", "off"), train_tf,
-      lambda: device_data.split_bytes(train_src, train_tf),
-      jax.default_backend(), sharding.device_memory_bytes())
+  on_device = device_data.wanted(config.data.get("on_device", "off"), train_src, train_tf,
+                                 jax.default_backend(), sharding.device_memory_bytes())
   if on_device:  # no host iterator: the step gathers its batch (the state's step is the position)
     feed, train_iter = device_data.build(
         train_src, train_tf, batch_size=config.train.batch_size, seed=config.seed,

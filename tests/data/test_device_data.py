@@ -56,23 +56,55 @@ def test_random_flip_flips_whole_images_at_its_rate():
   assert flips[0] == 0.0 and flips[1] == 1.0 and 0.3 < flips[2] < 0.7, flips
 
 
-def test_an_op_without_a_device_twin_is_named():
+def test_affine_warps_as_the_host_op_and_draws_per_image():
+  from medjax.data import spatial
+
+  rng = np.random.default_rng(1)
+  for shape in ((9, 7, 2), (6, 7, 5, 1)):
+    image = rng.random(shape, dtype=np.float32)
+    nd = len(shape) - 1
+    matrix = spatial._random_rotation(nd, rng, 30.0) / 1.1
+    shift = rng.uniform(-1.5, 1.5, size=nd)
+    host = spatial._about_centre({"image": image}, matrix, shift)["image"]
+    got = device.warp_about_centre(image, np.float32(matrix), np.float32(shift))
+    np.testing.assert_allclose(np.asarray(got), host, atol=1e-5)
+  source = _Source(16)
+  for p, changed in ((0.0, 0), (1.0, 16)):
+    feed = _feed(source, f"affine(rotate=20, scale=0.1, translate=0.1, p={p})", batch=16, steps=1)
+    got = np.asarray(feed.batch(feed.arrays, feed.indices, np.int32(0))["image"])
+    host = source.images[np.asarray(feed.indices[0])]
+    assert sum(not np.allclose(g, h) for g, h in zip(got, host)) == changed
+  assert len({np.round(g.sum(), 4) for g in got}) == 16  # each image its own warp
+
+
+class _Segmentation(_Source):
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": (self.images[i] > 0.5).astype(np.int32)}
+
+
+def test_what_cannot_run_on_the_device_is_named():
   chain = transforms.parse("to_float|rot90|normalize(0.5, 0.5)")
   assert device.unsupported(chain) == ["RandomRot90"]
-  with pytest.raises(ValueError, match="RandomRot90 has no on-device version.*on_device"):
+  with pytest.raises(ValueError, match="RandomRot90 has no on-device version.*on_device='off'"):
     _feed(_Source(8), "to_float|rot90|normalize(0.5, 0.5)")
   # Deterministic ops before the first random one run on the host: no twin needed.
   assert device.unsupported(transforms.parse("crop_or_pad(shape=(4, 4))|flip")) == []
+  # Label maps would not follow a flip on the device.
+  with pytest.raises(ValueError, match="labels are maps on the image grid"):
+    device.wanted("on", _Segmentation(8), transforms.parse("flip"), "gpu", 10**9)
+  assert device.wanted("on", _Segmentation(8), transforms.parse("normalize"), "gpu", 10**9)
 
 
 def test_auto_keeps_the_cpu_on_grain_and_takes_what_fits_elsewhere():
-  chain = transforms.parse("to_float|flip")
-  size = lambda: 1000
-  assert not device.wanted("auto", chain, size, "cpu", None)
-  assert device.wanted("auto", chain, size, "gpu", 4000)
-  assert not device.wanted("auto", chain, size, "gpu", 3999)  # over a quarter of its memory
-  assert not device.wanted("auto", transforms.parse("rot90"), size, "gpu", 10**9)
-  assert device.wanted("on", chain, size, "cpu", None)
-  assert not device.wanted("off", chain, size, "gpu", 10**9)
+  source, chain = _Source(10), transforms.parse("flip")
+  size = device.split_bytes(source, chain)
+  assert size == 10 * (6 * 6 * 4 + 4)
+  assert not device.wanted("auto", source, chain, "cpu", None)
+  assert device.wanted("auto", source, chain, "gpu", 4 * size)
+  assert not device.wanted("auto", source, chain, "gpu", 4 * size - 4)  # over a quarter
+  assert not device.wanted("auto", source, transforms.parse("rot90"), "gpu", 10**9)
+  assert not device.wanted("auto", _Segmentation(8), chain, "gpu", 10**9)
+  assert device.wanted("on", source, chain, "cpu", None)
+  assert not device.wanted("off", source, chain, "gpu", 10**9)
   with pytest.raises(ValueError, match="data.on_device='yes'"):
-    device.wanted("yes", chain, size, "cpu", None)
+    device.wanted("yes", source, chain, "cpu", None)
