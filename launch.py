@@ -4,12 +4,18 @@ Deliberately small (as in flax's examples): parse flags, start multi-process JAX
 call ``medjax.train.loop.train_and_evaluate``. Config overrides are locked: a key the config does
 not have, or a value of the wrong type, stops here with a message that names it.
 
-Several processes (one per host, or several on one machine for testing):
+Several processes (one per host, or one per GPU) join one run by themselves under SLURM's srun,
+Open MPI's mpirun (4.x) or on a TPU pod (`medjax.host.find_cluster`), or with flags elsewhere:
+  srun --ntasks=2 python launch.py --config configs/x.py --workdir runs/x
   python launch.py ... --coordinator=127.0.0.1:1234 --num_processes=2 --process_id=0
+Every process prints one ``cluster: ...`` line at start: the cluster found, its index, devices.
 
 Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every member as its own
-launch.py process, at most N at a time, skipping finished members and resuming the others:
+launch.py process, at most N at a time, skipping finished members and resuming the others; or
+every member as one task of a SLURM job array (medjax/sweep/slurm.py); and the sweep's state:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
+  python launch.py --config configs/x.py --workdir runs/sweep --sweep --sweep_backend=slurm
+  python launch.py --config configs/x.py --workdir runs/sweep --sweep_status
 
 One run per workdir: a second launch.py on a workdir in use (a sweep root included) is refused;
 a lock left by a run that died is taken over, with a line saying so (medjax/train/workdir_lock.py).
@@ -48,6 +54,17 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Run every member of the config's get
                            "as its own launch.py in <workdir>/<member>.")
 _SWEEP_WORKERS = flags.DEFINE_integer("sweep_workers", None, "Sweep members run at once (default: "
                                       "one per GPU, else 1).")
+_SWEEP_BACKEND = flags.DEFINE_enum("sweep_backend", "local", ["local", "slurm"], "Where --sweep "
+                                   "runs its members: local processes, or a SLURM job array.")
+_SWEEP_STATUS = flags.DEFINE_bool("sweep_status", False, "Print the state of the sweep in "
+                                  "--workdir (local or SLURM) and rewrite its leaderboard.")
+_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None, "SLURM sweep: --partition.")
+_SLURM_TIME = flags.DEFINE_string("slurm_time", None, "SLURM sweep: --time of each member.")
+_SLURM_CPUS = flags.DEFINE_integer("slurm_cpus", None, "SLURM sweep: CPUs per member (1).")
+_SLURM_GPUS = flags.DEFINE_integer("slurm_gpus", None, "SLURM sweep: GPUs per member (0).")
+_SLURM_MEM = flags.DEFINE_string("slurm_mem", None, "SLURM sweep: --mem of each member.")
+_SLURM_OPTIONS = flags.DEFINE_string("slurm_options", None, "SLURM sweep: further sbatch "
+                                     "options, e.g. '--account=lab --qos=high'.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -145,23 +162,43 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _sweep() -> int:
-  """``--sweep``: the config's members, each run by its own launch.py; returns the exit status."""
+  """``--sweep`` or ``--sweep_status``: the config's members, each run by its own launch.py
+  (local processes or a SLURM job array), or their state; returns the exit status."""
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     raise app.UsageError("--sweep starts its members as separate processes; it takes no "
                          "--coordinator/--num_processes")
   from medjax import sweep
   from medjax.io.errors import WorkdirLockedError
+  from medjax.sweep import slurm
   from medjax.train import workdir_lock
 
   flag = flags.FLAGS["config"]
+  config_arg = config_flags.get_config_filename(flag)
+  base = config_flags.get_override_values(flag)
+  settings = {"partition": _SLURM_PARTITION.value, "time": _SLURM_TIME.value,
+              "cpus": _SLURM_CPUS.value, "gpus": _SLURM_GPUS.value, "mem": _SLURM_MEM.value,
+              "options": _SLURM_OPTIONS.value}
   try:
+    if _SWEEP_STATUS.value:
+      return slurm.status(config_arg, base, _WORKDIR.value)
     with workdir_lock.hold(_WORKDIR.value):  # each member locks its own folder as well
-      return sweep.run(config_flags.get_config_filename(flag),
-                       config_flags.get_override_values(flag), _WORKDIR.value,
-                       workers=_SWEEP_WORKERS.value, launch_script=os.path.abspath(__file__))
+      if _SWEEP_BACKEND.value == "slurm":
+        return slurm.submit(config_arg, base, _WORKDIR.value, settings,
+                            workers=_SWEEP_WORKERS.value, launch_script=os.path.abspath(__file__))
+      return sweep.run(config_arg, base, _WORKDIR.value, workers=_SWEEP_WORKERS.value,
+                       launch_script=os.path.abspath(__file__))
   except (sweep.SweepError, WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
+
+
+def _sweep_flags_alone() -> None:
+  """Refuses the sweep flags without --sweep, which alone reads them."""
+  names = ["sweep_workers", "sweep_backend", "slurm_partition", "slurm_time", "slurm_cpus",
+           "slurm_gpus", "slurm_mem", "slurm_options"]
+  given = [n for n in names if flags.FLAGS[n].present]
+  if given:
+    raise app.UsageError(f"--{given[0]} needs --sweep")
 
 
 def main(argv):
@@ -169,21 +206,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO.
-  if _SWEEP.value:
+  if _SWEEP.value or _SWEEP_STATUS.value:
     return _sweep()  # before JAX starts: the sweep's own process never holds a device
-  if _SWEEP_WORKERS.value is not None:
-    raise app.UsageError("--sweep_workers needs --sweep")
-  import jax
-
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    # CPU collectives between processes go through gloo (TCP); GPUs use NCCL on their own.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
-  logging.warning("process %d of %d, %d local devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.default_backend())
+  _sweep_flags_alone()
+  try:
+    cluster = host.find_cluster()
+  except host.ClusterError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  explicit = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
+  host.start_distributed(cluster, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  print(host.start_line(cluster, explicit), flush=True)
 
   from medjax.train import preemption, workdir_lock
 

@@ -59,6 +59,7 @@ host.keep_freed_memory()  # as launch.py: XLA's large temporaries stop faulting 
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -248,6 +249,46 @@ def seg_run(tmp_path_factory):
 
   workdir, msd = computed_once(tmp_path_factory, "seg_run", train)
   return workdir, msd
+
+
+SLURM_CLUSTER_SCRIPT = os.path.join(REPO, "tests", "slurm", "cluster.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm_conf(tmp_path_factory):
+  """The ``SLURM_CONF`` of a one-node SLURM cluster on this host (tests/slurm/cluster.sh) for the
+  tests marked ``slurm``: started once per test run (`computed_once`, shared by the xdist
+  workers), stopped when the run ends (`pytest_sessionfinish`). Skipped where SLURM's and munge's
+  daemons are not installed, or without root (slurmd runs the jobs)."""
+  missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
+             if shutil.which(t) is None]
+  if missing:
+    pytest.skip(f"no SLURM here ({', '.join(missing)} not found): the slurm tests need "
+                "Debian's slurm-wlm and munge packages (apt-get install slurm-wlm munge)")
+  if os.geteuid() != 0:
+    pytest.skip("the test SLURM cluster needs root (its slurmd runs jobs as their user)")
+
+  def start(folder):
+    p = subprocess.run(["bash", SLURM_CLUSTER_SCRIPT, "start", folder], capture_output=True,
+                       text=True, timeout=120)
+    if p.returncode:
+      raise RuntimeError(f"{SLURM_CLUSTER_SCRIPT} start failed:\n{p.stdout}{p.stderr}")
+    return os.path.join(folder, "slurm.conf")
+
+  return computed_once(tmp_path_factory, "slurm_cluster", start)
+
+
+def pytest_sessionfinish(session):
+  """Stops the test SLURM cluster, if one was started, once every worker is done: in the xdist
+  controller, or in the one process without xdist."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  factory = getattr(session.config, "_tmp_path_factory", None)
+  if factory is None:
+    return
+  folder = factory.getbasetemp() / "shared-slurm_cluster"
+  if (folder / "slurm.conf").exists():
+    subprocess.run(["bash", SLURM_CLUSTER_SCRIPT, "stop", str(folder)], check=False, timeout=60)
 
 
 @pytest.fixture

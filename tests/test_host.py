@@ -110,3 +110,47 @@ def _last_round_faults(mode: str) -> int:
 def test_keep_freed_memory_stops_refaulting_large_blocks():
   assert _last_round_faults("default") > 20_000  # the control: glibc unmaps the block on free
   assert _last_round_faults("keep") < 1_000
+
+
+# Environments as the launchers set them (SLURM 22.05's srun and sbatch, Open MPI 4 and 5).
+_SRUN = {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "node[001-002]",
+         "SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+_SBATCH = {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODELIST": "node[001-002]"}
+
+
+@pytest.mark.parametrize("env, name, method, processes, distributed", [
+    (_SRUN, "SLURM job 12, step 0", "slurm", 4, True),
+    (dict(_SRUN, SLURM_NTASKS="1"), "SLURM job 12, step 0", "slurm", 1, False),
+    # A batch script's own process is one process, whatever its job asked for: srun starts more.
+    (_SBATCH, "SLURM job 12 outside srun (one process)", None, 1, False),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, "Open MPI", "ompi", 2,
+     True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS", "env", None, True),
+    ({}, "none found", None, 1, False),
+])
+def test_find_cluster_names_the_environment(env, name, method, processes, distributed):
+  cluster = host.find_cluster(env)
+  assert (cluster.name, cluster.method, cluster.processes) == (name, method, processes)
+  assert cluster.distributed == distributed
+
+
+def test_find_cluster_refuses_open_mpi_5_with_the_fix():
+  # Open MPI 5 (PRRTE) sets the rank and size but not the ORTE address JAX reads.
+  env = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0"}
+  with pytest.raises(host.ClusterError, match="--num_processes=\\$OMPI_COMM_WORLD_SIZE"):
+    host.find_cluster(env)
+
+
+def test_jax_detects_slurm_as_find_cluster_does(monkeypatch):
+  """JAX's own SLURM detection, which start_distributed hands over to, agrees with ours on what
+  srun sets: process 0's host, the task count and this task's index."""
+  from jax._src import clusters
+
+  for k, v in _SRUN.items():
+    monkeypatch.setenv(k, v)
+  assert clusters.SlurmCluster.is_env_present()
+  address, count, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, "slurm", None)
+  assert (address.split(":")[0], count, index, local) == ("node001", 4, 1, [1])

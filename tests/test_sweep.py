@@ -251,6 +251,14 @@ def test_sweep_ranks_members_reports_failures_and_skips_finished(tmp_path, fake_
   counts = [int(x.split("=")[1]) for x in xla if "device_count" in x]
   assert len(counts) == 1 and 16 % counts[0] == 0, xla
 
+  # --sweep_status reads the same state back from the folders (exit status 1: a member failed).
+  assert sweep.slurm.status(config_arg, {"data.dir": "/d"}, workdir) == 1
+  status = capsys.readouterr().out.splitlines()
+  assert [ln.split()[:2] for ln in status[:4]] == [[n, "done"] for n in NAMES[:3]] + [
+      [NAMES[3], "failed"]]
+  assert status[3].endswith("exit 2: error: step 3: loss is nan"), status
+  assert status[4].startswith("sweep: 4 members: 3 done, 1 failed;"), status
+
   # Again: the finished members are skipped, the failed one runs (and fails) again.
   assert sweep.run(config_arg, {"data.dir": "/d"}, workdir, workers=2,
                    launch_script=fake_launch) == 1

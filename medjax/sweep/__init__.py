@@ -40,10 +40,14 @@ to ``logs/<name>.log``, and ``attempts.jsonl`` records each attempt's wall time 
 After each member ends, ``leaderboard.csv`` and ``leaderboard.md`` are rewritten. They rank the
 members by ``eval.best_metric`` of their best checkpoint (higher is better) and mark the best.
 
+With ``--sweep_backend=slurm`` the members run as one SLURM job array instead, and
+``--sweep_status`` prints each member's state (`medjax.sweep.slurm`, docs/cluster.md).
+
 Exit status: 0 when every member has finished; 1 when a member failed (the other members still
 ran); 2 for a bad sweep, before anything runs; 128 + the signal number when stopped.
 """
 
+from medjax.sweep import slurm  # noqa: F401
 from medjax.sweep.leaderboard import Leaderboard  # noqa: F401
 from medjax.sweep.running import run  # noqa: F401
 from medjax.sweep.spec import (  # noqa: F401

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from medjax.io.atomic import atomic_write
 from medjax.sweep.leaderboard import Leaderboard
@@ -26,6 +26,7 @@ from medjax.sweep.spec import (
   member_names,
   override_flags,
   parse_config,
+  split_slurm,
 )
 from medjax.sweep.workers import Worker, make_workers
 
@@ -51,22 +52,15 @@ def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = No
     SweepError: before any member starts, for a sweep that cannot run as declared (or a
       workdir another sweep is running in).
   """
-  launch_script = launch_script or os.path.join(
-      os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch.py")
+  launch_script = launch_script or default_launch_script()
   workdir = os.path.abspath(workdir)
-  overrides = expand(load_spec(config_arg))
-  names = member_names(overrides)
-  configs = check_members(config_arg, base, overrides, names)
+  sweep = prepare(config_arg, base, workdir)
+  members, eval_cfg = sweep.members, sweep.eval_config
   pool = make_workers(workers)
-  eval_cfg = parse_config(config_arg, override_flags(base)).eval
-  members = [Member(i, n, o, os.path.join(workdir, n), json.loads(c.to_json()))
-             for i, (n, o, c) in enumerate(zip(names, overrides, configs))]
 
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-  with _exclusive(workdir):
-    atomic_write(os.path.join(workdir, "sweep.json"), json.dumps({
-        "config": config_arg, "overrides": base,
-        "members": {m.name: m.overrides for m in members}}, indent=2, default=repr) + "\n")
+  with exclusive(workdir):
+    write_manifest(sweep, config_arg, base)
     todo = []
     for m in members:
       if m.finished():
@@ -98,8 +92,43 @@ def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = No
   return 0
 
 
+def default_launch_script() -> str:
+  """The repository's launch.py."""
+  return os.path.join(
+      os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch.py")
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A sweep parsed and checked, nothing run: its members (in ``workdir/<name>``), the eval
+  settings that rank them, and the ``"slurm"`` entry of ``get_sweep()`` (``{}`` if none)."""
+  workdir: str
+  members: list[Member]
+  eval_config: Any
+  slurm: dict[str, Any]
+
+
+def prepare(config_arg: str, base: Overrides, workdir: str) -> Prepared:
+  """Expands and checks the sweep of ``config_arg`` (`SweepError` for a bad one)."""
+  spec, slurm = split_slurm(load_spec(config_arg))
+  overrides = expand(spec)
+  names = member_names(overrides)
+  configs = check_members(config_arg, base, overrides, names)
+  eval_cfg = parse_config(config_arg, override_flags(base)).eval
+  members = [Member(i, n, o, os.path.join(workdir, n), json.loads(c.to_json()))
+             for i, (n, o, c) in enumerate(zip(names, overrides, configs))]
+  return Prepared(workdir, members, eval_cfg, slurm)
+
+
+def write_manifest(sweep: Prepared, config_arg: str, base: Overrides) -> None:
+  """``sweep.json``: the config, the command's overrides and each member's exact overrides."""
+  atomic_write(os.path.join(sweep.workdir, "sweep.json"), json.dumps({
+      "config": config_arg, "overrides": base,
+      "members": {m.name: m.overrides for m in sweep.members}}, indent=2, default=repr) + "\n")
+
+
 @contextlib.contextmanager
-def _exclusive(workdir: str) -> Iterator[None]:
+def exclusive(workdir: str) -> Iterator[None]:
   """Holds ``workdir/.sweep.lock``: two sweeps in one folder would train a member twice at once.
   The kernel drops the lock when this process ends, however it ends."""
   import fcntl
@@ -202,7 +231,7 @@ def _end(r: _Running, workdir: str, stopped: bool = False) -> None:
     m.status = "done"
   else:
     m.status = "failed"
-    m.error = f"exit {rc}" + (f": {_last_error(m.name, workdir)}" if rc else
+    m.error = f"exit {rc}" + (f": {last_error(m.name, workdir)}" if rc else
                               ": its summary.json files were not written")
   with open(os.path.join(workdir, "attempts.jsonl"), "a") as f:
     f.write(json.dumps({"member": m.name, "started": round(r.started, 3),
@@ -210,7 +239,7 @@ def _end(r: _Running, workdir: str, stopped: bool = False) -> None:
                         "status": m.status}) + "\n")
 
 
-def _last_error(name: str, workdir: str) -> str:
+def last_error(name: str, workdir: str) -> str:
   """The ``error: ...`` line of a member's log (launch.py's one-line errors), else its last."""
   with open(os.path.join(workdir, "logs", f"{name}.log"), errors="replace") as f:
     lines = [ln.strip() for ln in f.read().splitlines()[-200:] if ln.strip()]

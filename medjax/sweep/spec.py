@@ -48,6 +48,15 @@ def load_spec(config_arg: str) -> Any:
   return module.get_sweep(*arg)
 
 
+def split_slurm(spec: Any) -> tuple[Any, dict[str, Any]]:
+  """``spec`` without its ``"slurm"`` entry, and that entry: the sbatch settings of a dict spec
+  (grid or method) for ``--sweep_backend=slurm`` (`medjax.sweep.slurm.SlurmSettings`)."""
+  if isinstance(spec, dict) and "slurm" in spec:
+    spec = dict(spec)
+    return spec, spec.pop("slurm")
+  return spec, {}
+
+
 def expand(spec: Any) -> list[Overrides]:
   """The members of a sweep spec (grid, random search or list; see the module docstring).
 

@@ -65,7 +65,7 @@ def make_workers(count: int | None, env: dict[str, str] | None = None) -> list[W
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
       list(range(os.cpu_count() or 1))
   per = max(1, len(cores) // count)
-  worker_env = dict(env, XLA_FLAGS=_DEVICE_COUNT.sub("", env.get("XLA_FLAGS", "")).strip())
+  worker_env = without_device_count(env)
   pin = hasattr(os, "sched_setaffinity") and len(cores) >= count
   workers = []
   for i in range(count):
@@ -73,6 +73,11 @@ def make_workers(count: int | None, env: dict[str, str] | None = None) -> list[W
     where = f"cores {sorted(mine)}" if mine else "all cores"
     workers.append(Worker(dict(worker_env), mine, per, f"up to {per} CPU device(s), {where}"))
   return workers
+
+
+def without_device_count(env: dict[str, str]) -> dict[str, str]:
+  """``env`` with no XLA host device count in its ``XLA_FLAGS`` (each member gets its own)."""
+  return dict(env, XLA_FLAGS=_DEVICE_COUNT.sub("", env.get("XLA_FLAGS", "")).strip())
 
 
 def visible_gpus(env: dict[str, str]) -> list[str]:
