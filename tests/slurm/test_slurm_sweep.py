@@ -128,6 +128,15 @@ def test_script_runs_member_i_as_array_task_i(tmp_path):
   assert "device_count=4" not in text and "device_count=" in text
 
 
+def test_get_sweep_s_slurm_entry_is_settings_not_a_swept_key(tmp_path):
+  spec = {"optim.lr": [1e-3, 3e-3], "slurm": {"partition": "cpu", "time": "0:30:00"}}
+  config_file = _write_config(str(tmp_path), str(tmp_path / "data"), spec)
+  prepared = sweep.running.prepare(config_file, {}, str(tmp_path / "sweep"))
+  assert [m.overrides for m in prepared.members] == [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]
+  settings = slurm.SlurmSettings.from_sources(prepared.slurm, {"partition": None})
+  assert (settings.partition, settings.time) == ("cpu", "0:30:00")
+
+
 def test_submit_without_sbatch_is_one_error_naming_it(tmp_path, monkeypatch):
   config_file = _write_config(str(tmp_path), str(tmp_path / "data"), MEMBERS)
   monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
