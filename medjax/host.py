@@ -33,8 +33,10 @@ def use_every_core() -> None:
   if "xla_force_host_platform_device_count" in flags:
     return
   if not cpu_kernels_available():
+    # The cores this process may run on (srun and taskset pin a task to its share), not the host's.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count="
-                               f"{os.cpu_count() or 1}").strip()
+                               f"{cores or 1}").strip()
 
 
 def cpu_kernels_available(env: Mapping[str, str] | None = None) -> bool:

@@ -17,9 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_use_every_core_sets_one_device_per_core_for_xla_convolutions(monkeypatch):
   monkeypatch.setattr(onednn, "available", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # pinned to one core (srun)
   host.use_every_core()
   assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
-                                     f"--xla_force_host_platform_device_count={os.cpu_count()}")
+                                     "--xla_force_host_platform_device_count=1")
 
 
 def test_use_every_core_keeps_one_device_for_onednn_convolutions(monkeypatch):
