@@ -31,7 +31,8 @@ def _apply(ds: grain.MapDataset, transforms: Sequence[Transform], seed: int) -> 
 
 def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 4, prefetch: int = 8, workers: int = 0) -> grain.IterDataset:
+                  num_threads: int = 4, prefetch: int = 8, workers: int = 0,
+                  device_sharding=None, device_prefetch: int = 2) -> grain.IterDataset:
   """An endless stream of this process's share of each global batch.
 
   Args:
@@ -45,10 +46,14 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
       process; 0: none. Threads share one interpreter lock, so only processes scale the
       per-record Python work to a GPU's appetite. Batches and their order are the same either
       way, and so is the checkpointable state.
+    device_sharding: where given (one process on an accelerator), batches are moved there
+      ``device_prefetch`` steps ahead of the step that reads them (``grain.experimental.
+      device_put``), so the transfer overlaps the step; the state stays that of the batch read.
 
   Returns:
     A ``grain.IterDataset``; ``iter()`` of it is checkpointable (``get_state``/``set_state``).
-    Each element is a dict of numpy arrays with leading dim ``global_batch_size // process_count``.
+    Each element is a dict of numpy arrays with leading dim ``global_batch_size // process_count``
+    (with ``device_sharding``: global ``jax.Array``s placed by it).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
@@ -69,6 +74,11 @@ def train_dataset(source, transforms: Sequence[Transform], *, global_batch_size:
     if not flags.FLAGS.is_parsed():  # a notebook or test: Grain's workers read absl flags
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  if device_sharding is not None:
+    if process_count > 1:  # each process holds only its share: to_global assembles batches
+      raise ValueError("device prefetch places whole batches: one process only")
+    ds = grain.experimental.device_put(ds, device_sharding, cpu_buffer_size=prefetch,
+                                       device_buffer_size=device_prefetch)
   return ds
 
 

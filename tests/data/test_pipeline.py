@@ -54,6 +54,33 @@ def test_iterator_state_restores_the_exact_position():
     np.testing.assert_array_equal(a["image"], b["image"])
 
 
+def test_device_prefetch_gives_the_same_batches_placed_and_the_read_batchs_state():
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  src, tf = _source(40), transforms.parse("to_float|flip(axes=(0, 1))")
+  sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:2]), ("data",)), PartitionSpec("data"))
+  host = _take(iter(pipeline.train_dataset(src, tf, global_batch_size=8, seed=4)), 9)
+  ds = pipeline.train_dataset(src, tf, global_batch_size=8, seed=4, device_sharding=sharding,
+                              device_prefetch=3)
+  it = iter(ds)
+  placed = _take(it, 4)
+  state = it.get_state()  # four read, more prefetched: the state is the fifth batch's
+  placed += _take(it, 5)
+  for a, b in zip(host, placed):
+    assert b["image"].sharding == sharding
+    np.testing.assert_array_equal(a["image"], np.asarray(b["image"]))
+  it2 = iter(ds)
+  it2.set_state(state)
+  for a, b in zip(host[4:], _take(it2, 5)):
+    np.testing.assert_array_equal(a["index"], np.asarray(b["index"]))
+  it.close()
+  it2.close()
+  with pytest.raises(ValueError, match="one process only"):
+    pipeline.train_dataset(src, tf, global_batch_size=8, seed=4, process_count=2,
+                           device_sharding=sharding)
+
+
 def test_worker_processes_give_the_same_batches_and_resumable_state():
   src = _source(40)
   tf = transforms.parse("to_float|flip(axes=(0, 1))|intensity")
