@@ -113,6 +113,7 @@ class Segmenter:
     self.step = trained.step
     self.apply = trained.logits
     self.batch_size = batch_size
+    self.postprocessing = None  # a keep-largest-component decision predict applies, if any
 
   @property
   def trained_with_dropout(self) -> bool:
@@ -124,6 +125,33 @@ class Segmenter:
     """The run's input channel (modality) names, in input order."""
     return plan_channels(self.plan)
 
+  def preprocess(self, image: Volume, channels: Sequence[str] | None = None,
+                 fill_missing: bool = False) -> tuple[Volume, np.ndarray, dict[str, Any]]:
+    """``image`` → (its canonical Volume, the plan's preprocessed array ``[*spatial, C]``, the
+    properties `restore_geometry` needs); channels as in `predict`."""
+    image = match_channels(image, self.channels, channels, fill_missing,
+                           self.trained_with_dropout)
+    canonical = image.to_canonical()
+    array, _, props = preprocess(canonical, None, self.plan)
+    return canonical, array, props
+
+  def probabilities(self, array: np.ndarray, mirror: bool = True,
+                    overlap: float = 0.5) -> np.ndarray:
+    """Class probabilities ``[*spatial, K]`` of a preprocessed array, on its (preprocessed) grid:
+    the Gaussian-weighted sliding window, with all-axis mirroring when ``mirror``."""
+    patch, k = self.plan["patch_size"], self.plan["num_classes"]
+    if self.plan["dims"] == 3:
+      return sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
+                                    batch_size=self.batch_size,
+                                    mirror_axes=(0, 1, 2) if mirror else ())
+    # 2-D plans: slice by slice along the plan's axis, each slice a 2-D sliding window.
+    axis = self.plan["slice_axis"]
+    planes = [sliding_window_predict(self.apply, np.take(array, n, axis=axis), patch, k,
+                                     overlap=overlap, batch_size=self.batch_size,
+                                     mirror_axes=(0, 1) if mirror else ())
+              for n in range(array.shape[axis])]
+    return np.stack(planes, axis=axis)
+
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5,
               channels: Sequence[str] | None = None, fill_missing: bool = False) -> Volume:
     """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation).
@@ -131,23 +159,8 @@ class Segmenter:
     ``channels`` names ``image``'s channels (default: the run's, in order); ``fill_missing``
     zero-fills the ones it lacks, for runs trained with ``train.modality_dropout``
     (`match_channels`, which also raises the missing-channel error)."""
-    image = match_channels(image, self.channels, channels, fill_missing,
-                           self.trained_with_dropout)
-    canonical = image.to_canonical()
-    array, _, props = preprocess(canonical, None, self.plan)
-    patch, k = self.plan["patch_size"], self.plan["num_classes"]
-    if self.plan["dims"] == 3:
-      probs = sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
-                                     batch_size=self.batch_size,
-                                     mirror_axes=(0, 1, 2) if mirror else ())
-    else:  # slice by slice along the plan's axis, each slice a 2-D sliding window
-      axis = self.plan["slice_axis"]
-      planes = [sliding_window_predict(self.apply, np.take(array, n, axis=axis), patch, k,
-                                       overlap=overlap, batch_size=self.batch_size,
-                                       mirror_axes=(0, 1) if mirror else ())
-                for n in range(array.shape[axis])]
-      probs = np.stack(planes, axis=axis)
-    restored = restore_geometry(probs, props)
+    canonical, array, props = self.preprocess(image, channels, fill_missing)
+    restored = restore_geometry(self.probabilities(array, mirror, overlap), props)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 

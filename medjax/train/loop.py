@@ -134,7 +134,9 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
   """
   data_cfg = config.data
-  dataset = msd.read_msd_dataset(msd_root(data_cfg))
+  # Hold-out cases (data.holdout) are kept out of the plan, the cache and every fold.
+  dataset = planning.without_holdout(msd.read_msd_dataset(msd_root(data_cfg)),
+                                     data_cfg.get("holdout", ()))
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
                                     overrides=data_cfg.plan.to_dict())
