@@ -149,8 +149,9 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
       preds.append(pred)
       refs.append(label)
       cases.append({"case": case_id, "fold": fold})
+  ignore = plan.get("ignore_label")
   decision = pp.determine_postprocessing([p.array for p in preds], [r.array for r in refs],
-                                         classes)
+                                         classes, ignore)
   decision["class_names"] = {str(c): n for c, n in names.items()}
   decision["folds"] = [os.path.relpath(r, folder) for r in runs]
   pp.write_decision(os.path.join(folder, pp.FILENAME), decision)
@@ -163,7 +164,7 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
                 os.path.join(out, "postprocessed", f"{case['case']}.nii.gz"), dtype=np.uint8)
     for rows, labels in ((raw_cases, pred), (post_cases, post)):
       rows.append({**case, "metrics": seg_metrics.segmentation_metrics(
-          labels.array, label.array, label.spacing, classes)})
+          labels.array, label.array, label.spacing, classes, ignore)})
   raw = _scores(raw_cases, classes, n_boot, names)
   post = _scores(post_cases, classes, n_boot, names)
   seg_metrics.plot_dice_boxes([c["metrics"] for c in raw_cases],
@@ -251,7 +252,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
       for variant, seg in ((name, labels),
                            (name + "+pp", pp.apply_postprocessing(labels, decision))):
         rows[variant].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(
-            seg, label.array, label.spacing, classes)})
+            seg, label.array, label.spacing, classes, plan.get("ignore_label"))})
   scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
   diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], classes, n_boot),
            "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], classes, n_boot)}

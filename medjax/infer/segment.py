@@ -203,7 +203,8 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     # Written the way the input file stores its axes (read from its header only).
     write_nifti(pred.reoriented(nib.load(case.images[0]).affine),
                 os.path.join(out_dir, f"{case_id}.nii.gz"))
-    metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes)
+    metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes,
+                                               plan.get("ignore_label"))
     cases.append({"case": case_id, **{str(c): m for c, m in metrics.items()}})
     if n < overlays:
       _overlay(image.array[..., 0], label.array[..., 0], pred.array[..., 0],

@@ -67,12 +67,14 @@ def apply_postprocessing(labels: np.ndarray, decision: dict[str, Any] | None) ->
   return labels
 
 
-def _mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-               classes: Sequence[int]) -> dict[int, float]:
-  """Per-class mean Dice over cases, cases with both masks empty left out (NaN if all are)."""
+def _mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], classes: Sequence[int],
+               ignore_label: int | None = None) -> dict[int, float]:
+  """Per-class mean Dice over cases, cases with both masks empty left out (NaN if all are);
+  reference voxels labelled ``ignore_label`` are left out of both masks."""
   out = {}
   for c in classes:
-    values = np.array([dice(p == c, r == c) for p, r in zip(preds, refs)], np.float64)
+    values = np.array([dice((p == c) & (r != ignore_label), r == c)
+                       for p, r in zip(preds, refs)], np.float64)
     kept = values[~np.isnan(values)]
     out[c] = float(kept.mean()) if len(kept) else float("nan")
   return out
@@ -84,13 +86,15 @@ def _foreground(means: dict[int, float]) -> float:
 
 
 def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                             classes: Sequence[int]) -> dict[str, Any]:
+                             classes: Sequence[int],
+                             ignore_label: int | None = None) -> dict[str, Any]:
   """nnU-Net's keep-largest-component decision from out-of-fold predictions (module docstring).
 
   Args:
     preds: one predicted label map per case (any shape; each the shape of its reference).
     refs: the reference label maps, in the same order.
     classes: the foreground label values.
+    ignore_label: reference voxels of this label (not annotated) count in no Dice.
 
   Returns:
     ``{"keep_largest": [[labels], ...], "steps": [{"labels", "applied", "dice_before",
@@ -100,13 +104,13 @@ def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndar
   classes = [int(c) for c in classes]
   if len(preds) != len(refs) or not preds:
     raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-  base = _mean_dice(preds, refs, classes)
+  base = _mean_dice(preds, refs, classes, ignore_label)
   current, means, steps, keep = list(preds), dict(base), [], []
 
   groups = [classes] + ([[c] for c in classes] if len(classes) > 1 else [])
   for n, group in enumerate(groups):
     candidate = [keep_largest_component(p, group) for p in current]
-    after = _mean_dice(candidate, refs, classes)
+    after = _mean_dice(candidate, refs, classes, ignore_label)
     if n == 0:  # all foreground as one: better on average and worse for no class
       before_value, after_value = _foreground(means), _foreground(after)
       applied = after_value > before_value and not any(after[c] < means[c] for c in classes)

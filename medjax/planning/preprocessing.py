@@ -132,7 +132,7 @@ def prepare_cache(dataset: MSDDataset, plan: dict[str, Any], cache_dir: str,
     if seg is not None:
       _save(os.path.join(folder, f"{case.case_id}_label.npy"), seg)
       _save(os.path.join(folder, f"{case.case_id}_locations.npy"),
-            _locations(seg, dataset.num_classes,
+            _locations(seg, plan["num_classes"],  # the ignore label is not a class
                        np.random.default_rng(zlib.crc32(case.case_id.encode()))))
     props.update(case_id=case.case_id, image_files=list(case.images), label_file=case.label)
     _save(final, props)  # written last: its presence marks a complete case
