@@ -30,7 +30,7 @@ from medjax.planning.preprocessing import preprocess, restore_geometry
 # The plan keys that decide how an image is preprocessed and what the classes are: members of an
 # ensemble must agree on all of them.
 PREPROCESSING_KEYS = ("target_spacing", "normalization", "foreground_intensity", "channels",
-                      "num_classes", "class_names")
+                      "num_classes", "class_names", "separate_z_anisotropy", "ignore_label")
 
 
 def read_plan(workdir: str) -> dict[str, Any]:

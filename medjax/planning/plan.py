@@ -125,6 +125,9 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
       "num_classes": len(names),
       "class_names": names,
       "ignore_label": ignore_label,  # voxels of this label are in no loss or metric (None: none)
+      # nnU-Net's separate-z resampling where a case's or the target's spacing is more anisotropic
+      # than this (medjax.planning.preprocessing.preprocess); None: never.
+      "separate_z_anisotropy": _ANISOTROPY,
   }
   for key, value in (overrides or {}).items():
     if key not in plan:
