@@ -205,8 +205,7 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   return result
 
 
-def _paired(a: list[dict], b: list[dict], classes: Sequence[int], n_boot: int
-            ) -> dict[str, Any]:
+def _paired(a: list[dict], b: list[dict], n_boot: int) -> dict[str, Any]:
   """Bootstrap interval of the mean foreground Dice of ``b`` minus ``a``, paired over cases."""
   def fg(rows: list[dict], idx: np.ndarray) -> float:
     return seg_metrics.summarize([rows[i]["metrics"] for i in idx]).foreground_dice
@@ -254,8 +253,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
         rows[variant].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(
             seg, label.array, label.spacing, classes, plan.get("ignore_label"))})
   scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
-  diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], classes, n_boot),
-           "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], classes, n_boot)}
+  diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], n_boot),
+           "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], n_boot)}
   out = os.path.join(folder, "crossval", "holdout")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
