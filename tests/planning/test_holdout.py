@@ -5,7 +5,7 @@ import os
 import pytest
 from conftest import write_msd
 
-from configs import hippocampus_unet3d
+from configs import hippocampus_unet2d, hippocampus_unet3d
 from medjax.io import msd
 from medjax.planning import hash_holdout, without_holdout
 
@@ -17,6 +17,9 @@ def test_the_hippocampus_holdout_is_the_documented_hash_rule(data_root):
   assert hippocampus_unet3d.HOLDOUT == tuple(hash_holdout(ids, 20))
   assert hippocampus_unet3d.get_config("cv").data.holdout == hippocampus_unet3d.HOLDOUT
   assert hippocampus_unet3d.get_config().data.holdout == ()  # the single-fold recipe keeps all
+  # The 2-D folds hold out the same cases, so that 2-D and 3-D runs can be ensembled on them.
+  assert hippocampus_unet2d.get_config("cv").data.holdout == hippocampus_unet3d.HOLDOUT
+  assert hippocampus_unet3d.get_sweep("cv") == {"data.fold": [0, 1, 2, 3, 4]}
 
 
 def test_the_rule_depends_on_the_ids_alone():
