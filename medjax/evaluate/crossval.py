@@ -179,8 +179,8 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
           w.writerow([r["case"], r["fold"], flag, names[c],
                       *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
   kept = ", ".join("+".join(names[c] for c in g) for g in decision["keep_largest"]) or "nothing"
-  steps = "; ".join(f"{'+'.join(names[c] for c in s['labels'])}: Dice {s['dice_before']:.4f} → "
-                    f"{s['dice_after']:.4f} ({'kept' if s['applied'] else 'not kept'})"
+  steps = "; ".join(f"{'+'.join(names[c] for c in s['labels'])}: Dice {s['dice_before']:.5f} → "
+                    f"{s['dice_after']:.5f} ({'kept' if s['applied'] else 'not kept'})"
                     for s in decision["steps"])
   lines = [f"# Cross-validation: {len(runs)} folds, {len(cases)} cases out of fold", "",
            f"Folds: {', '.join(decision['folds'])}. Each case predicted by the fold that did not "

@@ -3,7 +3,7 @@ r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, ta
   python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
       [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
       [--saliency gradcam|gradient] [--nonfinite refuse|fill]
-      [--channels FLAIR,T1] [--fill_missing_channels]
+      [--channels FLAIR,T1] [--fill_missing_channels] [--postprocessing auto|none|FILE]
 
 ``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
 holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
@@ -33,6 +33,10 @@ Preprocessing is the run's own, read from its workdir, never re-typed:
   ``--channels`` names them otherwise. A missing one is an error naming it, unless
   ``--fill_missing_channels`` zero-fills it, which runs trained with ``train.modality_dropout``
   accept (`medjax.infer.segment.match_channels`).
+  ``--workdir`` may also name several segmentation runs (``a,b``: folds, or 2-D and 3-D configs)
+  or a cross-validation folder (its folds): an ensemble that averages their probabilities
+  (`medjax.infer.ensemble`); a cross-validation folder's ``postprocessing.json`` (keep the
+  largest component, decided out of fold) is applied unless ``--postprocessing=none``.
 
 Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
 none failed), ``predict.json`` (the run, counts and settings); with ``--saliency``, an overlay
