@@ -31,6 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # preprocessed cases; empty: workdir/preprocessed.
   c.data.folds = 5
   c.data.fold = 0  # validation fold (splits.json in the workdir, written once).
+  # Case ids kept out of the plan and every fold: a test set for ensembles and post-processing.
+  c.data.holdout = ()
   c.data.foreground = 0.33  # share of training patches centred on a foreground voxel.
   c.data.num_threads = 4  # Grain read threads per process.
   c.data.prefetch = 16  # records buffered ahead per process.

@@ -104,6 +104,7 @@ class Data:
   num_classes: int
   multi_label: bool = False
   model_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the plan's
+  task_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the ignore label
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
@@ -135,7 +136,9 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
   """
   data_cfg = config.data
-  dataset = msd.read_msd_dataset(msd_root(data_cfg))
+  # Hold-out cases (data.holdout) are kept out of the plan, the cache and every fold.
+  dataset = planning.without_holdout(msd.read_msd_dataset(msd_root(data_cfg)),
+                                     data_cfg.get("holdout", ()))
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
                                     overrides=data_cfg.plan.to_dict())
@@ -157,7 +160,8 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   centre = transforms.CropOrPad(shape=tuple(patch))
   return Data(planning.CaseSource(cache, fold["train"]),
               transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
-              plan["num_classes"], model_defaults=plan_model_defaults(plan))
+              plan["num_classes"], model_defaults=plan_model_defaults(plan),
+              task_kwargs={"ignore_label": plan.get("ignore_label")})
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
@@ -358,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_src, eval_src, train_tf, eval_tf = data.train, data.eval, data.train_transforms, \
       data.eval_transforms
   task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing,
-                    **config.get("task_kwargs", {}))
+                    **{**data.task_kwargs, **config.get("task_kwargs", {})})
   settings.check_data(config, task, data.num_classes, len(train_src), len(eval_src),
                       getattr(eval_src, "name", ""))
   steps_per_epoch = len(train_src) // config.train.batch_size
