@@ -55,6 +55,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0: checkpoint at each evaluation only.
   c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
+  # "bf16": activations and convolutions in bfloat16 (GPUs, TPUs); parameters, optimiser state,
+  # checkpoints, losses, norms' statistics and metrics stay float32. "float32": everything.
+  c.train.precision = "float32"
   c.train.label_smoothing = 0.0
   c.train.mixup = 0.0  # > 0: mixup's Beta(α, α) (classification; loop.make_train_step).
   # > 0: each training image loses one input channel (modality, zeroed) with this probability,

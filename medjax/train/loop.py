@@ -30,6 +30,7 @@ from medjax.io.atomic import atomic_write_json
 from medjax.models import fusion
 from medjax.train import (
     batch_norm,
+    builders,
     optim,
     preemption,
     report,
@@ -371,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
-  model = build_model(config.model, data.num_classes, data.model_defaults)
+  model = build_model(config.model, data.num_classes, data.model_defaults,
+                      builders.run_precision(config))
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
   # Only now, with the config and data known good: a refused run must not leave a config.json
