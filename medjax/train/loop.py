@@ -31,6 +31,7 @@ from medjax.models import fusion
 from medjax.train import (
     batch_norm,
     builders,
+    finetune,
     optim,
     preemption,
     report,
@@ -208,6 +209,28 @@ def _dict_diff(saved: Any, current: Any, prefix: str = "",
   return [] if saved == current else [f"{prefix[:-1]}: {saved!r} → {current!r}"]
 
 
+def _pretrained(config: ml_collections.ConfigDict, workdir: str,
+                init_state: Callable[[], TrainState]) -> dict[str, Any] | None:
+  """The variables ``config.init_from`` gives a run's first start (`finetune.select`), None
+  without it or when ``workdir`` holds a checkpoint to resume; checks ``optim.freeze`` too."""
+  freeze = tuple(config.optim.get("freeze") or ())
+  init_from = config.get("init_from") or ""
+  if not (freeze or init_from):
+    return None
+  abstract = jax.eval_shape(init_state)
+  finetune.check_patterns(abstract.params, freeze, "optim.freeze")
+  if not init_from or finetune.has_checkpoint(workdir):
+    return None
+  source, where = finetune.read_source(init_from)
+  chosen = finetune.select({"params": abstract.params, "batch_stats": abstract.batch_stats},
+                           source, where, tuple(config.get("init_skip") or ()),
+                           config.get("init_subtree") or "",
+                           config.get("init_from_subtree") or "")
+  logging.info("initialising %d of %d parameter arrays from %s", len(chosen["params"]),
+               len(jax.tree.leaves(abstract.params)), where)
+  return chosen
+
+
 def _batch_digest(batch: dict[str, np.ndarray]) -> str:
   h = hashlib.sha1()
   for k in sorted(batch):
@@ -376,9 +399,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       builders.run_precision(config))
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
-  # Only now, with the config and data known good: a refused run must not leave a config.json
-  # that then refuses the corrected command as "another experiment".
-  check_workdir_config(workdir, config)
   first = next(pipeline.eval_batches(eval_src, eval_tf, global_batch_size=1))
   input_shape = first["image"].shape[1:]  # after the transforms, which may crop or resample
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -392,6 +412,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       opt_state=tx.init(params), rng=rng_train, ema=ema, apply_fn=model.apply,
                       tx=tx, ema_decay=config.train.ema_decay)
 
+  pretrained = _pretrained(config, workdir, init_state)
+  # Only now, with the config, data and source weights known good: a refused run must not leave
+  # a config.json that then refuses the corrected command as "another experiment".
+  check_workdir_config(workdir, config)
   state = jax.jit(init_state, out_shardings=repl)()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
@@ -414,6 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step:
     ckpt.check_best()
     logging.info("resumed from step %d", start_step)
+  elif pretrained is not None:
+    state = finetune.start_from(state, pretrained, repl)
   writer = MetricWriter(workdir, resume_step=start_step)
   record_path = os.path.join(workdir, "batches.jsonl")
 
