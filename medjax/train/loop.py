@@ -39,6 +39,7 @@ from medjax.train import (
     settings,
     sharding,
     tasks,
+    throughput,
     tta,
 )
 from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
@@ -445,19 +446,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Loop. SIGTERM (preemption) stops it at the next step boundary, after a checkpoint.
   last_metrics: dict[str, float] = {}
-  t0 = t_log = time.perf_counter()
-  steps_since_log = 0
+  t0 = time.perf_counter()
+  meter = throughput.Throughput(
+      config.train.batch_size,
+      math.prod(input_shape[:-1]) if task.name == "segmentation" else 0,
+      throughput.device_peak(mesh, builders.run_precision(config)))
+  flops_pending = meter.peak is not None  # MFU: the step's FLOPs, once, on GPUs and TPUs
   diverged = DivergenceRule(config.train.divergence_factor, config.train.divergence_window,
                             config.train.divergence_patience)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                   disable=pindex != 0, dynamic_ncols=True)
   with preemption.StopOnSignal() as stop:
     for step in range(start_step + 1, total_steps + 1):
+      t_wait = time.perf_counter()
       batch = next(train_iter)
+      meter.waited(time.perf_counter() - t_wait)
       if config.train.record_batches and pindex == 0:
         with open(record_path, "a") as f:
           f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
-      state, out = train_step(state, sharding.to_global(batch, mesh))
+      global_batch = sharding.to_global(batch, mesh)
+      if flops_pending:
+        flops_pending = False
+        per_device = throughput.step_flops(train_step, state, global_batch)
+        meter.flops_per_step = per_device * mesh.size if per_device else None
+      state, out = train_step(state, global_batch)
       out = jax.device_get(out)
       loss = float(out["loss"])
       if not bool(out["finite"]):
@@ -477,14 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{os.path.join(workdir, 'checkpoints')}")
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      steps_since_log += 1
+      meter.stepped()
       if itstime(step, config.train.log_every_steps, total_steps):
-        now = time.perf_counter()
-        writer.write(step, {"train/loss": loss,
-                            "time/seconds_per_step": (now - t_log) / steps_since_log,
+        writer.write(step, {"train/loss": loss, **meter.metrics(),
                             "train/lr": float(lr_schedule(step - 1)),
                             "train/epoch": step / steps_per_epoch})
-        t_log, steps_since_log = time.perf_counter(), 0
+      t_other = time.perf_counter()  # evaluation and checkpoints: not step time
       eval_now = itstime(step, eval_every, total_steps)
       if eval_now:
         if recalibrate is not None:
@@ -503,6 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metric = last_metrics.get(config.eval.best_metric) if eval_now else None
         ok_metric = metric is not None and math.isfinite(metric)
         ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
+      meter.exclude(time.perf_counter() - t_other)
       if step < total_steps and stop.requested(pcount):
         if not saved:
           ckpt.save(step, state, train_iter)
