@@ -63,3 +63,21 @@ def test_a_cpu_run_logs_throughput_but_no_mfu(learned_run, seg_run):
   (seg,) = _records(seg_run[0])
   assert seg["time/voxels_per_second"] == pytest.approx(16**3 * seg["time/images_per_second"])
   assert "time/mfu" not in seg
+
+
+def test_mfu_is_logged_where_the_device_has_a_known_peak(synthetic_medmnist, tmp_path,
+                                                         monkeypatch):
+  """The loop's MFU path, run on the CPU by giving its device kind a (made-up) peak."""
+  from helpers import config
+
+  from medjax.train import loop
+
+  monkeypatch.setattr(throughput, "_BF16_PEAKS", (("cpu", 1e12),))
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config(synthetic_medmnist, steps=2), workdir)
+  records = _records(workdir)
+  assert len(records) == 2
+  # float32 on a kind that is not a TPU: half the bf16 peak, as on NVIDIA GPUs.
+  flops = [r["time/mfu"] * 0.5e12 / r["time/steps_per_second"] for r in records]
+  assert all(0 < r["time/mfu"] < 1 for r in records)
+  assert flops[0] > 1e6 and flops[1] == pytest.approx(flops[0], rel=1e-9)  # one step's FLOPs
