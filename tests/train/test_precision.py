@@ -80,3 +80,26 @@ def test_bf16_checkpoints_stay_float32_and_resume_exactly(tmp_path_factory, tmp_
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), resumed["params"],
                        done["params"])
   assert max(jax.tree.leaves(diffs)) == 0.0
+
+
+def test_a_run_saved_before_these_settings_resumes_as_float32(tmp_path_factory, tmp_path, caplog):
+  data, runs = _runs(tmp_path_factory, "classification")
+  old = str(tmp_path / "old")
+  shutil.copytree(runs["float32"], old)
+  path = os.path.join(old, "config.json")
+  saved = json.load(open(path))
+  new_keys = ("init_from", "init_skip", "init_subtree", "init_from_subtree")
+  for key in new_keys:
+    del saved[key]
+  del saved["train"]["precision"], saved["optim"]["freeze"]
+  json.dump(saved, open(path, "w"))
+  for step in range(3, STEPS + 1):
+    shutil.rmtree(os.path.join(old, "checkpoints", str(step)))
+  os.remove(os.path.join(old, "summary.json"))
+  with caplog.at_level("WARNING"):
+    loop.train_and_evaluate(_config("classification", data, "float32"), old)
+  (warning,) = [r.getMessage() for r in caplog.records if "predates" in r.getMessage()]
+  assert all(k in warning for k in ("train.precision='float32'", "optim.freeze=[]", *new_keys))
+  a, b = final_params(old), final_params(runs["float32"])
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["params"]),
+                                                  jax.tree.leaves(b["params"])))
