@@ -155,3 +155,22 @@ def test_a_2d_run_initialises_a_slice_models_encoder(source, tmp_path):
   stats_before = _flat(final_params(src)["batch_stats"])
   assert len(stats_before) == len([p for p in _flat(final_params(workdir)["batch_stats"])
                                    if p.startswith("encoder/")])
+
+
+def test_select_maps_one_subtree_onto_another():
+  """A slice model's encoder (``encoder/...`` in the source) into a 2-D classifier's root, its
+  head left as initialised: the reverse direction of the test above, on plain arrays."""
+  w = lambda *shape: np.zeros(shape, np.float32)
+  source = {"params": {"encoder": {"ConvNormAct_0": {"Conv_0": {"kernel": w(3, 3, 1, 4) + 1}}},
+                       "rnn_0": {"cell": {"kernel": w(8, 8)}}},
+            "batch_stats": {"encoder": {"ConvNormAct_0": {"BatchNorm_0": {"mean": w(4) + 2}}}}}
+  target = {"params": {"ConvNormAct_0": {"Conv_0": {"kernel": w(3, 3, 1, 4)}},
+                       "Dense_0": {"kernel": w(4, 2)}},
+            "batch_stats": {"ConvNormAct_0": {"BatchNorm_0": {"mean": w(4)}}}}
+  chosen = finetune.select(target, source, "src", skip=("^Dense_0/",), from_subtree="encoder")
+  assert set(chosen["params"]) == {"ConvNormAct_0/Conv_0/kernel"}
+  assert (chosen["params"]["ConvNormAct_0/Conv_0/kernel"] == 1).all()
+  assert (chosen["batch_stats"]["ConvNormAct_0/BatchNorm_0/mean"] == 2).all()
+  with pytest.raises(finetune.InitMismatchError,
+                     match=r"params/Dense_0/kernel: not in the checkpoint \(as encoder/Dense_0/"):
+    finetune.select(target, source, "src", from_subtree="encoder")
