@@ -49,7 +49,7 @@ def read_source(path: str) -> tuple[dict[str, Any], str]:
   Raises:
     MedjaxIOError: ``path`` is neither, or holds no checkpoint.
   """
-  path = os.path.abspath(path)
+  path = os.path.abspath(os.path.expanduser(path))
   best_metric, step = "auc", None  # a checkpoint folder names its step: no metric is read
   if os.path.isfile(os.path.join(path, "config.json")):
     directory = os.path.join(path, "checkpoints")
