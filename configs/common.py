@@ -37,6 +37,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Grain worker processes preparing train batches; -1: none on CPU (its cores run the model),
   # else half the cores up to 8 (a GPU outruns one interpreter's per-record transforms).
   c.data.workers = -1
+  # Keep the training split in accelerator memory and gather + augment each batch inside the
+  # step (medjax/data/device.py): "auto" (an accelerator, a split that fits, ops that can),
+  # "on" or "off" (the Grain pipeline).
+  c.data.on_device = "auto"
 
   # Fine-tuning (medjax/train/finetune.py): start from another run's weights, a run folder (its
   # best checkpoint, else its latest) or one checkpoint folder (<run>/checkpoints/<step>). Only

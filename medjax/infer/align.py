@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -29,10 +28,10 @@ from PIL import Image
 
 from medjax.io import align, write_nifti
 from medjax.io.atomic import atomic_path
-from medjax.io.errors import MedjaxIOError
+from medjax.io.errors import EXIT_USERS_ERROR, exit_on_users_error
 from medjax.io.volume import Volume
 
-EXIT_OK, EXIT_ERROR = 0, 2
+EXIT_OK, EXIT_ERROR = 0, EXIT_USERS_ERROR
 _PANEL_INCHES, _DPI = 3.0, 100
 
 
@@ -122,15 +121,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.mark_flag_as_required(name, flag_values=fv)
 
 
+@exit_on_users_error
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    images = run(fv.reference, fv.moving, fv.labels, fv.out, fv.out_labels, fv.figure,
-                 fv.assume_registered, fv.min_overlap)
-  except (MedjaxIOError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return EXIT_ERROR
+  images = run(fv.reference, fv.moving, fv.labels, fv.out, fv.out_labels, fv.figure,
+               fv.assume_registered, fv.min_overlap)
   print(f"align: {images.channels} channel(s) on a {'×'.join(map(str, images.shape))} grid "
         f"written to {fv.out}" + (f", figure {fv.figure}" if fv.figure else ""))
   return EXIT_OK

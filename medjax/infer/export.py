@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from typing import Any, Callable, Sequence
@@ -39,7 +38,7 @@ from medjax import ops
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
-from medjax.io.errors import MedjaxIOError
+from medjax.io.errors import exit_on_users_error
 
 # CUDA lowering needs no GPU (it is StableHLO plus platform-specific custom calls), so one file
 # serves a CPU box and a GPU server alike; the module picks its branch from the running backend.
@@ -53,6 +52,12 @@ _FORMULAS = {
     "greyscale": "C=3: (x.astype(float32) @ float32(weights))[..., None]; C=1: x.astype(float32)",
 }
 _FILES = (serving.MODULE_FILE, serving.METADATA_FILE)
+
+
+class OutputExistsError(FileExistsError):
+  """The export folder holds something else (and ``overwrite`` is not set): the user's to fix."""
+
+  users_error = True
 
 
 def _op_record(spec: str, transform: Any) -> dict[str, Any]:
@@ -138,10 +143,10 @@ def _check_out(out: str, trained: TrainedModel, overwrite: bool) -> None:
   if not os.path.lexists(out):
     return
   if not os.path.isdir(out) or os.path.islink(out):
-    raise FileExistsError(f"{out}: exists and is not a plain folder (a file or a link)")
+    raise OutputExistsError(f"{out}: exists and is not a plain folder (a file or a link)")
   if overwrite or not os.listdir(out) or _is_same_model(out, trained):
     return
-  raise FileExistsError(f"{out}: not empty and not an export of {trained.workdir} step "
+  raise OutputExistsError(f"{out}: not empty and not an export of {trained.workdir} step "
                         f"{trained.step}; pass --overwrite (overwrite=True) to replace it")
 
 
@@ -245,16 +250,13 @@ def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool =
                         platforms=platforms)
 
 
+@exit_on_users_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   f = flags.FLAGS
-  try:
-    metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms,
-                      precision=f.precision or None)
-  except (MedjaxIOError, FileExistsError, ValueError) as e:  # the user's to fix: one line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms,
+                    precision=f.precision or None)
   print(json.dumps({"out": os.path.abspath(f.out), "task": metadata["task"],
                     "step": metadata["source"]["step"], "input_shape": metadata["input"]["shape"],
                     "platforms": metadata["platforms"], "bytes": metadata["module"]["bytes"]}))

@@ -18,7 +18,6 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -31,10 +30,10 @@ from PIL import Image
 from medjax.data import fusion
 from medjax.infer.trained import TrainedModel
 from medjax.io.atomic import atomic_path
-from medjax.io.errors import MedjaxIOError
+from medjax.io.errors import EXIT_USERS_ERROR, MedjaxIOError, exit_on_users_error
 from medjax.io.harvard import read_image
 
-EXIT_OK, EXIT_ERROR = 0, 2
+EXIT_OK, EXIT_ERROR = 0, EXIT_USERS_ERROR
 # The method name of a trained fusion network (``--workdir``), beside fusion.METHODS.
 LEARNED = "learned"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -218,15 +217,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.mark_flag_as_required(name, flag_values=fv)
 
 
+@exit_on_users_error
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    summary = fuse_folder(fv.a, fv.b, fv.out, fv.method,
-                          figure_pairs=fv.figure_pairs if fv.figure else 0, workdir=fv.workdir)
-  except (MedjaxIOError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return EXIT_ERROR
+  summary = fuse_folder(fv.a, fv.b, fv.out, fv.method,
+                        figure_pairs=fv.figure_pairs if fv.figure else 0, workdir=fv.workdir)
   print(f"fuse: {summary['pairs']} pair(s), {summary['written']} image(s) written to {fv.out}"
         + (f", figure {os.path.join(fv.out, 'figure.png')}" if fv.figure else ""))
   return EXIT_OK

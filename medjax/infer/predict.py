@@ -89,13 +89,13 @@ from medjax.infer.segment import Segmenter, missing_channels
 from medjax.infer.trained import TrainedModel, read_run_config
 from medjax.io import medmnist
 from medjax.io.dicom_seg import dicom_seg_frames, write_dicom_seg  # noqa: F401  (public here too)
-from medjax.io.errors import MedjaxIOError
+from medjax.io.errors import EXIT_USERS_ERROR, MedjaxIOError, exit_on_users_error
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import grid_mismatch
 
 # Exit statuses: every input predicted; some inputs failed (the rest were written); nothing could
 # run (a bad workdir, no inputs). A crash keeps Python's own 1.
-EXIT_OK, EXIT_UNUSABLE, EXIT_SOME_FAILED = 0, 2, 3
+EXIT_OK, EXIT_UNUSABLE, EXIT_SOME_FAILED = 0, EXIT_USERS_ERROR, 3
 
 
 def _problem(error: Exception, item: Input, root: str) -> str:
@@ -378,19 +378,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "+inf: maximum) with a warning column", flag_values=fv)
 
 
+@exit_on_users_error
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
-  try:
-    summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
-                      intensity=fv.intensity, probabilities=fv.probabilities,
-                      mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
-                      nonfinite=fv.nonfinite, channels=fv.channels,
-                      fill_missing=fv.fill_missing_channels,
-                      saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
-  except (MedjaxIOError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_UNUSABLE
+  summary = predict(fv.workdir, fv.input, fv.output, step=fv.step, threshold=fv.threshold,
+                    intensity=fv.intensity, probabilities=fv.probabilities,
+                    mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
+                    nonfinite=fv.nonfinite, channels=fv.channels,
+                    fill_missing=fv.fill_missing_channels,
+                    saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
   print(f"predict: {summary['predicted']} of {summary['inputs']} input(s) predicted, "
         f"{summary['failed']} failed; see {os.path.join(fv.output, 'predictions.csv')}"
         + (" and errors.csv" if summary["failed"] else ""), file=sys.stderr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -28,7 +27,7 @@ from absl import app, flags, logging
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
-from medjax.io.errors import MedjaxIOError
+from medjax.io.errors import exit_on_users_error
 from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.metrics import segmentation as seg_metrics
@@ -231,14 +230,11 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
   return result
 
 
+@exit_on_users_error
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
-  try:
-    result = validate(flags.FLAGS.workdir, mirror=not flags.FLAGS.no_mirror)
-  except (MedjaxIOError, ValueError) as e:  # a bad workdir or case file: one line, as predict
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  result = validate(flags.FLAGS.workdir, mirror=not flags.FLAGS.no_mirror)
   print(json.dumps({k: v for k, v in result.items()}, default=float))
 
 

@@ -119,9 +119,13 @@ def is_users_error(e: BaseException) -> bool:
   return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 
+EXIT_USERS_ERROR = 2
+
+
 def exit_on_users_error(main: Callable) -> Callable:
   """Wraps a command line's ``main(argv)``: a user's error (`is_users_error`) ends as one
-  ``error: ...`` line on stderr and exit status 2; anything else keeps its traceback."""
+  ``error: ...`` line on stderr and returns exit status 2 (absl's ``app.run`` exits with what
+  ``main`` returns; in-process callers get the status); anything else keeps its traceback."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -131,6 +135,6 @@ def exit_on_users_error(main: Callable) -> Callable:
       if not is_users_error(e):
         raise
       print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      return EXIT_USERS_ERROR
 
   return wrapped

@@ -24,6 +24,7 @@ import tqdm
 from absl import logging
 
 from medjax import planning
+from medjax.data import device as device_data
 from medjax.data import pipeline, sources, transforms
 from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
@@ -360,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     A summary dict: ``{"steps", "best_step", "best": {metric: value}, "final": {...},
-    "train_seconds"}``.
+    "train_seconds", "data": "grain" | "device"}`` (``data``: how the train split was fed).
   """
   workdir = os.path.abspath(workdir)
   settings.check(config)
@@ -389,11 +390,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = resolve_steps(config.train, steps_per_epoch)
   # Default: once per epoch, but no more than about MAX_EVALS times (small datasets, min_steps).
   eval_every = config.eval.every_steps or max(steps_per_epoch, -(-total_steps // MAX_EVALS))
-  train_iter = iter(pipeline.train_dataset(
-      train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
-      process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch,
-      workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
+  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  on_device = device_data.wanted(config.data.get("on_device", "off"), train_src, train_tf,
+                                 jax.default_backend(), sharding.device_memory_bytes())
+  if on_device:  # no host iterator: the step gathers its batch (the state's step is the position)
+    feed, train_iter = device_data.build(
+        train_src, train_tf, batch_size=config.train.batch_size, seed=config.seed,
+        steps=total_steps, sharding=repl), None
+    logging.info("training split on the device: %.1f MB", feed.nbytes() / 1e6)
+  else:
+    feed, train_iter = None, iter(pipeline.train_dataset(
+        train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
+        process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,
+        prefetch=config.data.prefetch,
+        workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
   model = build_model(config.model, data.num_classes, data.model_defaults,
@@ -403,7 +413,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first = next(pipeline.eval_batches(eval_src, eval_tf, global_batch_size=1))
   input_shape = first["image"].shape[1:]  # after the transforms, which may crop or resample
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
-  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def init_state():
     variables = model.init(rng_init, jnp.zeros((1, *input_shape), jnp.float32), train=False)
@@ -422,9 +431,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
                config.model.name, num_params / 1e6, input_shape, mesh.size, pcount)
 
-  train_step = jax.jit(
-      make_train_step(task, config.train.mixup, config.train.modality_dropout),
-      in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
+  step_fn = make_train_step(task, config.train.mixup, config.train.modality_dropout)
+  if feed is None:
+    train_step = jax.jit(step_fn, in_shardings=(repl, data_sharding),
+                         out_shardings=(repl, repl), donate_argnums=0)
+  else:
+    train_step = jax.jit(
+        lambda state, arrays, indices: step_fn(state, jax.lax.with_sharding_constraint(
+            feed.batch(arrays, indices, state.step), data_sharding)),
+        in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task, tuple(config.eval.flip_axes)),
                       in_shardings=(repl, data_sharding),
                       out_shardings=repl)
@@ -458,19 +473,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   disable=pindex != 0, dynamic_ncols=True)
   with preemption.StopOnSignal() as stop:
     for step in range(start_step + 1, total_steps + 1):
-      t_wait = time.perf_counter()
-      batch = next(train_iter)
-      meter.waited(time.perf_counter() - t_wait)
-      if config.train.record_batches and pindex == 0:
-        with open(record_path, "a") as f:
-          f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
-      global_batch = sharding.to_global(batch, mesh)
+      if feed is None:
+        t_wait = time.perf_counter()
+        batch = next(train_iter)
+        meter.waited(time.perf_counter() - t_wait)
+        if config.train.record_batches and pindex == 0:
+          with open(record_path, "a") as f:
+            f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
+        args = (state, sharding.to_global(batch, mesh))
+      else:  # the step gathers its batch on the device: no input to wait for
+        args = (state, feed.arrays, feed.indices)
       if flops_pending:  # a compilation of its own, left out of step time
         flops_pending, t_flops = False, time.perf_counter()
-        per_device = throughput.step_flops(train_step, state, global_batch)
+        per_device = throughput.step_flops(train_step, *args)
         meter.flops_per_step = per_device * mesh.size if per_device else None
         meter.exclude(time.perf_counter() - t_flops)
-      state, out = train_step(state, global_batch)
+      state, out = train_step(*args)
+      del args  # holds the donated state
       out = jax.device_get(out)
       loss = float(out["loss"])
       if not bool(out["finite"]):
@@ -519,14 +538,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not saved:
           ckpt.save(step, state, train_iter)
         bar.close()
-        train_iter.close()
+        if train_iter is not None:
+          train_iter.close()
         writer.close()
         ckpt.close()
         raise preemption.Preempted(
             f"stopped by a signal after step {step} of {total_steps}; checkpoint saved in "
             f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
   bar.close()
-  train_iter.close()  # stops Grain's prefetch threads and worker processes
+  if train_iter is not None:
+    train_iter.close()  # stops Grain's prefetch threads and worker processes
   train_seconds = time.perf_counter() - t0
   writer.write(total_steps, {"time/train_seconds": train_seconds})
   writer.close()
@@ -541,7 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = {"experiment": f"{config.data.name} / {config.model.name}",
              "split": config.eval.split, "steps": total_steps, "best_step": best_step,
              "best": best_metrics, "final": last_metrics, "train_seconds": train_seconds,
-             "workdir": workdir}
+             "data": "device" if feed is not None else "grain", "workdir": workdir}
   if pindex == 0:
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if task.name in ("segmentation", "fusion"):  # images, no ROC (segmentation: launch.py

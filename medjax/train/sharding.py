@@ -26,6 +26,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec("data"))
 
 
+def device_memory_bytes() -> int | None:
+  """Memory of this process's first device, where the backend reports it (GPUs, TPUs)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
   """Assembles each process's share of a batch into global arrays sharded on ``data``.
 

@@ -40,11 +40,14 @@ def test_train_and_evaluate_writes_a_complete_workdir(synthetic_medmnist, tmp_pa
   assert again["best"] == summary["best"]
 
 
-def test_learns_the_synthetic_task(tmp_path):
+@pytest.mark.parametrize("on_device", ["off", "on"])  # on: flips and mixup inside the step
+def test_learns_the_synthetic_task(tmp_path, on_device):
   data = write_synthetic_medmnist(str(tmp_path), n_train=256, n_val=64)
-  c = _config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 30})
+  c = _config(data, steps=30, **{"train.batch_size": 32, "eval.every_steps": 30,
+                                 "data.on_device": on_device})
   summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
   assert summary["best"]["auc"] > 0.95, summary
+  assert summary["data"] == ("device" if on_device == "on" else "grain")
 
 
 def test_data_parallel_matches_single_device(synthetic_medmnist, tmp_path):
@@ -127,35 +130,48 @@ def _launch(workdir, data_dir, steps, extra=(), **popen):
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(synthetic_medmnist, tmp_path):
+  """Killed runs resume to the uninterrupted run's weights and batches, whether they read their
+  data through Grain or from device memory (``data.on_device``): so the device path also gives
+  Grain's batches. No random transform here (the device path draws its own, by design)."""
   steps = 10
-  ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
-  # The reference and the run to be killed start together (one core each).
-  ref = _launch(ref_dir, synthetic_medmnist, steps)
-  cut = _launch(cut_dir, synthetic_medmnist, steps)
-  # Kill once a few checkpoints exist; saves happen every step, so the kill may land mid-save.
-  ckpt = os.path.join(cut_dir, "checkpoints")
+  same = ["--config.data.train_transforms=to_float|normalize(0.5, 0.5)"]
+  ref_dir = str(tmp_path / "ref")
+  cuts = {str(tmp_path / "grain"): ["--config.data.on_device=off"],
+          str(tmp_path / "device"): ["--config.data.on_device=on"]}
+  # The reference and the runs to be killed start together.
+  ref = _launch(ref_dir, synthetic_medmnist, steps, same)
+  running = {d: _launch(d, synthetic_medmnist, steps, same + f) for d, f in cuts.items()}
+  # Kill each once a few checkpoints exist; saves happen every step, so a kill may land mid-save.
   deadline = time.time() + 240
-  while time.time() < deadline:
-    done = [d for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    if len(done) >= 2 and max(map(int, done)) >= 3:
-      break
+  while running and time.time() < deadline:
+    for d in list(running):
+      ckpt = os.path.join(d, "checkpoints")
+      done = [x for x in os.listdir(ckpt) if x.isdigit()] if os.path.isdir(ckpt) else []
+      if len(done) >= 2 and max(map(int, done)) >= 3:
+        running[d].send_signal(signal.SIGKILL)
+        running[d].wait()
+        killed_at = max(int(x) for x in os.listdir(ckpt) if x.isdigit())
+        assert killed_at < steps, f"{d}: the run finished before it could be killed"
+        del running[d]
     time.sleep(0.05)
-  cut.send_signal(signal.SIGKILL)
-  cut.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  assert killed_at < steps, "the run finished before it could be killed"
+  assert not running, f"no checkpoint from {list(running)} in time"
   out, _ = ref.communicate(timeout=300)
   assert ref.returncode == 0, out
-  resumed = _launch(cut_dir, synthetic_medmnist, steps)
-  out, _ = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, out
-  a, b = _final_params(cut_dir), _final_params(ref_dir)
-  assert int(a["step"]) == int(b["step"]) == steps
-  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a["params"], b["params"])
-  assert max(jax.tree.leaves(diffs)) <= 1e-6
+  resumed = {d: _launch(d, synthetic_medmnist, steps, same + f) for d, f in cuts.items()}
+  for p in resumed.values():
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+  b = _final_params(ref_dir)
   digests = lambda d: [json.loads(x)["digest"] for x in open(os.path.join(d, "batches.jsonl"))]
-  assert digests(cut_dir) == digests(ref_dir)
   assert len(digests(ref_dir)) == steps
+  assert digests(str(tmp_path / "grain")) == digests(ref_dir)
+  for d, path in ((ref_dir, "grain"), *zip(cuts, ("grain", "device"))):
+    assert json.load(open(os.path.join(d, "summary.json")))["data"] == path, d
+  for d in cuts:
+    a = _final_params(d)
+    assert int(a["step"]) == int(b["step"]) == steps
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a["params"], b["params"])
+    assert max(jax.tree.leaves(diffs)) <= 1e-6, d
 
 
 def test_multilabel_data_trains_with_one_sigmoid_per_label(tmp_path):
