@@ -31,6 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # preprocessed cases; empty: workdir/preprocessed.
   c.data.folds = 5
   c.data.fold = 0  # validation fold (splits.json in the workdir, written once).
+  # Case ids kept out of the plan and every fold: a test set for ensembles and post-processing.
+  c.data.holdout = ()
   c.data.foreground = 0.33  # share of training patches centred on a foreground voxel.
   c.data.num_threads = 4  # Grain read threads per process.
   c.data.prefetch = 16  # records buffered ahead per process.
@@ -41,6 +43,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # step (medjax/data/device.py): "auto" (an accelerator, a split that fits, ops that can),
   # "on" or "off" (the Grain pipeline).
   c.data.on_device = "auto"
+
+  # Fine-tuning (medjax/train/finetune.py): start from another run's weights, a run folder (its
+  # best checkpoint, else its latest) or one checkpoint folder (<run>/checkpoints/<step>). Only
+  # the first start reads it; a resumed run restores its own checkpoint.
+  c.init_from = ""
+  c.init_skip = ()  # regexes over '/'-joined paths kept freshly initialised, e.g. "^head", "Dense"
+  c.init_subtree = ""  # the part of the model to load, e.g. "encoder"; "": the whole model
+  c.init_from_subtree = ""  # the part of the source it comes from; "": the source's root
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet18"  # a name in the models registry.
@@ -59,6 +69,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0: checkpoint at each evaluation only.
   c.train.keep_checkpoints = 2  # the last k, plus the best by eval.best_metric.
   c.train.record_batches = False  # write a digest of every batch to batches.jsonl (resume tests).
+  # "bf16": activations and convolutions in bfloat16 (GPUs, TPUs); parameters, optimiser state,
+  # checkpoints, losses, norms' statistics and metrics stay float32. "float32": everything.
+  c.train.precision = "float32"
   c.train.label_smoothing = 0.0
   c.train.mixup = 0.0  # > 0: mixup's Beta(α, α) (classification; loop.make_train_step).
   # > 0: each training image loses one input channel (modality, zeroed) with this probability,
@@ -83,6 +96,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_fraction = 0.05  # of total steps, linear from 0.
   c.optim.end_lr_factor = 0.0  # cosine decays to lr * this.
   c.optim.grad_clip_norm = 0.0  # 0: no clipping.
+  # Regexes over '/'-joined parameter paths (re.search, e.g. "^enc"): those parameters are not
+  # trained (fine-tuning; their BatchNorm statistics still follow the batches).
+  c.optim.freeze = ()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "val"  # never select models on test; `test` evaluates a file that has one.

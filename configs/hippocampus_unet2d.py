@@ -5,6 +5,8 @@ coarsest axis (axis 0 on this isotropic data) with 56×40 patches.
 
 Run:
   python launch.py --config configs/hippocampus_unet2d.py --workdir runs/hippocampus2d
+Five folds with the 3-D config's hold-out (variant ``cv``), to ensemble with the 3-D folds:
+  python launch.py --config configs/hippocampus_unet2d.py:cv --workdir runs/hippo_cv2d --sweep
 """
 
 from configs import common, hippocampus_unet3d
@@ -18,6 +20,12 @@ def get_config(arg: str | None = None):
       "|gamma(p=0.3)|contrast(p=0.15)|noise(std=(0., 0.1), p=0.1)")
   c.train.batch_size = 32
   c.eval.batch_size = 64
-  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
+  variants = common.parse_variants(arg, ("runlocal", "cv"))
+  if "cv" in variants:
+    c.data.holdout = hippocampus_unet3d.HOLDOUT
+  if "runlocal" in variants:
     hippocampus_unet3d.runlocal(c)
   return c
+
+
+get_sweep = hippocampus_unet3d.get_sweep  # the five folds

@@ -6,11 +6,27 @@ written to ``workdir/plan.json``; validation is fold 0 of a 5-fold split.
 Run:
   python launch.py --config configs/hippocampus_unet3d.py --workdir runs/hippocampus3d
 Quick smoke run: --config configs/hippocampus_unet3d.py:runlocal
+
+Five-fold cross-validation (variant ``cv``: the `HOLDOUT` cases kept out of every fold), the
+folds as sweep members, then the cross-validation report and post-processing decision, and the
+fold ensemble on the held-out cases (docs/crossval.md):
+  python launch.py --config configs/hippocampus_unet3d.py:cv --workdir runs/hippo_cv --sweep
+  python -m medjax.evaluate --cv runs/hippo_cv [--holdout]
 """
 
 import ml_collections
 
 from configs import common
+
+# 20 of the 208 cases, kept out of the plan and of all five folds by the ``cv`` variant: the test
+# set of the fold ensemble and the post-processing. The 20 case ids with the lowest SHA-1 digest,
+# `medjax.planning.hash_holdout(case_ids, 20)` (tests/planning/test_holdout.py checks the list).
+HOLDOUT = (
+    "hippocampus_019", "hippocampus_036", "hippocampus_084", "hippocampus_096",
+    "hippocampus_142", "hippocampus_149", "hippocampus_169", "hippocampus_171",
+    "hippocampus_177", "hippocampus_230", "hippocampus_233", "hippocampus_251",
+    "hippocampus_263", "hippocampus_269", "hippocampus_296", "hippocampus_327",
+    "hippocampus_373", "hippocampus_374", "hippocampus_381", "hippocampus_387")
 
 
 def get_config(arg: str | None = None):
@@ -42,9 +58,19 @@ def get_config(arg: str | None = None):
   c.eval.every_steps = 250
   c.eval.batch_size = 8
   c.eval.best_metric = "dice"
-  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
+  variants = common.parse_variants(arg, ("runlocal", "cv"))
+  if "cv" in variants:
+    c.data.holdout = HOLDOUT
+  if "runlocal" in variants:
     runlocal(c)
   return c
+
+
+def get_sweep(arg: str | None = None):
+  """The cross-validation: one member per fold (``--sweep``; runs one after another on a CPU,
+  one per accelerator where there are several)."""
+  common.parse_variants(arg, ("runlocal", "cv"))
+  return {"data.fold": list(range(5))}
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

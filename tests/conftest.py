@@ -291,6 +291,33 @@ def pytest_sessionfinish(session):
     subprocess.run(["bash", SLURM_CLUSTER_SCRIPT, "stop", str(folder)], check=False, timeout=60)
 
 
+@pytest.fixture(scope="session")
+def cv_runs(tmp_path_factory):
+  """``(cv_folder, msd_root)``: a two-fold cross-validation of the 3-D ``runlocal`` config on
+  `write_msd` (7 cases, ``case_006`` held out by ``data.holdout``), each fold trained two steps
+  and validated without mirroring, in ``<cv_folder>/fold<k>``. Made once (`computed_once`);
+  tests only read it (a test that writes into it works on a copy)."""
+
+  def train(root):
+    from helpers import seg_config
+
+    from medjax.infer import segment
+    from medjax.train import loop
+
+    msd = str(write_msd(os.path.join(root, "msd"), n=7))
+    folder = os.path.join(root, "cv")
+    for fold in range(2):
+      workdir = os.path.join(folder, f"fold{fold}")
+      loop.train_and_evaluate(seg_config(msd, steps=2, **{
+          "data.folds": 2, "data.fold": fold, "data.holdout": ("case_006",), "train.batch_size": 2,
+          "optim.lr": 1e-2}), workdir)
+      segment.validate(workdir, mirror=False, overlays=0, n_boot=20)
+    return folder, msd
+
+  folder, msd = computed_once(tmp_path_factory, "cv_runs", train)
+  return folder, msd
+
+
 @pytest.fixture
 def data_root():
   root = os.environ.get("MEDJAX_DATA_DIR")

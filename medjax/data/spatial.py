@@ -105,6 +105,46 @@ def _affine_sampler(matrix: np.ndarray, offset: np.ndarray,
       x, matrix, offset, output_shape=output_shape, order=order, mode=mode, cval=0.0)
 
 
+def separate_z_axis(spacing: Sequence[float], target: Sequence[float],
+                    anisotropy: float) -> int | None:
+  """nnU-Net's separate-z rule: the axis to resample on its own, or None.
+
+  When the current spacing is anisotropic (coarsest / finest > ``anisotropy``) its coarsest axis,
+  else when the target spacing is, the target's; None when neither is, or when the coarsest
+  spacing is shared by several axes (nnU-Net v2's ``get_do_separate_z`` and ``get_lowres_axis``
+  in ``preprocessing/resampling/default_resampling.py``).
+  """
+  for s in (spacing, target):
+    s = np.asarray(s, np.float64)
+    if s.max() / s.min() > anisotropy:
+      coarse = np.flatnonzero(s == s.max())
+      return int(coarse[0]) if len(coarse) == 1 else None
+  return None
+
+
+def _separate_z_sampler(step: np.ndarray, output_shape: Sequence[int], axis: int,
+                        order_z: int) -> Sampler:
+  """Samples output voxel ``o`` at input coordinate ``step * o`` in two passes, as nnU-Net's
+  separate-z resampling: each slice across ``axis`` in-plane with the caller's order, then along
+  ``axis`` alone with ``order_z`` (0: every output slice is one input slice, never a blend)."""
+  output_shape = tuple(int(n) for n in output_shape)
+  plane = [a for a in range(len(step)) if a != axis]
+
+  def sample(x: np.ndarray, order: int, mode: str) -> np.ndarray:
+    slices = [ndimage.affine_transform(np.take(x, k, axis), np.diag(step[plane]),
+                                       output_shape=[output_shape[a] for a in plane],
+                                       order=order, mode=mode) for k in range(x.shape[axis])]
+    inplane = np.stack(slices, axis)
+    if x.shape[axis] == output_shape[axis]:
+      return inplane
+    along = np.ones(len(step))
+    along[axis] = step[axis]
+    return ndimage.affine_transform(inplane, np.diag(along), output_shape=output_shape,
+                                    order=order_z, mode=mode)
+
+  return sample
+
+
 def _random_rotation(nd: int, rng: np.random.Generator, degrees: float) -> np.ndarray:
   """Product of one uniform ``[-degrees, degrees]`` rotation per plane of the spatial axes."""
   matrix = np.eye(nd)

@@ -50,6 +50,7 @@ from medjax.data.spatial import (
     _float_image,
     _map_spatial,
     _require,
+    _separate_z_sampler,
     _spatial_label,
     _spatial_ndim,
     _warp,
@@ -302,17 +303,23 @@ class Resample(grain.transforms.Map):
     spacing: target spacing in mm, one entry per spatial axis of the image.
     order: spline order for the image (1 = linear, 3 = cubic as nnU-Net uses for images).
     label_order: 0 = nearest neighbour; > 0 = per-class interpolation with that order.
+    z_axis: an axis resampled on its own (nnU-Net's separate z for anisotropic data, the rule
+      being `medjax.data.spatial.separate_z_axis`): the other axes slice by slice with
+      ``order`` / ``label_order``, then this one with ``order_z`` for image and label alike.
+    order_z: spline order along ``z_axis`` (nnU-Net: 0, nearest).
   """
 
   spacing: Sequence[float] = (1.0, 1.0, 1.0)
   order: int = 1
   label_order: int = 0
+  z_axis: int | None = None
+  order_z: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
     _require(all(s > 0 for s in self.spacing), "resample",
              f"spacing must be > 0, got {self.spacing}")
-    for name in ("order", "label_order"):
+    for name in ("order", "label_order", "order_z"):
       _require(getattr(self, name) in range(6), "resample",
                f"{name} must be a spline order 0..5, got {getattr(self, name)}")
 
@@ -332,6 +339,9 @@ class Resample(grain.transforms.Map):
       out = _float_image(record)
     else:
       sample = _affine_sampler(np.diag(step), np.zeros(nd), tuple(new_shape))
+      if self.z_axis is not None:
+        _require(0 <= self.z_axis < nd, "resample", f"z_axis {self.z_axis} of a {nd}-D image")
+        sample = _separate_z_sampler(step, new_shape, self.z_axis, self.order_z)
       # Samples stay within half a voxel of the grid except past the far edge when upsampling,
       # where the edge value is the right extension for both image and label.
       out = _warp(record, sample, order=self.order, label_order=self.label_order,

@@ -2,6 +2,7 @@ r"""Evaluates a finished run on one split, with bootstrap confidence intervals a
 
   python -m medjax.evaluate --workdir runs/pneumonia --split val [--n_boot 1000 --threshold 0.5
                             --temperature --step N]
+  python -m medjax.evaluate --cv runs/hippo_cv [--holdout]
 
 Classification runs: the best checkpoint predicts every case of the split (``--split test`` where
 the data file has one), and ``workdir/evaluation/<split>/`` gets ``results.md`` (every figure with
@@ -11,6 +12,9 @@ slice-sequence models the attention each case gave each slice (``slice_attention
 ``--temperature`` fits temperature scaling on the val split and applies it before scoring.
 Segmentation runs: the fold's sliding-window validation (`medjax.infer.segment.validate`), whose
 ``results.md`` section gains Dice intervals and a per-class Dice box plot.
+Cross-validation folders (``--cv``, one segmentation run per fold): the out-of-fold predictions of
+every training case scored together, and the post-processing decided on them
+(`medjax.evaluate.crossval`); ``--holdout`` adds fold 0 vs the fold ensemble on ``data.holdout``.
 """
 
 from __future__ import annotations
@@ -129,6 +133,22 @@ def main(argv):
   del argv
   args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
+  if args.cv:
+    from medjax.evaluate import crossval
+
+    result = crossval.evaluate_cv(args.cv, n_boot=args.n_boot)
+    print(f"cross-validation: {result['cases']} cases out of fold, mean foreground Dice "
+          f"{result['raw']['foreground_dice']:.4f} ({result['postprocessed']['foreground_dice']:.4f}"
+          f" post-processed, keeping the largest component of {result['postprocessing'] or 'none'})"
+          f"; written to {os.path.join(os.path.abspath(args.cv), 'crossval')}")
+    if args.holdout:
+      held = crossval.evaluate_holdout(args.cv, n_boot=args.n_boot, mirror=not args.no_mirror)
+      print("hold-out (" + str(held["cases"]) + " cases) mean Dice: " + ", ".join(
+          f"{v} {held[v]['foreground_dice']:.4f}"
+          for v in ("fold0", "fold0+pp", "ensemble", "ensemble+pp")))
+    return
+  if args.holdout:
+    raise ValueError("--holdout evaluates a cross-validation folder: give it with --cv")
   from medjax.infer.trained import read_run_config
 
   task = read_run_config(args.workdir).get("task")
@@ -149,7 +169,10 @@ if __name__ == "__main__":  # flags defined here only, so importing the module d
   from medjax import host
 
   host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
-  flags.DEFINE_string("workdir", None, "a finished medjax run", required=True)
+  flags.DEFINE_string("workdir", None, "a finished medjax run")
+  flags.DEFINE_string("cv", None, "a cross-validation folder (one segmentation run per fold)")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "cv"], required=True)
+  flags.DEFINE_bool("holdout", False, "--cv: also fold 0 vs the fold ensemble on data.holdout")
   flags.DEFINE_string("split", "val", "train | val | test (classification)")
   flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)")
   flags.DEFINE_integer("n_boot", cls_metrics.N_BOOT, "bootstrap resamples")

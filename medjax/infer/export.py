@@ -1,6 +1,7 @@
 """Exports a finished run for serving: a StableHLO module with its weights, plus ``model.json``.
 
   python -m medjax.infer.export --workdir runs/pneumonia --out model/ [--step N] [--overwrite]
+      [--precision float32]   # a bf16-trained run computing in float32 (default: the run's)
 
 ``--out`` receives ``model.stablehlo``, a serialised ``jax.export`` module with the weights baked
 in as constants and a symbolic batch axis, lowered for CPU and CUDA, and ``model.json``, which
@@ -209,7 +210,7 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
       "class_names": list(trained.class_names),
       "preprocessing": preprocessing,
       "source": {"workdir": trained.workdir, "step": trained.step,
-                 "model": trained.config.model.name},
+                 "model": trained.config.model.name, "precision": trained.precision},
       "jax_version": jax.__version__,
       "platforms": list(exported.platforms),
       "module": {"file": serving.MODULE_FILE, "sha256": None, "bytes": len(blob),
@@ -236,14 +237,16 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
 
 
 def export(workdir: str, out: str, step: int | None = None, *, overwrite: bool = False,
-           platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
-  """Loads ``workdir``'s run (checkpoint ``step``, default the best) and exports it to ``out``.
+           platforms: Sequence[str] = PLATFORMS, precision: str | None = None) -> dict[str, Any]:
+  """Loads ``workdir``'s run (checkpoint ``step``, default the best) and exports it to ``out``,
+  computing in ``precision`` (default: the run's ``train.precision``; ``"float32"`` exports a
+  bf16-trained run in float32).
 
   Raises:
     MedjaxIOError: ``workdir`` is not a finished run (names the missing file).
     FileExistsError: see `export_trained`.
   """
-  return export_trained(TrainedModel.load(workdir, step), out, overwrite=overwrite,
+  return export_trained(TrainedModel.load(workdir, step, precision), out, overwrite=overwrite,
                         platforms=platforms)
 
 
@@ -252,7 +255,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   f = flags.FLAGS
-  metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms)
+  metadata = export(f.workdir, f.out, f.step, overwrite=f.overwrite, platforms=f.platforms,
+                    precision=f.precision or None)
   print(json.dumps({"out": os.path.abspath(f.out), "task": metadata["task"],
                     "step": metadata["source"]["step"], "input_shape": metadata["input"]["shape"],
                     "platforms": metadata["platforms"], "bytes": metadata["module"]["bytes"]}))
@@ -264,4 +268,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation, else latest)")
   flags.DEFINE_bool("overwrite", False, "replace an --out that holds something else")
   flags.DEFINE_list("platforms", list(PLATFORMS), "jax.export platforms to lower for")
+  flags.DEFINE_enum("precision", "", ["", "float32", "bf16"],
+                    "compute precision of the exported module (default: the run's "
+                    "train.precision)")
   app.run(main)

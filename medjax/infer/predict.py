@@ -3,7 +3,7 @@ r"""Prediction on new studies with a finished run: DICOM, NIfTI, PNG/JPEG in, ta
   python -m medjax.infer.predict --workdir runs/pneumonia --input scans/ --output out/
       [--threshold 0.5] [--intensity auto] [--probabilities] [--no_mirror]
       [--saliency gradcam|gradient] [--nonfinite refuse|fill]
-      [--channels FLAIR,T1] [--fill_missing_channels]
+      [--channels FLAIR,T1] [--fill_missing_channels] [--postprocessing auto|none|FILE]
 
 ``--input`` is a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG image, or a folder
 holding any of these; there each DICOM series (grouped by SeriesInstanceUID, wherever its files
@@ -33,6 +33,10 @@ Preprocessing is the run's own, read from its workdir, never re-typed:
   ``--channels`` names them otherwise. A missing one is an error naming it, unless
   ``--fill_missing_channels`` zero-fills it, which runs trained with ``train.modality_dropout``
   accept (`medjax.infer.segment.match_channels`).
+  ``--workdir`` may also name several segmentation runs (``a,b``: folds, or 2-D and 3-D configs)
+  or a cross-validation folder (its folds): an ensemble that averages their probabilities
+  (`medjax.infer.ensemble`); a cross-validation folder's ``postprocessing.json`` (keep the
+  largest component, decided out of fold) is applied unless ``--postprocessing=none``.
 
 Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
 none failed), ``predict.json`` (the run, counts and settings); with ``--saliency``, an overlay
@@ -72,6 +76,13 @@ from medjax.infer.classification_input import (  # noqa: F401  (public here too)
     check_intensity,
     classification_input,
     intensity_op,
+)
+from medjax.infer.ensemble import (
+    Ensemble,
+    check_same_preprocessing,
+    labels_of,
+    load_segmenter,
+    resolve_runs,
 )
 from medjax.infer.inputs import (  # noqa: F401  (public here too)
     DICOM_SUFFIXES,
@@ -185,7 +196,7 @@ def _classify(trained: TrainedModel, inputs: Sequence[Input], output: str,
   return header, rows
 
 
-def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
+def _segment(segmenter: Segmenter | Ensemble, inputs: Sequence[Input], output: str,
              report: Callable[[Input, Exception | str], None], *, probabilities: bool, mirror: bool,
              segmentation_type: str, nonfinite: str, channels: Sequence[str] | None,
              fill_missing: bool, progress: bool) -> tuple[list[str], list[dict]]:
@@ -210,8 +221,8 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
       problem = grid_mismatch(volume, probs)
       if problem:  # Segmenter's contract; checked because a shifted mask fails silently
         raise RuntimeError(f"prediction is not on the input's grid: {problem}")
-      labels = volume.replace(array=np.argmax(probs.array, -1)[..., None].astype(np.uint8),
-                              metadata={})
+      # The argmax, post-processed as the run's (or cross-validation's) decision says.
+      labels = labels_of(probs, segmenter.postprocessing).replace(metadata={})
       stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
              "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": "",
@@ -238,15 +249,18 @@ def _segment(segmenter: Segmenter, inputs: Sequence[Input], output: str,
   return header, rows
 
 
-def predict(workdir: str, input_path: str, output: str, *, step: int | None = None,
-            threshold: float = 0.5, intensity: str = "auto", probabilities: bool = False,
-            mirror: bool = True, segmentation_type: str = "BINARY", nonfinite: str = "refuse",
-            channels: Sequence[str] | None = None, fill_missing: bool = False,
-            progress: bool = True, saliency: SaliencyHook | None = None) -> dict[str, Any]:
+def predict(workdir: str | Sequence[str], input_path: str, output: str, *,
+            step: int | None = None, threshold: float = 0.5, intensity: str = "auto",
+            probabilities: bool = False, mirror: bool = True, segmentation_type: str = "BINARY",
+            nonfinite: str = "refuse", channels: Sequence[str] | None = None,
+            fill_missing: bool = False, postprocessing: str = "auto", progress: bool = True,
+            saliency: SaliencyHook | None = None) -> dict[str, Any]:
   """Predicts every input at ``input_path`` with the run in ``workdir``; writes into ``output``.
 
   Args:
-    workdir: a finished run (classification or segmentation).
+    workdir: a finished run (classification or segmentation). Segmentation also takes several
+      runs, or a cross-validation folder (its folds), as an ensemble that averages their
+      probabilities (`medjax.infer.ensemble`).
     input_path: a file or a folder (see the module docstring).
     output: the folder to write (created).
     step: the checkpoint to use (default: the best on validation).
@@ -262,6 +276,9 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
       an input lacking one of the run's channels fails, naming it, unless ``fill_missing``.
     fill_missing: segmentation: zero-fill the run's channels missing from ``channels``; only
       for runs trained with ``train.modality_dropout`` (`medjax.infer.segment.match_channels`).
+    postprocessing: segmentation: ``"auto"`` applies a cross-validation folder's
+      ``postprocessing.json`` (keep the largest component where it helped out of fold);
+      ``"none"`` nothing; else the path of such a decision to apply.
     progress: show a progress bar over inputs (stderr).
     saliency: classification: called after each batch (`SaliencyHook`).
 
@@ -283,7 +300,15 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
   if output == input_path:
     raise ValueError(f"{output}: write the outputs to another folder than the inputs' (a rerun "
                      "would take them for inputs)")
-  read_run_config(workdir)  # a folder that is no run: one error before any input is read
+  runs = [workdir] if isinstance(workdir, str) else list(workdir)
+  if not runs:
+    raise ValueError("no run to predict with")
+  # A folder that is no run (nor a cross-validation folder): one error before any input is read.
+  segmentation = len(runs) > 1 or not os.path.isfile(os.path.join(runs[0], "config.json"))
+  if not segmentation:
+    segmentation = read_run_config(runs[0]).get("task") == "segmentation"
+  if segmentation:  # a cross-validation folder's folds, and an ensemble's plans, checked here
+    check_same_preprocessing(resolve_runs(runs)[0])
   inputs, failures, skipped = find_inputs(input_path, exclude=output)
   if not inputs and not failures:
     raise MedjaxIOError(input_path, "no DICOM, NIfTI, PNG or JPEG inputs found")
@@ -301,14 +326,13 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
     failures.append(Failure(item.name, problem))
     tqdm.tqdm.write(f"predict: {item.name}: {problem}", file=sys.stderr)
 
-  segmentation = os.path.isfile(os.path.join(workdir, "plan.json"))
   with warnings.catch_warnings():
     # pydicom and highdicom warn about odd header values by quoting them (highdicom: any
     # one-word PatientName): every warning is shown scrubbed while predict runs.
     warnings.showwarning = lambda message, category, *_, **__: tqdm.tqdm.write(
         scrub(f"{category.__name__}: {message}"), file=sys.stderr)
     if segmentation:
-      model = Segmenter(workdir, step)
+      model = load_segmenter(runs, step, postprocessing=postprocessing)
       if channels or fill_missing:  # a bad channel setting fails once, not once per input
         missing_channels(model.channels, channels or model.channels, fill_missing,
                          model.trained_with_dropout)
@@ -317,7 +341,7 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
                               nonfinite=nonfinite, channels=channels,
                               fill_missing=fill_missing, progress=progress)
     else:
-      model = TrainedModel.load(workdir, step)
+      model = TrainedModel.load(runs[0], step)
       header, rows = _classify(model, inputs, output, report, threshold=threshold,
                                intensity=intensity, nonfinite=nonfinite, progress=progress,
                                saliency=saliency)
@@ -331,13 +355,16 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
   settings = ({"probabilities": probabilities, "mirror": mirror,
                "dicom_seg_type": segmentation_type.upper(),
                "channels": list(channels) if channels else None,
-               "fill_missing": fill_missing} if segmentation else
+               "fill_missing": fill_missing,
+               "postprocessing": model.postprocessing} if segmentation else
               {"threshold": threshold, "intensity": intensity,
                # A hook's own settings (saliency.PredictHook has them), else that there was one.
                "saliency": getattr(saliency, "settings", None if saliency is None else "custom")})
   settings["nonfinite"] = nonfinite
   with open(os.path.join(output, "predict.json"), "w") as f:
-    json.dump({"workdir": os.path.abspath(workdir), "step": model.step, "settings": settings,
+    workdirs = model.workdirs if isinstance(model, Ensemble) else [model.workdir]
+    json.dump({"workdir": workdirs[0] if len(workdirs) == 1 else workdirs, "step": model.step,
+               "settings": settings,
                **{k: v for k, v in summary.items() if k != "failures"}}, f, indent=1)
   return summary
 
@@ -348,7 +375,8 @@ def predict(workdir: str, input_path: str, output: str, *, step: int | None = No
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the command-line flags on ``fv`` (tests pass their own `flags.FlagValues`)."""
-  flags.DEFINE_string("workdir", None, "a finished run", required=True, flag_values=fv)
+  flags.DEFINE_list("workdir", None, "a finished run; segmentation: several (comma-separated) "
+                    "or a cross-validation folder, ensembled", required=True, flag_values=fv)
   flags.DEFINE_string("input", None, "DICOM folder/file, NIfTI, PNG/JPEG, or a folder of them",
                       required=True, flag_values=fv)
   flags.DEFINE_string("output", None, "folder for predictions.csv, errors.csv and masks",
@@ -370,6 +398,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("fill_missing_channels", False, "segmentation: zero-fill the run's channels "
                     "missing from --channels (runs trained with train.modality_dropout only)",
                     flag_values=fv)
+  flags.DEFINE_string("postprocessing", "auto", "segmentation: auto (a cross-validation "
+                      "folder's postprocessing.json), none, or a decision file to apply",
+                      flag_values=fv)
   flags.DEFINE_enum("saliency", "none", ["none", *saliency_lib.METHODS],
                     "classification: write <output>/saliency/<input>.png overlays",
                     flag_values=fv)
@@ -386,7 +417,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
                     intensity=fv.intensity, probabilities=fv.probabilities,
                     mirror=not fv.no_mirror, segmentation_type=fv.dicom_seg_type,
                     nonfinite=fv.nonfinite, channels=fv.channels,
-                    fill_missing=fv.fill_missing_channels,
+                    fill_missing=fv.fill_missing_channels, postprocessing=fv.postprocessing,
                     saliency=saliency_lib.predict_hook(fv.saliency, threshold=fv.threshold))
   print(f"predict: {summary['predicted']} of {summary['inputs']} input(s) predicted, "
         f"{summary['failed']} failed; see {os.path.join(fv.output, 'predictions.csv')}"

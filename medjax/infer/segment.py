@@ -112,6 +112,7 @@ class Segmenter:
     self.step = trained.step
     self.apply = trained.logits
     self.batch_size = batch_size
+    self.postprocessing = None  # a keep-largest-component decision predict applies, if any
 
   @property
   def trained_with_dropout(self) -> bool:
@@ -123,6 +124,33 @@ class Segmenter:
     """The run's input channel (modality) names, in input order."""
     return plan_channels(self.plan)
 
+  def preprocess(self, image: Volume, channels: Sequence[str] | None = None,
+                 fill_missing: bool = False) -> tuple[Volume, np.ndarray, dict[str, Any]]:
+    """``image`` → (its canonical Volume, the plan's preprocessed array ``[*spatial, C]``, the
+    properties `restore_geometry` needs); channels as in `predict`."""
+    image = match_channels(image, self.channels, channels, fill_missing,
+                           self.trained_with_dropout)
+    canonical = image.to_canonical()
+    array, _, props = preprocess(canonical, None, self.plan)
+    return canonical, array, props
+
+  def probabilities(self, array: np.ndarray, mirror: bool = True,
+                    overlap: float = 0.5) -> np.ndarray:
+    """Class probabilities ``[*spatial, K]`` of a preprocessed array, on its (preprocessed) grid:
+    the Gaussian-weighted sliding window, with all-axis mirroring when ``mirror``."""
+    patch, k = self.plan["patch_size"], self.plan["num_classes"]
+    if self.plan["dims"] == 3:
+      return sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
+                                    batch_size=self.batch_size,
+                                    mirror_axes=(0, 1, 2) if mirror else ())
+    # 2-D plans: slice by slice along the plan's axis, each slice a 2-D sliding window.
+    axis = self.plan["slice_axis"]
+    planes = [sliding_window_predict(self.apply, np.take(array, n, axis=axis), patch, k,
+                                     overlap=overlap, batch_size=self.batch_size,
+                                     mirror_axes=(0, 1) if mirror else ())
+              for n in range(array.shape[axis])]
+    return np.stack(planes, axis=axis)
+
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5,
               channels: Sequence[str] | None = None, fill_missing: bool = False) -> Volume:
     """Class probabilities ``[i, j, k, K]`` on ``image``'s own grid (any orientation).
@@ -130,23 +158,8 @@ class Segmenter:
     ``channels`` names ``image``'s channels (default: the run's, in order); ``fill_missing``
     zero-fills the ones it lacks, for runs trained with ``train.modality_dropout``
     (`match_channels`, which also raises the missing-channel error)."""
-    image = match_channels(image, self.channels, channels, fill_missing,
-                           self.trained_with_dropout)
-    canonical = image.to_canonical()
-    array, _, props = preprocess(canonical, None, self.plan)
-    patch, k = self.plan["patch_size"], self.plan["num_classes"]
-    if self.plan["dims"] == 3:
-      probs = sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
-                                     batch_size=self.batch_size,
-                                     mirror_axes=(0, 1, 2) if mirror else ())
-    else:  # slice by slice along the plan's axis, each slice a 2-D sliding window
-      axis = self.plan["slice_axis"]
-      planes = [sliding_window_predict(self.apply, np.take(array, n, axis=axis), patch, k,
-                                       overlap=overlap, batch_size=self.batch_size,
-                                       mirror_axes=(0, 1) if mirror else ())
-                for n in range(array.shape[axis])]
-      probs = np.stack(planes, axis=axis)
-    restored = restore_geometry(probs, props)
+    canonical, array, props = self.preprocess(image, channels, fill_missing)
+    restored = restore_geometry(self.probabilities(array, mirror, overlap), props)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 
@@ -189,7 +202,8 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     # Written the way the input file stores its axes (read from its header only).
     write_nifti(pred.reoriented(nib.load(case.images[0]).affine),
                 os.path.join(out_dir, f"{case_id}.nii.gz"))
-    metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes)
+    metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes,
+                                               plan.get("ignore_label"))
     cases.append({"case": case_id, **{str(c): m for c, m in metrics.items()}})
     if n < overlays:
       _overlay(image.array[..., 0], label.array[..., 0], pred.array[..., 0],

@@ -76,6 +76,8 @@ class TrainedModel:
     num_classes: classes (or label columns for multi-label data).
     class_names: names by class index.
     plan: the segmentation plan (``plan.json``), or None.
+    precision: the compute precision the model runs in (`builders.PRECISIONS`): the run's
+      ``train.precision`` unless `load` was asked for another.
   """
 
   workdir: str
@@ -87,10 +89,14 @@ class TrainedModel:
   num_classes: int
   class_names: tuple[str, ...]
   plan: dict[str, Any] | None = None
+  precision: str = "float32"
 
   @classmethod
-  def load(cls, workdir: str, step: int | None = None) -> TrainedModel:
-    """Loads ``workdir``'s run at checkpoint ``step`` (default: best on validation, else latest).
+  def load(cls, workdir: str, step: int | None = None,
+           precision: str | None = None) -> TrainedModel:
+    """Loads ``workdir``'s run at checkpoint ``step`` (default: best on validation, else latest),
+    computing in ``precision`` (default: the run's ``train.precision``; the weights are float32
+    either way, so ``"float32"`` runs a bf16-trained model in float32).
 
     Raises:
       MedjaxIOError: the workdir lacks ``config.json`` / ``plan.json`` or any checkpoint.
@@ -102,7 +108,11 @@ class TrainedModel:
       plan = _read_json(os.path.join(workdir, "plan.json"))
       defaults = builders.plan_model_defaults(plan)
     num_classes, class_names, multi_label = builders.label_space(config, plan)
-    model = builders.build_model(config.model, num_classes, defaults)
+    precision = precision or builders.run_precision(config)
+    if precision not in builders.PRECISIONS:
+      raise ValueError(f"precision={precision!r} is not a precision; known: "
+                       f"{', '.join(builders.PRECISIONS)}")
+    model = builders.build_model(config.model, num_classes, defaults, precision)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
       raise MedjaxIOError(ckpt_dir, "no checkpoints: the run has not saved one yet")
@@ -115,7 +125,8 @@ class TrainedModel:
     finally:
       ckpt.close()
     return cls(workdir, config, model, jax.device_put(variables, jax.local_devices()[0]), step,
-               builders.build_task(config.task, multi_label), num_classes, class_names, plan)
+               builders.build_task(config.task, multi_label), num_classes, class_names, plan,
+               precision)
 
   # --- Data -----------------------------------------------------------------------------------
 

@@ -149,8 +149,8 @@ def mean_surface_distance(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[f
 
 
 def segmentation_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray,
-                         spacing: Sequence[float],
-                         classes: Sequence[Class]) -> dict[Class, dict[str, float]]:
+                         spacing: Sequence[float], classes: Sequence[Class],
+                         ignore_label: int | None = None) -> dict[Class, dict[str, float]]:
   """All metrics of one case, class by class.
 
   Args:
@@ -160,6 +160,8 @@ def segmentation_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray,
     spacing: voxel size in mm per spatial axis (``Volume.spacing`` for a 3-D volume).
     classes: the labels to score, usually the foreground ones. An entry that is a tuple of labels
       is a region, scored as the union of its labels (nnU-Net's region-based evaluation).
+    ignore_label: the reference's voxels of this label (not annotated) are left out of both
+      masks, whatever was predicted there (nnU-Net's ``ignore_mask``).
 
   Returns:
     ``{class: {"dice", "iou", "hd95", "msd", "ref_voxels", "pred_voxels"}}``, distances in mm,
@@ -171,11 +173,12 @@ def segmentation_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray,
   ndim = len(np.asarray(spacing).reshape(-1))
   if pred_labels.ndim == ndim + 1 and pred_labels.shape[-1] == 1:
     pred_labels, ref_labels = pred_labels[..., 0], ref_labels[..., 0]
+  annotated = True if ignore_label is None else ref_labels != ignore_label
   results = {}
   for c in classes:
     key = tuple(c) if isinstance(c, (tuple, list)) else c
     labels = list(key) if isinstance(key, tuple) else [key]
-    pred, ref = np.isin(pred_labels, labels), np.isin(ref_labels, labels)
+    pred, ref = np.isin(pred_labels, labels) & annotated, np.isin(ref_labels, labels)
     hd, msd = _distances(pred, ref, spacing)
     results[key] = {"dice": dice(pred, ref), "iou": iou(pred, ref), "hd95": hd, "msd": msd,
                     "ref_voxels": int(np.count_nonzero(ref)),

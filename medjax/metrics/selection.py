@@ -51,19 +51,23 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float
   return {"acc": acc, "auc": float(np.mean(aucs)) if aucs else float("nan"), "nll": nll}
 
 
-def pseudo_dice(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+def pseudo_dice(labels: np.ndarray, predictions: np.ndarray,
+                ignore_label: int | None = None) -> dict[str, float]:
   """nnU-Net's validation "pseudo Dice": per foreground class, one Dice over all voxels of all
   patches together (not a mean of per-case Dice), and ``dice``, their mean.
 
   Args:
     labels: ``[N, *spatial, 1]`` or ``[N, *spatial]`` integer label maps.
     predictions: ``[N, *spatial]`` predicted classes.
+    ignore_label: voxels labelled so (not annotated) are left out, whatever was predicted there.
   """
   labels = labels.reshape(predictions.shape)
-  num_classes = int(max(labels.max(), predictions.max())) + 1
+  annotated = np.ones(labels.shape, bool) if ignore_label is None else labels != ignore_label
+  top = max(labels[annotated].max(initial=0), predictions.max(initial=0))
+  num_classes = int(top) + 1
   out = {}
   for k in range(1, max(num_classes, 2)):
-    y, p = labels == k, predictions == k
+    y, p = labels == k, (predictions == k) & annotated
     denominator = y.sum() + p.sum()
     out[f"dice_{k}"] = float(2 * np.sum(y & p) / denominator) if denominator else float("nan")
   values = [v for v in out.values() if np.isfinite(v)]

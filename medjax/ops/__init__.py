@@ -1,12 +1,13 @@
 """The ops medjax's models compute with, and the one place that chooses how each runs.
 
 `conv`, `conv_transpose`, `instance_norm_leaky_relu`, `upsample` and `upsample_concat_conv` are
-plain functions. Where JAX's default backend is the CPU, they go to ``medjax.ops.cpu`` (oneDNN's
-convolutions, a 3-D Winograd, a fused norm + activation, the U-Net's up-sampling folded into the
-convolution that reads it, and XLA lowerings that suit XLA:CPU), which builds its C++ kernels on
-first use. Everywhere else (GPUs, TPUs) they are the plain XLA operations of ``medjax.ops.xla``.
-Inside `portable()` no custom call is emitted: XLA operations only (on the CPU, its XLA
-lowerings). All forms give the same results up to float rounding.
+plain functions. Where JAX's default backend is the CPU and the operands are float32, they go to
+``medjax.ops.cpu`` (oneDNN's convolutions, a 3-D Winograd, a fused norm + activation, the U-Net's
+up-sampling folded into the convolution that reads it, and XLA lowerings that suit XLA:CPU),
+which builds its C++ kernels on first use. Everywhere else (GPUs, TPUs; bfloat16 on the CPU) they
+are the plain XLA operations of ``medjax.ops.xla``. Inside `portable()` no custom call is
+emitted: XLA operations only (on the CPU, its XLA lowerings). All forms give the same results up
+to float rounding.
 
 ``medjax.ops.cpu`` is imported only once a CPU op is chosen: a process whose default backend is
 not the CPU never imports it, and so never compiles C++.
@@ -37,16 +38,18 @@ def portable():
     _PORTABLE.reset(token)
 
 
-def _on_cpu() -> bool:
-  """Whether the CPU implementations are chosen: JAX's default backend is the CPU. Checked at
-  every call, before ``medjax.ops.cpu`` is imported."""
-  return jax.default_backend() == "cpu"
+def _on_cpu(*operands: jax.Array) -> bool:
+  """Whether the CPU implementations are chosen: JAX's default backend is the CPU and the
+  ``operands`` are float32, the one dtype its kernels and lowerings are written and tested for
+  (bfloat16, ``train.precision="bf16"``, runs the XLA forms). Checked at every call, before
+  ``medjax.ops.cpu`` is imported."""
+  return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in operands)
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
   """Convolution of ``x [B, *spatial, C]`` with ``kernel [*k, C, O]`` (1- to 3-D, channels-last);
   ``padding`` is ``"SAME"`` or ``"VALID"``. Returns ``[B, *spatial', O]``."""
-  if _on_cpu():
+  if _on_cpu(x, kernel):
     from medjax.ops.cpu import conv as cpu_conv
     # Inside portable(), XLA:CPU's lowerings without the compiled kernels.
     return cpu_conv.conv(x, kernel, tuple(strides), padding, kernels=not _PORTABLE.get())
@@ -58,7 +61,7 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """The adjoint of the convolution of ``x_shape`` inputs with ``kernel [*k, C, O]``, strides and
   explicit ``(low, high)`` padding, applied to ``y [B, *t, O]``: a transposed convolution to
   ``x_shape``."""
-  if _on_cpu() and not _PORTABLE.get():
+  if _on_cpu(y, kernel) and not _PORTABLE.get():
     from medjax.ops.cpu import conv as cpu_conv
     return cpu_conv.conv_transpose(y, kernel, strides, padding, x_shape)
   return xla.conv_transpose(y, kernel, strides, padding, x_shape)
@@ -69,7 +72,7 @@ def instance_norm_leaky_relu(x: jax.Array, scale: jax.Array, bias: jax.Array,
   """Normalises ``x [B, *spatial, C]`` over its spatial axes per sample and channel, scales and
   shifts it by ``scale``, ``bias [C]``, then applies a leaky ReLU: flax's ``InstanceNorm``
   followed by ``nn.leaky_relu``, as one op."""
-  if _on_cpu() and not _PORTABLE.get():
+  if _on_cpu(x) and not _PORTABLE.get():
     from medjax.ops.cpu import norm_act
     return norm_act.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope)
   return xla.instance_norm_leaky_relu(x, scale, bias, epsilon, negative_slope).astype(x.dtype)
@@ -95,7 +98,7 @@ def upsample_concat_conv(x: jax.Array, up_kernel: jax.Array, up_bias: jax.Array,
   up-sampling (``medjax.ops.cpu.upsample_fold``). Elsewhere, and inside `portable()`, the
   sequence runs as written. Both give the same results up to float rounding.
   """
-  if _on_cpu() and not _PORTABLE.get():
+  if _on_cpu(x, skip, kernel) and not _PORTABLE.get():
     from medjax.ops.cpu import upsample_fold
     if upsample_fold.applies(x, up_kernel, skip, kernel):
       return upsample_fold.upsample_concat_conv(x, up_kernel, up_bias, skip, kernel)

@@ -67,7 +67,8 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
   (2-D). Each axis is halved while its feature map stays ≥ 4 voxels (at most 5 times) and its
   voxels are at most twice as coarse as the finest axis's, and the patch is rounded up to a
   multiple of its total stride. 2-D plans slice along the coarsest axis (axis 0 on
-  isotropic data) and keep the other two.
+  isotropic data) and keep the other two. A class named ``ignore`` (the highest label) becomes
+  ``ignore_label``: not a class the network predicts.
   """
   if dims not in (2, 3):
     raise ValueError(f"plan dims must be 2 or 3, got {dims}")
@@ -102,6 +103,15 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
   strides = [[1] * len(patch)] + [[2 if pools[a] >= s else 1 for a in range(len(patch))]
                                    for s in range(1, stages)]
   channels = fp["channels"]
+  # nnU-Net's ignore label: a class named "ignore" marks voxels as not annotated; it must be the
+  # highest label value, and the network does not predict it.
+  names = list(fp["class_names"])
+  ignore_label = names.index("ignore") if "ignore" in names else None
+  if ignore_label is not None:
+    if ignore_label != len(names) - 1:
+      raise ValueError(f"the label named 'ignore' is {ignore_label}; it must be the highest label "
+                       f"value ({len(names) - 1}), as nnU-Net requires")
+    names = names[:-1]
   plan = {
       "dims": dims,
       "target_spacing": target.tolist(),
@@ -112,8 +122,12 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
       "channels": list(channels),  # input channel (modality) names, in input order
       "normalization": ["ct" if c.upper() == "CT" else "zscore" for c in channels],
       "foreground_intensity": fp["foreground_intensity"],
-      "num_classes": len(fp["class_names"]),
-      "class_names": fp["class_names"],
+      "num_classes": len(names),
+      "class_names": names,
+      "ignore_label": ignore_label,  # voxels of this label are in no loss or metric (None: none)
+      # nnU-Net's separate-z resampling where a case's or the target's spacing is more anisotropic
+      # than this (medjax.planning.preprocessing.preprocess); None: never.
+      "separate_z_anisotropy": _ANISOTROPY,
   }
   for key, value in (overrides or {}).items():
     if key not in plan:

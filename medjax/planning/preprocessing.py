@@ -17,17 +17,25 @@ from typing import Any, Sequence
 import numpy as np
 
 from medjax.data import transforms
+from medjax.data.spatial import separate_z_axis
 from medjax.io.atomic import atomic_open, atomic_write_json
 from medjax.io.msd import MSDDataset, load_msd_case
 from medjax.io.volume import Volume
 
 _LOCATIONS_PER_CLASS = 10_000  # nnU-Net's: class locations kept per class, for oversampling
+# nnU-Net's spline orders where its separate-z rule applies (the plan's separate_z_anisotropy):
+# in-plane cubic for images, per-class linear for labels, linear for predicted probabilities;
+# along the coarse axis nearest for all three.
+_SEPARATE_Z = {"image": 3, "label": 1, "probabilities": 1, "z": 0}
 
 
 def plan_hash(plan: dict[str, Any]) -> str:
   """Identifies what the cache depends on (spacing and normalisation, not the network)."""
   keys = ("target_spacing", "normalization", "foreground_intensity")
-  text = json.dumps({k: plan[k] for k in keys}, sort_keys=True)
+  values = {k: plan[k] for k in keys}
+  if plan.get("separate_z_anisotropy") is not None:  # plans made before it resample without
+    values["separate_z_anisotropy"] = plan["separate_z_anisotropy"]
+  text = json.dumps(values, sort_keys=True)
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -59,18 +67,28 @@ def preprocess(image: Volume, label: Volume | None, plan: dict[str, Any]
   """One case → (image ``[*spatial, C]`` float32, label ``[*spatial, 1]`` uint8, properties).
 
   ``image`` and ``label`` are canonical (as `load_msd_case` returns them). The properties hold
-  the crop box and shapes that `restore_geometry` needs to undo the steps.
+  the crop box and shapes that `restore_geometry` needs to undo the steps. Where nnU-Net's
+  separate-z rule applies (`medjax.data.spatial.separate_z_axis` at the plan's
+  ``separate_z_anisotropy``), the coarse axis is resampled on its own, nearest, and the others
+  slice by slice, cubic (image) and per-class linear (label); elsewhere linear and nearest.
   """
   box = nonzero_box(image.array)
   record = {"image": _normalize(image.array[box], plan), "spacing": image.spacing.copy()}
   if label is not None:
     record["label"] = np.ascontiguousarray(label.array[box], np.uint8)
-  resampled = transforms.Resample(spacing=tuple(plan["target_spacing"])).map(record)
+  anisotropy = plan.get("separate_z_anisotropy")
+  axis = (None if anisotropy is None else
+          separate_z_axis(image.spacing, plan["target_spacing"], anisotropy))
+  orders = {} if axis is None else {"order": _SEPARATE_Z["image"],
+                                    "label_order": _SEPARATE_Z["label"], "z_axis": axis,
+                                    "order_z": _SEPARATE_Z["z"]}
+  resampled = transforms.Resample(spacing=tuple(plan["target_spacing"]), **orders).map(record)
   props = {"canonical_shape": list(image.shape), "box": [[s.start, s.stop] for s in box],
            "cropped_shape": [s.stop - s.start for s in box],
            "spacing": image.spacing.tolist(), "canonical_affine": image.affine.tolist(),
            "preprocessed_shape": list(resampled["image"].shape[:3]),
-           "preprocessed_spacing": np.asarray(resampled["spacing"]).tolist()}
+           "preprocessed_spacing": np.asarray(resampled["spacing"]).tolist(),
+           "separate_z_anisotropy": anisotropy, "separate_z_axis": axis}
   return (np.ascontiguousarray(resampled["image"], np.float32),
           resampled.get("label"), props)
 
@@ -78,15 +96,21 @@ def preprocess(image: Volume, label: Volume | None, plan: dict[str, Any]
 def restore_geometry(probabilities: np.ndarray, props: dict[str, Any]) -> np.ndarray:
   """Preprocessed-grid class probabilities ``[*spatial, K]`` → the canonical image's grid.
 
-  Undoes the resampling (linear, on probabilities, so the argmax stays smooth) and the crop
-  (background outside the box).
+  Undoes the resampling (linear, on probabilities, so the argmax stays smooth; where nnU-Net's
+  separate-z rule applies, linear in-plane and nearest along the coarse axis, as nnU-Net exports)
+  and the crop (background outside the box).
   """
   cropped = props["cropped_shape"]
   record = {"image": probabilities.astype(np.float32),
             "spacing": np.asarray(props["preprocessed_spacing"])}
   if list(probabilities.shape[:3]) != cropped:
     zoom = np.asarray(props["preprocessed_spacing"]) * np.asarray(probabilities.shape[:3])
-    record = transforms.Resample(spacing=tuple(zoom / np.asarray(cropped))).map(record)
+    anisotropy = props.get("separate_z_anisotropy")
+    axis = (None if anisotropy is None else
+            separate_z_axis(props["preprocessed_spacing"], props["spacing"], anisotropy))
+    orders = {} if axis is None else {"order": _SEPARATE_Z["probabilities"], "z_axis": axis,
+                                      "order_z": _SEPARATE_Z["z"]}
+    record = transforms.Resample(spacing=tuple(zoom / np.asarray(cropped)), **orders).map(record)
   restored = record["image"]
   if list(restored.shape[:3]) != cropped:  # rounding: crop/pad the last voxel
     restored = transforms.CropOrPad(shape=tuple(cropped), mode="edge").map(
@@ -132,7 +156,7 @@ def prepare_cache(dataset: MSDDataset, plan: dict[str, Any], cache_dir: str,
     if seg is not None:
       _save(os.path.join(folder, f"{case.case_id}_label.npy"), seg)
       _save(os.path.join(folder, f"{case.case_id}_locations.npy"),
-            _locations(seg, dataset.num_classes,
+            _locations(seg, plan["num_classes"],  # the ignore label is not a class
                        np.random.default_rng(zlib.crc32(case.case_id.encode()))))
     props.update(case_id=case.case_id, image_files=list(case.images), label_file=case.label)
     _save(final, props)  # written last: its presence marks a complete case

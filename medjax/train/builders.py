@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
@@ -34,10 +35,24 @@ def plan_model_defaults(plan: dict[str, Any]) -> dict[str, Any]:
   return {"features": plan["features"], "strides": plan["strides"]}
 
 
+# ``train.precision`` → the models' compute dtype (Flax's ``dtype``). Parameters, optimiser state
+# and checkpoints stay float32 whatever it is; the models keep losses' inputs (logits), norms'
+# statistics and pooled features in float32.
+PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def run_precision(config: ml_collections.ConfigDict) -> str:
+  """A run's ``train.precision``; ``"float32"`` for runs saved before the setting existed."""
+  return config.train.get("precision", "float32")
+
+
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
-                defaults: dict[str, Any] | None = None) -> nn.Module:
-  """The registry's model, with ``defaults`` (e.g. the plan's widths) under the config's kwargs."""
+                defaults: dict[str, Any] | None = None, precision: str = "float32") -> nn.Module:
+  """The registry's model, with ``defaults`` (e.g. the plan's widths) under the config's kwargs,
+  computing in ``precision`` (a `PRECISIONS` key; ``"float32"`` leaves the model's default)."""
   kwargs = {**(defaults or {}), **model_cfg.kwargs.to_dict()}
+  if precision != "float32":
+    kwargs["dtype"] = PRECISIONS[precision]
   return registry.lookup(model_cfg.name, "models.")(num_classes=num_classes, **kwargs)
 
 

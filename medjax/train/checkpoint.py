@@ -73,9 +73,12 @@ class Checkpointer:
     directory: the workdir's ``checkpoints/`` folder.
     keep: how many of the most recent checkpoints to keep.
     best_metric: name of the metric (higher is better) whose best checkpoint is also kept.
+    read_only: only restore: nothing under ``directory`` is created, cleaned up or deleted (for
+      reading another run's checkpoints, e.g. to fine-tune from them).
   """
 
-  def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: str = "auc"):
+  def __init__(self, directory: str | os.PathLike, keep: int = 2, best_metric: str = "auc",
+               read_only: bool = False):
     self.best_metric = best_metric
     self.directory = os.path.abspath(os.fspath(directory))
     metric_fn = lambda m: m[best_metric]
@@ -83,16 +86,18 @@ class Checkpointer:
         pp.LatestN(n=keep),
         pp.BestN(get_metric_fn=metric_fn, n=1, keep_checkpoints_without_metrics=False),
     ])
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=False, create=True,
-            cleanup_tmp_directories=True,
-            # Without best_fn Orbax neither writes the metrics to disk nor ranks by them:
-            # best_step() is then the latest step, and after a restart BestN sees no metrics
-            # and deletes the best checkpoint at the next save.
-            best_fn=metric_fn, best_mode="max"),
-    )
+    # Orbax warns that a read-only manager saves nothing: what read_only asks for.
+    with _drop_absl_records(lambda m: "read_only=True" in m or "directory is read only" in m):
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              preservation_policy=policy, enable_async_checkpointing=False,
+              create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
+              # Without best_fn Orbax neither writes the metrics to disk nor ranks by them:
+              # best_step() is then the latest step, and after a restart BestN sees no metrics
+              # and deletes the best checkpoint at the next save.
+              best_fn=metric_fn, best_mode="max"),
+      )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -31,6 +31,8 @@ from medjax.io.atomic import atomic_write_json
 from medjax.models import fusion
 from medjax.train import (
     batch_norm,
+    builders,
+    finetune,
     optim,
     preemption,
     report,
@@ -38,6 +40,7 @@ from medjax.train import (
     settings,
     sharding,
     tasks,
+    throughput,
     tta,
 )
 from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defaults: public here)
@@ -104,6 +107,7 @@ class Data:
   num_classes: int
   multi_label: bool = False
   model_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the plan's
+  task_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. the ignore label
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
@@ -135,7 +139,9 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
   """
   data_cfg = config.data
-  dataset = msd.read_msd_dataset(msd_root(data_cfg))
+  # Hold-out cases (data.holdout) are kept out of the plan, the cache and every fold.
+  dataset = planning.without_holdout(msd.read_msd_dataset(msd_root(data_cfg)),
+                                     data_cfg.get("holdout", ()))
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
                                     overrides=data_cfg.plan.to_dict())
@@ -157,7 +163,8 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   centre = transforms.CropOrPad(shape=tuple(patch))
   return Data(planning.CaseSource(cache, fold["train"]),
               transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
-              plan["num_classes"], model_defaults=plan_model_defaults(plan))
+              plan["num_classes"], model_defaults=plan_model_defaults(plan),
+              task_kwargs={"ignore_label": plan.get("ignore_label")})
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
@@ -206,6 +213,28 @@ def _dict_diff(saved: Any, current: Any, prefix: str = "",
                         added)
     return out
   return [] if saved == current else [f"{prefix[:-1]}: {saved!r} → {current!r}"]
+
+
+def _pretrained(config: ml_collections.ConfigDict, workdir: str,
+                init_state: Callable[[], TrainState]) -> dict[str, Any] | None:
+  """The variables ``config.init_from`` gives a run's first start (`finetune.select`), None
+  without it or when ``workdir`` holds a checkpoint to resume; checks ``optim.freeze`` too."""
+  freeze = tuple(config.optim.get("freeze") or ())
+  init_from = config.get("init_from") or ""
+  if not (freeze or init_from):
+    return None
+  abstract = jax.eval_shape(init_state)
+  finetune.check_patterns(abstract.params, freeze, "optim.freeze")
+  if not init_from or finetune.has_checkpoint(workdir):
+    return None
+  source, where = finetune.read_source(init_from)
+  chosen = finetune.select({"params": abstract.params, "batch_stats": abstract.batch_stats},
+                           source, where, tuple(config.get("init_skip") or ()),
+                           config.get("init_subtree") or "",
+                           config.get("init_from_subtree") or "")
+  logging.info("initialising %d of %d parameter arrays from %s", len(chosen["params"]),
+               len(jax.tree.leaves(abstract.params)), where)
+  return chosen
 
 
 def _batch_digest(batch: dict[str, np.ndarray]) -> str:
@@ -358,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_src, eval_src, train_tf, eval_tf = data.train, data.eval, data.train_transforms, \
       data.eval_transforms
   task = build_task(config.task, data.multi_label, label_smoothing=config.train.label_smoothing,
-                    **config.get("task_kwargs", {}))
+                    **{**data.task_kwargs, **config.get("task_kwargs", {})})
   settings.check_data(config, task, data.num_classes, len(train_src), len(eval_src),
                       getattr(eval_src, "name", ""))
   steps_per_epoch = len(train_src) // config.train.batch_size
@@ -381,12 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
 
   # Model, optimiser and state, created directly with replicated shardings.
-  model = build_model(config.model, data.num_classes, data.model_defaults)
+  model = build_model(config.model, data.num_classes, data.model_defaults,
+                      builders.run_precision(config))
   tx = optim.make_optimizer(config.optim, total_steps)
   lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)  # for logging only
-  # Only now, with the config and data known good: a refused run must not leave a config.json
-  # that then refuses the corrected command as "another experiment".
-  check_workdir_config(workdir, config)
   first = next(pipeline.eval_batches(eval_src, eval_tf, global_batch_size=1))
   input_shape = first["image"].shape[1:]  # after the transforms, which may crop or resample
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -399,6 +426,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       opt_state=tx.init(params), rng=rng_train, ema=ema, apply_fn=model.apply,
                       tx=tx, ema_decay=config.train.ema_decay)
 
+  pretrained = _pretrained(config, workdir, init_state)
+  # Only now, with the config, data and source weights known good: a refused run must not leave
+  # a config.json that then refuses the corrected command as "another experiment".
+  check_workdir_config(workdir, config)
   state = jax.jit(init_state, out_shardings=repl)()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("model %s: %.2fM parameters, input %s, %d devices on %d processes",
@@ -427,13 +458,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step:
     ckpt.check_best()
     logging.info("resumed from step %d", start_step)
+  elif pretrained is not None:
+    state = finetune.start_from(state, pretrained, repl)
   writer = MetricWriter(workdir, resume_step=start_step)
   record_path = os.path.join(workdir, "batches.jsonl")
 
   # Loop. SIGTERM (preemption) stops it at the next step boundary, after a checkpoint.
   last_metrics: dict[str, float] = {}
-  t0 = t_log = time.perf_counter()
-  steps_since_log = 0
+  t0 = time.perf_counter()
+  meter = throughput.Throughput(
+      config.train.batch_size,
+      math.prod(input_shape[:-1]) if task.name == "segmentation" else 0,
+      throughput.device_peak(mesh, builders.run_precision(config)))
+  flops_pending = meter.peak is not None  # MFU: the step's FLOPs, once, on GPUs and TPUs
   diverged = DivergenceRule(config.train.divergence_factor, config.train.divergence_window,
                             config.train.divergence_patience)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -441,13 +478,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with preemption.StopOnSignal() as stop:
     for step in range(start_step + 1, total_steps + 1):
       if feed is None:
+        t_wait = time.perf_counter()
         batch = next(train_iter)
+        meter.waited(time.perf_counter() - t_wait)
         if config.train.record_batches and pindex == 0:
           with open(record_path, "a") as f:
             f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
-        state, out = train_step(state, sharding.to_global(batch, mesh))
-      else:
-        state, out = train_step(state, feed.arrays, feed.indices)
+        args = (state, sharding.to_global(batch, mesh))
+      else:  # the step gathers its batch on the device: no input to wait for
+        args = (state, feed.arrays, feed.indices)
+      if flops_pending:  # a compilation of its own, left out of step time
+        flops_pending, t_flops = False, time.perf_counter()
+        per_device = throughput.step_flops(train_step, *args)
+        meter.flops_per_step = per_device * mesh.size if per_device else None
+        meter.exclude(time.perf_counter() - t_flops)
+      state, out = train_step(*args)
+      del args  # holds the donated state
       out = jax.device_get(out)
       loss = float(out["loss"])
       if not bool(out["finite"]):
@@ -467,14 +513,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{os.path.join(workdir, 'checkpoints')}")
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      steps_since_log += 1
+      meter.stepped()
       if itstime(step, config.train.log_every_steps, total_steps):
-        now = time.perf_counter()
-        writer.write(step, {"train/loss": loss,
-                            "time/seconds_per_step": (now - t_log) / steps_since_log,
+        writer.write(step, {"train/loss": loss, **meter.metrics(),
                             "train/lr": float(lr_schedule(step - 1)),
                             "train/epoch": step / steps_per_epoch})
-        t_log, steps_since_log = time.perf_counter(), 0
+      t_other = time.perf_counter()  # evaluation and checkpoints: not step time
       eval_now = itstime(step, eval_every, total_steps)
       if eval_now:
         if recalibrate is not None:
@@ -493,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metric = last_metrics.get(config.eval.best_metric) if eval_now else None
         ok_metric = metric is not None and math.isfinite(metric)
         ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
+      meter.exclude(time.perf_counter() - t_other)
       if step < total_steps and stop.requested(pcount):
         if not saved:
           ckpt.save(step, state, train_iter)

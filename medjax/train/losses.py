@@ -3,7 +3,8 @@
 Pure ``jnp`` functions, jit-friendly. Logits are ``[N, *spatial, C]`` (channels-last, as the models
 emit them); labels are integer class maps ``[N, *spatial]`` or ``[N, *spatial, 1]``. Each loss
 returns a float32 scalar. ``mask`` is a per-sample weight ``[N]`` (0 drops a sample, e.g. the
-padding of a last evaluation batch).
+padding of a last evaluation batch). ``ignore_label`` is a label value that marks voxels as not
+annotated (nnU-Net's ignore label): they contribute nothing to a loss or its gradient.
 """
 
 from __future__ import annotations
@@ -41,9 +42,19 @@ def _weighted_mean(x: jax.Array, w: jax.Array | None) -> jax.Array:
   return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-8)
 
 
+def _valid(labels: jax.Array, ignore_label: int | None) -> tuple[jax.Array, jax.Array | None]:
+  """``(labels with ignored voxels set to 0, float32 [N, *spatial] 1 where annotated)``; the
+  mask is None without an ignore label."""
+  if ignore_label is None:
+    return labels, None
+  valid = labels != ignore_label
+  return jnp.where(valid, labels, 0), valid.astype(jnp.float32)
+
+
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None = None,
                    batch_dice: bool = False, include_background: bool = False,
-                   smooth: float = 1e-5, mask: jax.Array | None = None) -> jax.Array:
+                   smooth: float = 1e-5, mask: jax.Array | None = None,
+                   ignore_label: int | None = None) -> jax.Array:
   """``1 - mean soft Dice`` of the softmax probabilities against the one-hot labels.
 
   nnU-Net v2's ``MemoryEfficientSoftDiceLoss``: per class ``c``,
@@ -66,6 +77,7 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None
     smooth: added to numerator and denominator.
     mask: ``[N]`` sample weights. Per-sample Dice: a weighted mean over samples; ``batch_dice``:
       each sample's sums are weighted. Either way a weight-0 sample has no effect.
+    ignore_label: voxels of this label are left out of every sum (nnU-Net v2's ``loss_mask``).
 
   Returns:
     Scalar float32 loss in ``[0, 1]``.
@@ -78,10 +90,12 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None
   if num_classes - first < 1:
     raise ValueError(f"no class left for the Dice: num_classes={num_classes}, "
                      f"include_background={include_background}")
-  labels = _class_map(labels, logits)
+  labels, valid = _valid(_class_map(labels, logits), ignore_label)
   w = _sample_weights(mask, logits.shape[0])
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., first:]
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)[..., first:]
+  if valid is not None:
+    probs, onehot = probs * valid[..., None], onehot * valid[..., None]
   axes = tuple(range(1, logits.ndim - 1))
   sums = [jnp.sum(probs * onehot, axes), jnp.sum(probs, axes), jnp.sum(onehot, axes)]  # [N, C']
   if batch_dice:
@@ -95,33 +109,40 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None
   return 1.0 - _weighted_mean(jnp.mean(dice, -1), w)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  mask: jax.Array | None = None) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
+                  ignore_label: int | None = None) -> jax.Array:
   """Softmax cross-entropy against integer labels, the mean over voxels (and samples).
 
   Args:
     logits: ``[N, *spatial, C]``.
     labels: integer ``[N, *spatial]`` or ``[N, *spatial, 1]``.
     mask: ``[N]`` sample weights: a weighted mean of the per-sample voxel means.
+    ignore_label: voxels of this label are left out: the mean runs over the annotated voxels of
+      the batch (PyTorch's ``ignore_index``, as nnU-Net v2), sample weights applied.
 
   Returns:
     Scalar float32 loss.
   """
-  labels = _class_map(labels, logits)
+  labels, valid = _valid(_class_map(labels, logits), ignore_label)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  per_sample = jnp.mean(ce.reshape(ce.shape[0], -1), axis=1)
-  return _weighted_mean(per_sample, _sample_weights(mask, logits.shape[0]))
+  w = _sample_weights(mask, logits.shape[0])
+  if valid is None:
+    per_sample = jnp.mean(ce.reshape(ce.shape[0], -1), axis=1)
+    return _weighted_mean(per_sample, w)
+  weights = valid if w is None else valid * w.reshape((-1,) + (1,) * (valid.ndim - 1))
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None = None, *,
                  weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = False,
                  include_background: bool = False, smooth: float = 1e-5,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, ignore_label: int | None = None) -> jax.Array:
   """``weight_ce · cross_entropy + weight_dice · soft_dice_loss``, nnU-Net's ``DC_and_CE_loss``
   (which weighs both 1); see those two for the arguments. Offset by +``weight_dice`` from nnU-Net's
   value, since the Dice term is ``1 - dice`` here."""
-  ce = cross_entropy(logits, labels, mask)
-  dice = soft_dice_loss(logits, labels, num_classes, batch_dice, include_background, smooth, mask)
+  ce = cross_entropy(logits, labels, mask, ignore_label)
+  dice = soft_dice_loss(logits, labels, num_classes, batch_dice, include_background, smooth, mask,
+                        ignore_label)
   return weight_ce * ce + weight_dice * dice
 
 

@@ -7,6 +7,7 @@ import ml_collections
 import optax
 
 from medjax import registry
+from medjax.train import finetune
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -22,7 +23,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   """Builds the optimiser registered as ``optim.<cfg.name>`` (adamw | sgd), with optional grad
   clipping.
 
-  Weight decay applies to kernels only (rank ≥ 2), not to biases or norm scales.
+  Weight decay applies to kernels only (rank ≥ 2), not to biases or norm scales. Parameters whose
+  '/'-joined paths a regex of ``cfg.freeze`` matches get no update (``optax.set_to_zero`` through
+  ``optax.multi_transform``): they keep their values, and no optimiser state.
   """
   schedule = learning_rate_schedule(cfg, total_steps)
   try:
@@ -32,6 +35,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   tx = make(cfg, schedule)
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  freeze = tuple(cfg.get("freeze") or ())
+  if freeze:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               finetune.freeze_labels(freeze))
   return tx
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
-from medjax.train import optim, tasks  # noqa: F401  (optim: registers the optimisers)
+from medjax.train import builders, optim, tasks  # noqa: F401  (optim: registers the optimisers)
 
 # Where each data.source reads its records, and the tasks it has labels for.
 SOURCE_TASKS = {
@@ -77,6 +77,10 @@ def check(config: ml_collections.ConfigDict) -> None:
                      f"data.source={' | '.join(readers)}")
   for key, interval in _RANGES + (_MSD_RANGES if source == "msd" else ()):
     _check_range(key, _get(config, key), interval)
+  precision = _get(config, "train.precision")
+  if precision is not None and precision not in builders.PRECISIONS:
+    raise ValueError(f"train.precision={precision!r} is not a precision; known: "
+                     f"{', '.join(builders.PRECISIONS)}")
   if source == "msd" and not 0 <= config.data.fold < config.data.folds:
     raise ValueError(f"data.fold={config.data.fold} is not one of the {config.data.folds} folds "
                      f"(0 to {config.data.folds - 1})")

@@ -7,6 +7,7 @@ registered function here, never copying the loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -82,23 +83,27 @@ def multilabel_classification(label_smoothing: float = 0.0) -> Task:
 
 
 @registry.register("tasks.segmentation")
-def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True) -> Task:
+def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True,
+                 ignore_label: int | None = None) -> Task:
   """Voxel-wise classes: Dice + cross-entropy (summed over deep-supervision heads when the model
-  returns several); evaluated with nnU-Net's pseudo Dice over whole val patches."""
+  returns several); evaluated with nnU-Net's pseudo Dice over whole val patches. Voxels labelled
+  ``ignore_label`` (not annotated; the plan's) count in neither the loss nor the metrics."""
   del label_smoothing  # nnU-Net trains without it; accepted so configs share one signature
 
   def loss_fn(outputs, batch: dict) -> jax.Array:
     labels = batch["label"][..., 0].astype(jnp.int32)
+    loss = functools.partial(losses.dice_ce_loss, batch_dice=batch_dice,
+                             ignore_label=ignore_label)
     if isinstance(outputs, (list, tuple)):
-      return losses.deep_supervision_loss(
-          outputs, labels, lambda o, y: losses.dice_ce_loss(o, y, batch_dice=batch_dice))
-    return losses.dice_ce_loss(outputs, labels, batch_dice=batch_dice)
+      return losses.deep_supervision_loss(outputs, labels, loss)
+    return loss(outputs, labels)
 
   def predict_fn(outputs) -> jax.Array:
     logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
     return jnp.argmax(logits, axis=-1).astype(jnp.int8)
 
-  return Task("segmentation", loss_fn, predict_fn, metrics_lib.pseudo_dice, _dice_metrics)
+  metrics_fn = functools.partial(metrics_lib.pseudo_dice, ignore_label=ignore_label)
+  return Task("segmentation", loss_fn, predict_fn, metrics_fn, _dice_metrics)
 
 
 @registry.register("tasks.fusion")

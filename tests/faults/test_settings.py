@@ -115,6 +115,7 @@ def test_bad_override_names_the_flag(flag, message):
     ("task", "detection", "classification, fusion, multilabel_classification, segmentation"),
     ("optim.name", "lamb", "adamw, sgd"),
     ("data.source", "dicomdir", "medmnist, msd, harvard"),
+    ("train.precision", "fp16", "float32, bf16"),
 ])
 def test_unknown_name_lists_the_known_ones(key, value, known):
   _refused(config("", **{key: value}), f"{key}={value!r}", known)

@@ -87,6 +87,30 @@ def test_model_json_records_what_a_server_needs(run):
                                                                       "model.stablehlo"))
 
 
+def test_a_bf16_run_exports_in_bf16_or_on_request_float32(run, tmp_path):
+  """The run's ``train.precision`` is what its export computes in; ``precision="float32"`` keeps
+  a float32 module (the weights are float32 either way)."""
+  workdir = str(tmp_path / "bf16")
+  shutil.copytree(run["workdir"], workdir)
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+  saved["train"]["precision"] = "bf16"
+  json.dump(saved, open(path, "w"))
+  images = run["images"][:5]
+  for precision, dtype in ((None, "bf16"), ("float32", "f32")):
+    out = str(tmp_path / f"model_{precision}")
+    meta = export_lib.export(workdir, out, platforms=CPU, precision=precision)
+    assert meta["source"]["precision"] == {"bf16": "bf16", "f32": "float32"}[dtype]
+    model = serving.load_exported(out)
+    text = model.exported.mlir_module()
+    convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    assert convs and all(f"x{dtype}>" in line.rsplit("->", 1)[-1] for line in convs), convs[:2]
+    got = model(images)
+    assert got.dtype == np.float32
+    want = run["trained"].predict_images(images)
+    np.testing.assert_allclose(got, want, atol=1e-5 if dtype == "f32" else 3e-2)
+
+
 def test_a_modified_module_fails_the_checksum(run, tmp_path):
   copy = str(tmp_path / "model")
   shutil.copytree(run["out"], copy)

@@ -52,6 +52,25 @@ def test_portable_traces_to_xla_operations_only():
   assert "custom_call" not in hlo and "convolution" in hlo
 
 
+def test_bf16_operands_run_the_xla_forms():
+  """The CPU kernels and lowerings are float32's: bfloat16 operands get XLA's own operations (no
+  custom call), whose results these are."""
+  x, w = (a.astype(jnp.bfloat16) for a in _operands((2, 6, 6, 5, 8), (3, 3, 3, 8, 8)))
+  up, skip = jnp.ones((2, 2, 2, 8, 8), jnp.bfloat16), jnp.ones((2, 12, 12, 10, 8), jnp.bfloat16)
+
+  def f(x, w):
+    y = ops.conv(x, w, (1, 1, 1), "SAME")
+    y = ops.conv_transpose(y, w, (1, 1, 1), [(1, 1)] * 3, x.shape)
+    z = ops.upsample_concat_conv(y, up, jnp.zeros(8, y.dtype), skip, jnp.repeat(w, 2, axis=3))
+    return y, z
+
+  hlo = jax.jit(f).lower(x, w).as_text()
+  assert "custom_call" not in hlo and "convolution" in hlo
+  want = xla.conv_transpose(xla.conv(x, w, (1, 1, 1), "SAME"), w, (1, 1, 1), [(1, 1)] * 3,
+                            x.shape)
+  np.testing.assert_array_equal(np.asarray(f(x, w)[0], np.float32), np.asarray(want, np.float32))
+
+
 def test_a_process_whose_default_backend_is_not_the_cpu_never_builds(tmp_path):
   """With JAX's default backend reported as a GPU, every op traces to XLA's forms, and
   ``medjax.ops.cpu`` is never imported: no C++ is compiled (the cache stays empty)."""

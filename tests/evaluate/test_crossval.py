@@ -1,0 +1,132 @@
+"""Cross-validation report, post-processing decision, hold-out, and predict with a CV folder."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import REPO
+from helpers import run_cli
+from scipy import ndimage
+
+from medjax.evaluate import crossval
+from medjax.infer import ensemble as ensemble_lib
+from medjax.infer import predict
+from medjax.metrics import postprocessing as pp
+from medjax.metrics import segmentation as seg_metrics
+
+
+@pytest.fixture(scope="module")
+def evaluated(cv_runs, tmp_path_factory):
+  """A copy of the cross-validation folder after `evaluate_cv` and `evaluate_holdout`."""
+  folder, msd_root = cv_runs
+  copy = str(tmp_path_factory.mktemp("cv") / "cv")
+  shutil.copytree(folder, copy)
+  result = crossval.evaluate_cv(copy, n_boot=50)
+  held = crossval.evaluate_holdout(copy, n_boot=50, mirror=False)
+  return copy, msd_root, result, held
+
+
+def test_every_training_case_is_scored_out_of_fold(evaluated):
+  folder, msd_root, result, _ = evaluated
+  splits = [json.load(open(os.path.join(folder, f"fold{k}", "splits.json"))) for k in range(2)]
+  assert splits[0] == splits[1]
+  val = [c for s in splits[0] for c in s["val"]]
+  # data.holdout: case_006 is in no fold; the six others are each predicted by one fold.
+  assert sorted(val) == [f"case_{k:03d}" for k in range(6)] and result["cases"] == 6
+  out = os.path.join(folder, "crossval")
+  assert sorted(os.listdir(os.path.join(out, "predictions"))) == [f"{c}.nii.gz" for c in
+                                                                  sorted(val)]
+  cases = []
+  for fold, split in enumerate(splits[0]):
+    for case in split["val"]:
+      pred = nib.load(os.path.join(out, "predictions", f"{case}.nii.gz"))
+      written = nib.load(os.path.join(folder, f"fold{fold}", "validation", f"{case}.nii.gz"))
+      np.testing.assert_array_equal(np.asarray(pred.dataobj), np.asarray(written.dataobj))
+      ref = nib.load(os.path.join(msd_root, "labelsTr", f"{case}.nii.gz"))
+      assert pred.shape == ref.shape
+      np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
+      cases.append(seg_metrics.segmentation_metrics(
+          np.asarray(pred.dataobj), np.asarray(ref.dataobj), ref.header.get_zooms()[:3], [1, 2]))
+  expected = seg_metrics.summarize(cases)
+  assert result["raw"]["per_class"]["outer"]["dice"] == pytest.approx(expected.mean[1]["dice"])
+  assert result["raw"]["foreground_dice"] == pytest.approx(expected.foreground_dice)
+  for metric in ("dice", "hd95"):
+    for iv in result["raw"][f"{metric}_ci95"].values():
+      assert iv["lo"] <= iv["value"] <= iv["hi"]
+  text = open(os.path.join(out, "results.md")).read()
+  assert "HD95 (mm)" in text and "Post-processing" in text
+  rows = open(os.path.join(out, "results.csv")).read().splitlines()
+  assert rows[0] == "case,fold,postprocessed,class,dice,iou,hd95,msd" and len(rows) == 1 + 24
+
+
+def test_the_post_processing_decision_is_written_and_applied_to_the_oof_predictions(evaluated):
+  folder, msd_root, result, _ = evaluated
+  decision = pp.read_decision(os.path.join(folder, "postprocessing.json"))
+  assert decision["keep_largest"] == result["postprocessing"]
+  assert [s["labels"] for s in decision["steps"]] == [[1, 2], [1], [2]]
+  for case in os.listdir(os.path.join(folder, "crossval", "predictions")):
+    raw = np.asarray(nib.load(os.path.join(folder, "crossval", "predictions", case)).dataobj)
+    post = np.asarray(nib.load(os.path.join(folder, "crossval", "postprocessed", case)).dataobj)
+    np.testing.assert_array_equal(post, pp.apply_postprocessing(raw, decision))
+
+
+def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
+  folder, _, _, held = evaluated
+  assert held["cases"] == 1
+  for variant in ("fold0", "fold0+pp", "ensemble", "ensemble+pp"):
+    assert 0.0 <= held[variant]["foreground_dice"] <= 1.0
+  diff = held["ensemble_minus_fold0"]["raw"]["value"]
+  assert diff == pytest.approx(held["ensemble"]["foreground_dice"] -
+                               held["fold0"]["foreground_dice"])
+  assert "ensemble+pp" in open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
+
+
+def test_predict_with_a_cv_folder_ensembles_the_folds_and_applies_its_decision(evaluated,
+                                                                                tmp_path):
+  folder, msd_root, _, _ = evaluated
+  image = os.path.join(msd_root, "imagesTr", "case_006.nii.gz")
+  # A decision that keeps one component of class 2, so that its effect shows.
+  decision = {"keep_largest": [[2]]}
+  pp.write_decision(os.path.join(folder, pp.FILENAME), decision)
+  outs = {}
+  for name, flag in (("auto", "auto"), ("none", "none")):
+    code, _, err = run_cli(predict, f"--workdir={folder}", f"--input={image}",
+                           f"--output={tmp_path / name}", "--no_mirror", "--probabilities",
+                           f"--postprocessing={flag}")
+    assert code == predict.EXIT_OK, err
+    outs[name] = np.asarray(nib.load(str(tmp_path / name / "case_006_seg.nii.gz")).dataobj)
+  record = json.load(open(tmp_path / "auto" / "predict.json"))
+  assert len(record["workdir"]) == 2 and len(record["step"]) == 2
+  assert record["settings"]["postprocessing"] == decision
+  probs = np.asarray(nib.load(str(tmp_path / "none" / "case_006_probs.nii.gz")).dataobj)
+  np.testing.assert_array_equal(outs["none"], np.argmax(probs, -1))
+
+  def components(labels):
+    return ndimage.label(labels == 2, np.ones((3, 3, 3)))[1]
+
+  assert components(outs["none"]) > 1  # the plain argmax has components to remove
+  np.testing.assert_array_equal(outs["auto"], pp.apply_postprocessing(outs["none"], decision))
+  assert components(outs["auto"]) < components(outs["none"])
+  # The ensemble's probabilities are the folds' mean (the CLI and the API agree).
+  model = ensemble_lib.load_segmenter(folder, postprocessing="none")
+  assert model.postprocessing is None and len(model.members) == 2
+
+
+def test_command_line(cv_runs, tmp_path):
+  folder = str(tmp_path / "cv")
+  shutil.copytree(cv_runs[0], folder)
+  out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder, "--n_boot",
+                        "20"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "cross-validation: 6 cases out of fold" in out.stdout
+  assert os.path.isfile(os.path.join(folder, "postprocessing.json"))
+  shutil.rmtree(os.path.join(folder, "fold1"))
+  out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: {folder}: fold(s) 1 of 2 missing (found 0)"]

@@ -1,0 +1,71 @@
+"""Ensembles of segmentation runs: mean probabilities, identical preprocessing, fold folders."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import run_cli
+
+from medjax.infer import ensemble as ensemble_lib
+from medjax.infer import predict, segment
+from medjax.io import msd as msd_lib
+from medjax.io.errors import MedjaxIOError
+
+
+def _image(msd_root, case="case_006"):
+  dataset = msd_lib.read_msd_dataset(msd_root)
+  image, _ = msd_lib.load_msd_case(dataset, dataset.case(case))
+  return image
+
+
+def test_an_ensemble_of_two_runs_is_the_mean_of_their_probabilities(cv_runs):
+  folder, msd_root = cv_runs
+  image = _image(msd_root)
+  runs = ensemble_lib.fold_runs(folder)
+  assert [os.path.basename(r) for r in runs] == ["fold0", "fold1"]
+  members = [segment.Segmenter(r).predict(image, mirror=True) for r in runs]
+  model = ensemble_lib.load_segmenter(folder)  # the folder stands for its folds
+  assert isinstance(model, ensemble_lib.Ensemble) and model.workdirs == runs
+  mean = model.predict(image, mirror=True)
+  assert mean.array.shape == image.shape + (3,)
+  np.testing.assert_allclose(mean.affine, image.affine)
+  np.testing.assert_allclose(mean.array, (members[0].array + members[1].array) / 2, atol=1e-5)
+  assert np.abs(members[0].array - members[1].array).max() > 1e-3  # two different models
+
+
+def test_a_run_with_other_preprocessing_is_refused(cv_runs, tmp_path):
+  folder, _ = cv_runs
+  other = str(tmp_path / "other")
+  shutil.copytree(os.path.join(folder, "fold1"), other)
+  plan_path = os.path.join(other, "plan.json")
+  plan = json.load(open(plan_path))
+  plan["target_spacing"] = [2.0, 2.0, 2.0]
+  json.dump(plan, open(plan_path, "w"))
+  runs = [os.path.join(folder, "fold0"), other]
+  with pytest.raises(MedjaxIOError, match="plan.json: preprocesses differently.*target_spacing"):
+    ensemble_lib.Ensemble(runs)
+  code, _, err = run_cli(predict, f"--workdir={','.join(runs)}", f"--input={tmp_path}",
+                         f"--output={tmp_path / 'out'}")
+  assert code == predict.EXIT_UNUSABLE
+  assert err.count("\n") == 1 and "target_spacing: [1.0, 1.0, 1.0] vs [2.0, 2.0, 2.0]" in err
+
+
+def test_a_cross_validation_folder_must_hold_one_configs_folds(cv_runs, tmp_path):
+  folder, _ = cv_runs
+  copy = tmp_path / "cv"
+  for fold in ("fold0", "fold1"):
+    os.makedirs(copy / fold)
+    shutil.copy(os.path.join(folder, fold, "config.json"), copy / fold)
+  assert len(ensemble_lib.fold_runs(str(copy))) == 2
+  config = json.load(open(copy / "fold1" / "config.json"))
+  config["optim"]["lr"] = 0.5
+  json.dump(config, open(copy / "fold1" / "config.json", "w"))
+  with pytest.raises(MedjaxIOError, match="fold1: its config differs .* in optim.lr"):
+    ensemble_lib.fold_runs(str(copy))
+  shutil.rmtree(copy / "fold1")
+  with pytest.raises(MedjaxIOError, match="fold.s. 1 of 2 missing"):
+    ensemble_lib.fold_runs(str(copy))
+  with pytest.raises(MedjaxIOError, match="no segmentation runs"):
+    ensemble_lib.fold_runs(str(tmp_path))
