@@ -43,6 +43,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # step (medjax/data/device.py): "auto" (an accelerator, a split that fits, ops that can),
   # "on" or "off" (the Grain pipeline).
   c.data.on_device = "auto"
+  # Otherwise, with one process on an accelerator: batches moved to the devices this many steps
+  # ahead of the step that reads them (grain.experimental.device_put). 0: when the step asks.
+  c.data.device_prefetch = 2
 
   # Fine-tuning (medjax/train/finetune.py): start from another run's weights, a run folder (its
   # best checkpoint, else its latest) or one checkpoint folder (<run>/checkpoints/<step>). Only

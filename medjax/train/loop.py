@@ -237,11 +237,14 @@ def _pretrained(config: ml_collections.ConfigDict, workdir: str,
   return chosen
 
 
-def _batch_digest(batch: dict[str, np.ndarray]) -> str:
+def _batch_digest(batch: dict[str, Any]) -> str:
+  """A digest of a batch's values as the step sees them: host arrays in the dtypes JAX gives
+  them (int64 labels are int32 on the device), so a batch placed ahead digests alike."""
   h = hashlib.sha1()
   for k in sorted(batch):
     h.update(k.encode())
-    h.update(np.ascontiguousarray(batch[k]).tobytes())
+    v = np.asarray(batch[k])
+    h.update(np.ascontiguousarray(v, jax.dtypes.canonicalize_dtype(v.dtype)).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -403,11 +406,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps=total_steps, sharding=repl), None
     logging.info("training split on the device: %.1f MB", feed.nbytes() / 1e6)
   else:
+    # One process on an accelerator: batches go to the devices a few steps ahead of the step.
+    ahead = (config.data.get("device_prefetch", 0) if jax.default_backend() != "cpu"
+             and pcount == 1 else 0)
     feed, train_iter = None, iter(pipeline.train_dataset(
         train_src, train_tf, global_batch_size=config.train.batch_size, seed=config.seed,
         process_index=pindex, process_count=pcount, num_threads=config.data.num_threads,
         prefetch=config.data.prefetch,
-        workers=pipeline.resolve_workers(config.data.workers, jax.default_backend())))
+        workers=pipeline.resolve_workers(config.data.workers, jax.default_backend()),
+        device_sharding=data_sharding if ahead else None, device_prefetch=ahead))
 
   # Model, optimiser and state, created directly with replicated shardings.
   model = build_model(config.model, data.num_classes, data.model_defaults,
@@ -484,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.train.record_batches and pindex == 0:
           with open(record_path, "a") as f:
             f.write(json.dumps({"step": step, "digest": _batch_digest(batch)}) + "\n")
-        args = (state, sharding.to_global(batch, mesh))
+        args = (state, batch if ahead else sharding.to_global(batch, mesh))
       else:  # the step gathers its batch on the device: no input to wait for
         args = (state, feed.arrays, feed.indices)
       if flops_pending:  # a compilation of its own, left out of step time

@@ -46,6 +46,7 @@ _RANGES = (
     ("eval.every_steps", "[0, inf)"),  # 0: once per epoch
     ("data.num_threads", "[0, inf)"),
     ("data.prefetch", "[0, inf)"),
+    ("data.device_prefetch", "[0, inf)"),
     ("data.workers", "[-1, inf)"),  # -1: chosen per backend
 )
 

@@ -174,6 +174,25 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(synthetic_medmnist, tm
     assert max(jax.tree.leaves(diffs)) <= 1e-6, d
 
 
+def test_batches_prefetched_to_the_devices_train_the_same_run(synthetic_medmnist, tmp_path,
+                                                             monkeypatch):
+  """On an accelerator (faked: JAX says "gpu", the ops take their XLA forms) Grain's batches
+  reach the step already placed (data.device_prefetch), same batches, same run."""
+  kw = {"train.record_batches": True, "data.workers": 0, "data.on_device": "off"}
+  loop.train_and_evaluate(_config(synthetic_medmnist, **kw), str(tmp_path / "host"))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  placed = []
+  real = loop.pipeline.train_dataset
+  monkeypatch.setattr(loop.pipeline, "train_dataset", lambda *a, **k: placed.append(
+      k["device_sharding"]) or real(*a, **k))
+  loop.train_and_evaluate(_config(synthetic_medmnist, **kw), str(tmp_path / "ahead"))
+  assert placed and placed[0] is not None
+  digests = lambda d: open(os.path.join(d, "batches.jsonl")).read()
+  assert digests(tmp_path / "ahead") == digests(tmp_path / "host")
+  assert _rel_diff(_final_params(str(tmp_path / "ahead"))["params"],
+                   _final_params(str(tmp_path / "host"))["params"]) <= 1e-4
+
+
 def test_multilabel_data_trains_with_one_sigmoid_per_label(tmp_path):
   folder = write_multilabel_medmnist(str(tmp_path))
   c = _config(folder, steps=2, **{"data.name": "chestmnist", "eval.every_steps": 2})
