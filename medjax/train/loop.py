@@ -25,7 +25,6 @@ from absl import logging
 
 from medjax import planning
 from medjax.data import pipeline, sources, transforms
-from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
 from medjax.models import fusion
 from medjax.train import (
@@ -43,6 +42,7 @@ from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defa
     build_model,
     build_task,
     harvard_root,
+    msd_dataset,
     msd_root,
     plan_model_defaults,
 )
@@ -134,7 +134,7 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   (2-D), scored with the pseudo Dice. The full sliding-window validation runs after training.
   """
   data_cfg = config.data
-  dataset = msd.read_msd_dataset(msd_root(data_cfg))
+  dataset = msd_dataset(data_cfg)
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
                                     overrides=data_cfg.plan.to_dict())
