@@ -76,7 +76,7 @@ def train(root: str, variant: str, fold: int, extra: list[str]) -> float:
   return time.time() - t0
 
 
-def read_runs(root: str, variants: list[str]) -> dict[str, dict]:
+def read_runs(root: str, variants: list[str], folds: int = FOLDS) -> dict[str, dict]:
   """Per variant: ``{"dice": {case: dice}, "train_seconds", "validation_seconds", "steps"}``,
   the last three one entry per fold.
 
@@ -86,7 +86,7 @@ def read_runs(root: str, variants: list[str]) -> dict[str, dict]:
   out = {}
   for v in variants:
     dice, seconds, val_seconds, steps = {}, [], [], []
-    for fold in range(FOLDS):
+    for fold in range(folds):
       wd = workdir(root, v, fold)
       val = runs.read_summary(wd, runs.VALIDATION)
       trained = runs.read_summary(wd)
@@ -148,6 +148,8 @@ def main() -> int:
   p.add_argument("--train", action="store_true", help="train the runs not finished yet")
   p.add_argument("--out", default="", help="Markdown table (default: <runs>/ablation.md)")
   p.add_argument("--n_boot", type=int, default=bootstrap.N_BOOT)
+  p.add_argument("--folds", type=int, default=FOLDS, choices=range(1, FOLDS + 1),
+                 help="the table of the first N folds only (while the others train)")
   p.add_argument("extra", nargs="*", help="more launch.py flags for --train, after --")
   args = p.parse_args()
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -165,7 +167,7 @@ def main() -> int:
         for v in variants:
           if not runs.is_finished(workdir(root, v, fold)):
             print(f"{v} fold {fold}: {train(root, v, fold, args.extra):.0f} s", flush=True)
-  text, numbers = table(read_runs(root, variants), args.n_boot)
+  text, numbers = table(read_runs(root, variants, args.folds), args.n_boot)
   out = args.out or os.path.join(root, "ablation.md")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
