@@ -29,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.max_patch_voxels = 40 * 56 * 40  # the planner's patch budget (3-D voxels).
   c.data.plan = ml_collections.ConfigDict()  # overrides of plan keys, e.g. patch_size.
   c.data.cache_dir = ""  # preprocessed cases; empty: workdir/preprocessed.
+  c.data.channels = ()  # names of the input channels to read (a subset); (): all the dataset's.
   c.data.folds = 5
   c.data.fold = 0  # validation fold (splits.json in the workdir, written once).
   # Case ids kept out of the plan and every fold: a test set for ensembles and post-processing.

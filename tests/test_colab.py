@@ -15,6 +15,10 @@ DATA = os.environ.get("MEDJAX_DATA_DIR", "")
 # Notebooks that train: 2.5-3 minutes each on 2 cores even at 2 steps (compiling the train,
 # evaluation and Grad-CAM programs), so `pytest -m slow` runs them (.ci/run does when time allows).
 TRAINING = {"02_classify_and_explain.py", "03_segment_hippocampus.py"}
+# Notebooks whose training cell alone is slow: the default suite runs them with NOTEBOOK_STEPS=0,
+# which skips it, and `pytest -m slow` with 2 steps (04's learned fusion: 1.5 minutes a pair,
+# mostly scoring its validation slices).
+TRAINING_CELL = {"04_fuse_modalities.py"}
 # The file of $MEDJAX_DATA_DIR each reads (without it they download it, or stop saying where to
 # get it; tests make no downloads).
 NEEDS = {"03_segment_hippocampus.py": "msd_task04_hippocampus/dataset.json",
@@ -36,15 +40,22 @@ def test_notebook_pairs_its_script_without_outputs(script):
   assert not outputs, f"{notebook} holds outputs: strip them before committing"
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.slow) if os.path.basename(s) in TRAINING else s
-    for s in SCRIPTS], ids=os.path.basename)
-def test_runs_top_to_bottom(script, tmp_path):
+def _runs():
+  for s in SCRIPTS:
+    name = os.path.basename(s)
+    if name in TRAINING_CELL:
+      yield pytest.param(s, "0", id=name)
+    yield pytest.param(s, "2", id=name + ("-train" if name in TRAINING_CELL else ""),
+                       marks=[pytest.mark.slow] if name in TRAINING | TRAINING_CELL else [])
+
+
+@pytest.mark.parametrize("script,steps", list(_runs()))
+def test_runs_top_to_bottom(script, steps, tmp_path):
   needs = NEEDS.get(os.path.basename(script), "medmnist/pneumoniamnist.npz")
   if not os.path.exists(os.path.join(DATA, needs)):
     pytest.skip(f"needs $MEDJAX_DATA_DIR/{needs}")
   # Figures go to the Agg backend; the training notebooks run 2 steps instead of their recipes.
-  env = {**os.environ, "MPLBACKEND": "Agg", "NOTEBOOK_STEPS": "2", "TMPDIR": str(tmp_path),
+  env = {**os.environ, "MPLBACKEND": "Agg", "NOTEBOOK_STEPS": steps, "TMPDIR": str(tmp_path),
          "MEDJAX_DATA_DIR": os.path.abspath(DATA)}
   done = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)

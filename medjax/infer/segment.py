@@ -55,10 +55,12 @@ def missing_channels(run_channels: Sequence[str], given: Sequence[str], fill_mis
   """
   run_channels, given = tuple(run_channels), tuple(given)
   unknown = [c for c in given if c not in run_channels]
-  if unknown or len(set(given)) != len(given) or not given:
+  missing = [c for c in run_channels if c not in given]
+  # Named channels the run does not take are left out when it has all its own (a FLAIR-only run
+  # given FLAIR + T1); with one of its own missing, an unknown name may be a typo of it.
+  if (unknown and missing) or len(set(given)) != len(given) or not given:
     raise ValueError(f"input channel(s) {', '.join(unknown or given) or '(none)'} unknown, "
                      f"repeated or absent; the run takes {', '.join(run_channels)}")
-  missing = [c for c in run_channels if c not in given]
   if missing and not fill_missing:
     raise ValueError(f"missing input channel {', '.join(missing)}: the run takes "
                      f"{', '.join(run_channels)} (in this order), the input has {len(given)} "
@@ -187,7 +189,7 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
   mean Dice gets a bootstrap interval over cases (``n_boot`` resamples)."""
   segmenter = Segmenter(workdir)
   config, plan = segmenter.config, segmenter.plan
-  dataset = msd.read_msd_dataset(builders.msd_root(config.data))
+  dataset = builders.msd_dataset(config.data)
   with open(os.path.join(segmenter.workdir, "splits.json")) as f:
     val_ids = json.load(f)[config.data.fold]["val"]
   out_dir = os.path.join(segmenter.workdir, "validation")

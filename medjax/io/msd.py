@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+from typing import Sequence
 
 import numpy as np
 
@@ -44,6 +45,8 @@ class MSDDataset:
   channels: tuple[str, ...]  # modality name per input channel, e.g. ("MRI",) or ("CT",)
   labels: tuple[str, ...]  # class names, index = label value; 0 is background
   cases: tuple[MSDCase, ...]
+  # The channels the case files hold, when ``channels`` is a subset of them (`select_channels`).
+  file_channels: tuple[str, ...] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -184,22 +187,48 @@ def read_msd_dataset(root: str | os.PathLike) -> MSDDataset:
                     tuple(cases))
 
 
+def select_channels(dataset: MSDDataset, names: Sequence[str]) -> MSDDataset:
+  """``dataset`` reading only the channels ``names`` (in that order); empty: all of them.
+
+  Raises:
+    ValueError: a name the dataset has no channel of, or a repeated one (``data.channels``).
+  """
+  names = tuple(names or ())
+  if not names:
+    return dataset
+  held = dataset.file_channels or dataset.channels
+  unknown = [n for n in names if n not in held]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"data.channels={list(names)}: "
+                     + (f"no channel {', '.join(map(repr, unknown))}" if unknown
+                        else "a channel named twice")
+                     + f" in {dataset.root} (its channels: {', '.join(held)})")
+  return dataclasses.replace(dataset, channels=names, file_channels=held)
+
+
 def load_msd_case(dataset: MSDDataset, case: MSDCase) -> tuple[Volume, Volume | None]:
   """The case's image (one channel per modality, canonical RAS) and its label map (or None)."""
-  parts = [read_nifti(p, modality=dataset.channels[0]) for p in case.images]
-  for p, v in zip(case.images, parts):  # NaN would train and score as silently wrong numbers
+  held = dataset.file_channels or dataset.channels
+  keep = [held.index(c) for c in dataset.channels]  # `select_channels`: a subset, reordered
+  images = case.images
+  if len(images) == len(held) > 1:  # one file per channel: read only the selected ones
+    images, keep = tuple(images[k] for k in keep), list(range(len(keep)))
+  parts = [read_nifti(p, modality=dataset.channels[0]) for p in images]
+  for p, v in zip(images, parts):  # NaN would train and score as silently wrong numbers
     problem = nonfinite_problem(v.array)
     if problem:
       raise MedjaxIOError(p, problem)
-  for p, v in zip(case.images[1:], parts[1:]):
+  for p, v in zip(images[1:], parts[1:]):
     problem = grid_mismatch(parts[0], v)
     if problem:
-      raise MedjaxIOError(p, f"channel not on the grid of {os.path.basename(case.images[0])}: "
+      raise MedjaxIOError(p, f"channel not on the grid of {os.path.basename(images[0])}: "
                           f"{problem}")
   image = parts[0] if len(parts) == 1 else parts[0].replace(
       array=np.concatenate([v.array for v in parts], axis=-1))
+  if keep != list(range(image.channels)) and image.channels == len(held):  # a 4-D file
+    image = image.replace(array=image.array[..., keep])
   if image.channels != len(dataset.channels):
-    raise MedjaxIOError(case.images[0], f"{image.channels} channel(s), dataset.json declares "
+    raise MedjaxIOError(images[0], f"{image.channels} channel(s), dataset.json declares "
                         f"{len(dataset.channels)} ({', '.join(dataset.channels)})")
   if case.label is None:
     return image, None

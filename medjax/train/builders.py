@@ -15,13 +15,24 @@ import jax.numpy as jnp
 import ml_collections
 
 from medjax import models, registry  # noqa: F401  (models: registers the zoo)
-from medjax.io import medmnist
+from medjax.io import medmnist, msd
 from medjax.train import tasks
 
 
 def msd_root(data_cfg: ml_collections.ConfigDict) -> str:
   """The dataset folder: ``data.dir``, else ``$MEDJAX_DATA_DIR/<data.name>``."""
   return data_cfg.dir or os.path.join(os.environ.get("MEDJAX_DATA_DIR", ""), data_cfg.name)
+
+
+def msd_dataset(data_cfg: ml_collections.ConfigDict) -> msd.MSDDataset:
+  """The dataset at `msd_root`, reading only ``data.channels`` when set (a subset of its
+  modalities, e.g. ``("FLAIR",)`` for a single-modality run; the plan records them).
+
+  Raises:
+    ValueError: a ``data.channels`` name the dataset has not (`msd.select_channels`).
+  """
+  return msd.select_channels(msd.read_msd_dataset(msd_root(data_cfg)),
+                             data_cfg.get("channels") or ())
 
 
 def harvard_root(data_cfg: ml_collections.ConfigDict) -> str:

@@ -26,7 +26,6 @@ from absl import logging
 from medjax import planning
 from medjax.data import device as device_data
 from medjax.data import pipeline, sources, transforms
-from medjax.io import msd
 from medjax.io.atomic import atomic_write_json
 from medjax.models import fusion
 from medjax.train import (
@@ -47,6 +46,7 @@ from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defa
     build_model,
     build_task,
     harvard_root,
+    msd_dataset,
     msd_root,
     plan_model_defaults,
 )
@@ -140,8 +140,7 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   """
   data_cfg = config.data
   # Hold-out cases (data.holdout) are kept out of the plan, the cache and every fold.
-  dataset = planning.without_holdout(msd.read_msd_dataset(msd_root(data_cfg)),
-                                     data_cfg.get("holdout", ()))
+  dataset = planning.without_holdout(msd_dataset(data_cfg), data_cfg.get("holdout", ()))
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
                                     overrides=data_cfg.plan.to_dict())

@@ -16,6 +16,7 @@ from helpers import final_params, seg_config
 from configs import brats_fusion_unet
 from medjax.infer import predict
 from medjax.infer.segment import Segmenter
+from medjax.io.errors import is_users_error
 from medjax.io.volume import Volume
 from medjax.train import loop
 
@@ -90,3 +91,40 @@ def test_brats_config_variants():
   assert brats_fusion_unet.get_config().model.kwargs.fusion == "early"
   with pytest.raises(ValueError, match="one fusion"):
     brats_fusion_unet.get_config("late,gated")
+
+
+def test_data_channels_reads_a_subset_into_the_plan(fused_run, tmp_path):
+  """``data.channels``: the plan, the cache and the model input take only the channels named."""
+  c = seg_config(fused_run["root"], **{"data.channels": ("T1",), "data.folds": 2})
+  data = loop.build_data(c, str(tmp_path / "t1"))
+  plan = json.load(open(tmp_path / "t1" / "plan.json"))
+  assert plan["channels"] == ["T1"] and len(plan["normalization"]) == 1
+  assert data.eval[0]["image"].shape[-1] == 1
+  # An unknown name: one error naming the setting and the dataset's channels, nothing written.
+  c = seg_config(fused_run["root"], **{"data.channels": ("T1", "PET")})
+  with pytest.raises(ValueError, match=r"data.channels=\['T1', 'PET'\]: no channel 'PET' .*"
+                                       r"its channels: FLAIR, T1") as e:
+    loop.train_and_evaluate(c, str(tmp_path / "bad"))
+  assert is_users_error(e.value) and not os.path.exists(tmp_path / "bad" / "plan.json")
+
+
+def test_named_channels_the_run_does_not_take_are_left_out(fused_run):
+  """A FLAIR + T1 run given FLAIR, T1 and PET: PET is dropped; a name that leaves one of the
+  run's channels missing is still refused (it may be a typo of it)."""
+  segmenter = Segmenter(fused_run["workdir"])
+  rng = np.random.default_rng(0)
+  two = Volume.from_affine(rng.normal(size=(12, 14, 10, 2)).astype(np.float32), np.eye(4))
+  three = two.replace(array=np.concatenate([two.array[..., :1] * 9, two.array], -1))
+  expected = segmenter.predict(two, mirror=False)
+  got = segmenter.predict(three, mirror=False, channels=["PET", "FLAIR", "T1"])
+  np.testing.assert_allclose(got.array, expected.array, atol=1e-6)
+  with pytest.raises(ValueError, match="FLAR unknown"):
+    segmenter.predict(two, mirror=False, channels=["FLAR", "T1"], fill_missing=True)
+
+
+def test_brats_single_modality_variants():
+  assert brats_fusion_unet.get_config("flair").data.channels == ("FLAIR",)
+  assert brats_fusion_unet.get_config("t1,cpu").data.channels == ("T1",)
+  assert brats_fusion_unet.get_config("late,cpu").data.channels == ()
+  with pytest.raises(ValueError, match="one modality"):
+    brats_fusion_unet.get_config("flair,late")
