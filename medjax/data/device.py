@@ -87,6 +87,19 @@ def _affine(op: augment.RandomAffine) -> DeviceOp:
   return lambda key, images: jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
 
 
+def _intensity(op: augment.RandomIntensity) -> DeviceOp:
+  """As `augment.RandomIntensity`: ``x * c + b`` per image, with probability ``p``."""
+
+  def apply(key, images):
+    k_apply, k_c, k_b = jax.random.split(key, 3)
+    shape = (images.shape[0],) + (1,) * (images.ndim - 1)
+    c = jax.random.uniform(k_c, shape, minval=1 - op.contrast, maxval=1 + op.contrast)
+    b = jax.random.uniform(k_b, shape, minval=-op.brightness, maxval=op.brightness)
+    return jnp.where(jax.random.uniform(k_apply, shape) < op.p, images * c + b, images)
+
+  return apply
+
+
 def _normalize(op: transforms.Normalize) -> DeviceOp:
   return lambda key, images: (images - jnp.float32(op.mean)) / jnp.float32(op.std)
 
@@ -100,6 +113,7 @@ def _to_float(op: transforms.ToFloat) -> DeviceOp:
 DEVICE_OPS: dict[type, Callable[..., DeviceOp]] = {
     augment.RandomFlip: _flip,
     augment.RandomAffine: _affine,
+    augment.RandomIntensity: _intensity,
     transforms.Normalize: _normalize,
     transforms.ToFloat: _to_float,
 }

@@ -77,6 +77,20 @@ def test_affine_warps_as_the_host_op_and_draws_per_image():
   assert len({np.round(g.sum(), 4) for g in got}) == 16  # each image its own warp
 
 
+def test_intensity_scales_and_shifts_each_image_within_its_ranges():
+  source = _Source(32)
+  for p, changed in ((0.0, 0), (1.0, 32)):
+    feed = _feed(source, f"intensity(brightness=0.2, contrast=0.3, p={p})", batch=32, steps=1)
+    got = np.asarray(feed.batch(feed.arrays, feed.indices, np.int32(0))["image"])
+    host = source.images[np.asarray(feed.indices[0])]
+    assert sum(not np.allclose(g, h) for g, h in zip(got, host)) == changed
+  for g, h in zip(got, host):  # g = h * c + b: recover c and b from two pixels
+    c = (g.flat[1] - g.flat[2]) / (h.flat[1] - h.flat[2])
+    b = g.flat[1] - h.flat[1] * c
+    np.testing.assert_allclose(g, h * c + b, rtol=1e-4, atol=1e-4)
+    assert 0.7 - 1e-4 <= c <= 1.3 + 1e-4 and abs(b) <= 0.2 + 1e-4
+
+
 class _Segmentation(_Source):
   def __getitem__(self, i):
     return {"image": self.images[i], "label": (self.images[i] > 0.5).astype(np.int32)}
