@@ -12,7 +12,9 @@ Every process prints one ``cluster: ...`` line at start: the cluster found, its 
 
 Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every member as its own
 launch.py process, at most N at a time, skipping finished members and resuming the others; or
-every member as one task of a SLURM job array (medjax/sweep/slurm.py); and the sweep's state:
+every member as one task of a SLURM job array (medjax/sweep/slurm.py); an Optuna search whose
+trials any number of such commands share, pruning members from their evaluations
+(medjax/sweep/search.py); and the sweep's state:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
   python launch.py --config configs/x.py --workdir runs/sweep --sweep --sweep_backend=slurm
   python launch.py --config configs/x.py --workdir runs/sweep --sweep_status
@@ -179,6 +181,19 @@ def _sweep() -> int:
               "cpus": _SLURM_CPUS.value, "gpus": _SLURM_GPUS.value, "mem": _SLURM_MEM.value,
               "options": _SLURM_OPTIONS.value}
   try:
+    spec, _ = sweep.spec.split_slurm(sweep.load_spec(config_arg))
+    if sweep.search.is_search(spec):
+      # Several workers (commands, machines) share a search's workdir: each trial's folder is
+      # locked by its member and its worker instead of the whole workdir.
+      if _SWEEP_STATUS.value:
+        return sweep.search.status(config_arg, base, _WORKDIR.value, spec["search"])
+      if _SWEEP_BACKEND.value == "slurm":
+        return sweep.search.submit(config_arg, base, _WORKDIR.value, spec["search"], settings,
+                                   workers=_SWEEP_WORKERS.value,
+                                   launch_script=os.path.abspath(__file__))
+      return sweep.search.run(config_arg, base, _WORKDIR.value, spec["search"],
+                              workers=_SWEEP_WORKERS.value,
+                              launch_script=os.path.abspath(__file__))
     if _SWEEP_STATUS.value:
       return slurm.status(config_arg, base, _WORKDIR.value)
     with workdir_lock.hold(_WORKDIR.value):  # each member locks its own folder as well
@@ -239,7 +254,17 @@ def _train_and_validate() -> None:
 
   from medjax.train import loop
 
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  on_eval = None
+  if os.environ.get("MEDJAX_TRIAL"):  # a member of an Optuna search reports its evaluations
+    from medjax.sweep import search
+
+    on_eval = search.trial_hook(os.environ["MEDJAX_TRIAL"], _CONFIG.value.eval.best_metric,
+                                _WORKDIR.value)
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, on_eval=on_eval)
+  except loop.StoppedEarly as e:
+    print(f"pruned: {e}", flush=True)
+    return
   if jax.process_index() != 0:
     return
   best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())
