@@ -247,3 +247,15 @@ def test_pruned_member_stops_after_its_evaluation_and_keeps_its_checkpoint(tmp_p
   assert sorted(os.listdir(os.path.join(member, "checkpoints"))) == ["2"]
   assert not os.path.exists(os.path.join(member, "summary.json"))
   assert study.get_trials()[-1].intermediate_values.keys() == {2}
+
+
+def test_config_search_variant_is_a_valid_search(tmp_path):
+  from configs import pneumoniamnist_resnet18
+
+  spec = pneumoniamnist_resnet18.get_sweep("runlocal,search")
+  assert search.is_search(spec) and not search.is_search(pneumoniamnist_resnet18.get_sweep())
+  config_arg = os.path.join(REPO, "configs/pneumoniamnist_resnet18.py:runlocal,search")
+  s = search.Search(config_arg, {}, str(tmp_path / "tpe"), spec["search"])
+  got = s.next_trial()
+  assert got is not None and got[1].name.startswith("t000_lr=")
+  assert 3e-4 <= got[1].config["optim"]["lr"] <= 1e-2
