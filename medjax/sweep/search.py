@@ -273,7 +273,12 @@ class Search:
                                              if v is not None], point)))
         trials = self.study.get_trials(deepcopy=False)
       for t in trials:
-        if t.state == optuna.trial.TrialState.RUNNING:
+        if t.state == optuna.trial.TrialState.RUNNING and self._space_has_dists() and \
+            set(t.params) != {k for k, v in self._space().items() if v is not None}:
+          # Asked by a worker that died before drawing its point (asking holds the lock, so no
+          # live worker is in the middle of it): nothing ran.
+          self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        elif t.state == optuna.trial.TrialState.RUNNING:
           m = self.member(t)
           lock = _try_lock(self._lock_path(m))
           if lock is not None:
@@ -302,8 +307,8 @@ class Search:
     for t in self.study.get_trials(deepcopy=False):
       if t.state == optuna.trial.TrialState.WAITING:
         continue  # a grid point not asked yet
-      if not t.params and t.state != optuna.trial.TrialState.COMPLETE and self._space_has_dists():
-        continue  # asked by a worker that died before suggesting: nothing ran
+      if self._space_has_dists() and not t.params:
+        continue  # asked by a worker that died before drawing its point: nothing ran
       m = self.member(t)
       m.status = {optuna.trial.TrialState.COMPLETE: "done", optuna.trial.TrialState.PRUNED:
                   "pruned", optuna.trial.TrialState.FAIL: "failed"}.get(t.state, "running")
