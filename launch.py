@@ -56,6 +56,9 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Run every member of the config's get
                            "as its own launch.py in <workdir>/<member>.")
 _SWEEP_WORKERS = flags.DEFINE_integer("sweep_workers", None, "Sweep members run at once (default: "
                                       "one per GPU, else 1).")
+_MEMBERS_PER_DEVICE = flags.DEFINE_integer("members_per_device", 1, "Sweep members sharing each "
+                                           "GPU (memory preallocation off for them); local "
+                                           "backend only.")
 _SWEEP_BACKEND = flags.DEFINE_enum("sweep_backend", "local", ["local", "slurm"], "Where --sweep "
                                    "runs its members: local processes, or a SLURM job array.")
 _SWEEP_STATUS = flags.DEFINE_bool("sweep_status", False, "Print the state of the sweep in "
@@ -180,6 +183,9 @@ def _sweep() -> int:
   settings = {"partition": _SLURM_PARTITION.value, "time": _SLURM_TIME.value,
               "cpus": _SLURM_CPUS.value, "gpus": _SLURM_GPUS.value, "mem": _SLURM_MEM.value,
               "options": _SLURM_OPTIONS.value}
+  if _MEMBERS_PER_DEVICE.value != 1 and (_SWEEP_BACKEND.value == "slurm" or _SWEEP_STATUS.value):
+    raise app.UsageError("--members_per_device is for local sweeps (--sweep with the local "
+                         "backend); on SLURM each member is its own job")
   try:
     spec, _ = sweep.spec.split_slurm(sweep.load_spec(config_arg))
     if sweep.search.is_search(spec):
@@ -193,7 +199,8 @@ def _sweep() -> int:
                                    launch_script=os.path.abspath(__file__))
       return sweep.search.run(config_arg, base, _WORKDIR.value, spec["search"],
                               workers=_SWEEP_WORKERS.value,
-                              launch_script=os.path.abspath(__file__))
+                              launch_script=os.path.abspath(__file__),
+                              members_per_device=_MEMBERS_PER_DEVICE.value)
     if _SWEEP_STATUS.value:
       return slurm.status(config_arg, base, _WORKDIR.value)
     with workdir_lock.hold(_WORKDIR.value):  # each member locks its own folder as well
@@ -201,7 +208,8 @@ def _sweep() -> int:
         return slurm.submit(config_arg, base, _WORKDIR.value, settings,
                             workers=_SWEEP_WORKERS.value, launch_script=os.path.abspath(__file__))
       return sweep.run(config_arg, base, _WORKDIR.value, workers=_SWEEP_WORKERS.value,
-                       launch_script=os.path.abspath(__file__))
+                       launch_script=os.path.abspath(__file__),
+                       members_per_device=_MEMBERS_PER_DEVICE.value)
   except (sweep.SweepError, WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -209,8 +217,8 @@ def _sweep() -> int:
 
 def _sweep_flags_alone() -> None:
   """Refuses the sweep flags without --sweep, which alone reads them."""
-  names = ["sweep_workers", "sweep_backend", "slurm_partition", "slurm_time", "slurm_cpus",
-           "slurm_gpus", "slurm_mem", "slurm_options"]
+  names = ["sweep_workers", "members_per_device", "sweep_backend", "slurm_partition",
+           "slurm_time", "slurm_cpus", "slurm_gpus", "slurm_mem", "slurm_options"]
   given = [n for n in names if flags.FLAGS[n].present]
   if given:
     raise app.UsageError(f"--{given[0]} needs --sweep")

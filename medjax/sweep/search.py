@@ -353,14 +353,15 @@ def _try_lock(path: str):
 
 
 def run(config_arg: str, base: dict[str, Any], workdir: str, spec: dict[str, Any],
-        workers: int | None = None, launch_script: str | None = None) -> int:
+        workers: int | None = None, launch_script: str | None = None,
+        members_per_device: int = 1) -> int:
   """``--sweep`` for a search: ``workers`` members at a time, each trial asked from (or taken over
   in) the shared study, until it holds ``n_trials``. Returns 0 when none of this command's trials
   failed, 1 when one did, 128 + the signal number when stopped."""
   import optuna
 
   search = Search(config_arg, base, workdir, spec)
-  pool = make_workers(workers)
+  pool = make_workers(workers, members_per_device=members_per_device)
   launch_script = launch_script or default_launch_script()
   base_cmd = [sys.executable, launch_script, f"--config={config_arg}", *override_flags(base)]
   info = {"storage": storage_label(search.s, search.workdir), "study": search.study.study_name,
