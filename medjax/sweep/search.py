@@ -291,7 +291,7 @@ class Search:
       trial = self.study.ask()
       for k, dist in self._space().items():
         if dist is not None:
-          trial._suggest(k, dist)
+          _suggest(trial, k, dist)
       m = self.member(trial)
       trial.set_user_attr("member", m.name)
       return trial.number, m, _try_lock(self._lock_path(m))
@@ -324,6 +324,17 @@ class Search:
   def leaderboard(self) -> Leaderboard:
     return SearchLeaderboard(self.workdir, self.members(), self.eval_config.best_metric,
                              self.eval_config.split)
+
+
+def _suggest(trial, key: str, dist) -> Any:
+  """``trial``'s value of ``key`` from ``dist``, through the public ``suggest_*`` calls."""
+  import optuna.distributions as d
+
+  if isinstance(dist, d.CategoricalDistribution):
+    return trial.suggest_categorical(key, dist.choices)
+  if isinstance(dist, d.IntDistribution):
+    return trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+  return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
 
 
 class SearchLeaderboard(Leaderboard):
