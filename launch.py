@@ -12,7 +12,9 @@ Every process prints one ``cluster: ...`` line at start: the cluster found, its 
 
 Sweeps (``get_sweep()`` beside ``get_config()``; see medjax/sweep/): every member as its own
 launch.py process, at most N at a time, skipping finished members and resuming the others; or
-every member as one task of a SLURM job array (medjax/sweep/slurm.py); and the sweep's state:
+every member as one task of a SLURM job array (medjax/sweep/slurm.py); an Optuna search whose
+trials any number of such commands share, pruning members from their evaluations
+(medjax/sweep/search.py); and the sweep's state:
   python launch.py --config configs/x.py --workdir runs/sweep --sweep [--sweep_workers N]
   python launch.py --config configs/x.py --workdir runs/sweep --sweep --sweep_backend=slurm
   python launch.py --config configs/x.py --workdir runs/sweep --sweep_status
@@ -54,6 +56,9 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Run every member of the config's get
                            "as its own launch.py in <workdir>/<member>.")
 _SWEEP_WORKERS = flags.DEFINE_integer("sweep_workers", None, "Sweep members run at once (default: "
                                       "one per GPU, else 1).")
+_MEMBERS_PER_DEVICE = flags.DEFINE_integer("members_per_device", 1, "Sweep members sharing each "
+                                           "GPU (memory preallocation off for them); local "
+                                           "backend only.")
 _SWEEP_BACKEND = flags.DEFINE_enum("sweep_backend", "local", ["local", "slurm"], "Where --sweep "
                                    "runs its members: local processes, or a SLURM job array.")
 _SWEEP_STATUS = flags.DEFINE_bool("sweep_status", False, "Print the state of the sweep in "
@@ -178,7 +183,24 @@ def _sweep() -> int:
   settings = {"partition": _SLURM_PARTITION.value, "time": _SLURM_TIME.value,
               "cpus": _SLURM_CPUS.value, "gpus": _SLURM_GPUS.value, "mem": _SLURM_MEM.value,
               "options": _SLURM_OPTIONS.value}
+  if _MEMBERS_PER_DEVICE.value != 1 and (_SWEEP_BACKEND.value == "slurm" or _SWEEP_STATUS.value):
+    raise app.UsageError("--members_per_device is for local sweeps (--sweep with the local "
+                         "backend); on SLURM each member is its own job")
   try:
+    spec, _ = sweep.spec.split_slurm(sweep.load_spec(config_arg))
+    if sweep.search.is_search(spec):
+      # Several workers (commands, machines) share a search's workdir: each trial's folder is
+      # locked by its member and its worker instead of the whole workdir.
+      if _SWEEP_STATUS.value:
+        return sweep.search.status(config_arg, base, _WORKDIR.value, spec["search"])
+      if _SWEEP_BACKEND.value == "slurm":
+        return sweep.search.submit(config_arg, base, _WORKDIR.value, spec["search"], settings,
+                                   workers=_SWEEP_WORKERS.value,
+                                   launch_script=os.path.abspath(__file__))
+      return sweep.search.run(config_arg, base, _WORKDIR.value, spec["search"],
+                              workers=_SWEEP_WORKERS.value,
+                              launch_script=os.path.abspath(__file__),
+                              members_per_device=_MEMBERS_PER_DEVICE.value)
     if _SWEEP_STATUS.value:
       return slurm.status(config_arg, base, _WORKDIR.value)
     with workdir_lock.hold(_WORKDIR.value):  # each member locks its own folder as well
@@ -186,7 +208,8 @@ def _sweep() -> int:
         return slurm.submit(config_arg, base, _WORKDIR.value, settings,
                             workers=_SWEEP_WORKERS.value, launch_script=os.path.abspath(__file__))
       return sweep.run(config_arg, base, _WORKDIR.value, workers=_SWEEP_WORKERS.value,
-                       launch_script=os.path.abspath(__file__))
+                       launch_script=os.path.abspath(__file__),
+                       members_per_device=_MEMBERS_PER_DEVICE.value)
   except (sweep.SweepError, WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
@@ -194,8 +217,8 @@ def _sweep() -> int:
 
 def _sweep_flags_alone() -> None:
   """Refuses the sweep flags without --sweep, which alone reads them."""
-  names = ["sweep_workers", "sweep_backend", "slurm_partition", "slurm_time", "slurm_cpus",
-           "slurm_gpus", "slurm_mem", "slurm_options"]
+  names = ["sweep_workers", "members_per_device", "sweep_backend", "slurm_partition",
+           "slurm_time", "slurm_cpus", "slurm_gpus", "slurm_mem", "slurm_options"]
   given = [n for n in names if flags.FLAGS[n].present]
   if given:
     raise app.UsageError(f"--{given[0]} needs --sweep")
@@ -239,7 +262,17 @@ def _train_and_validate() -> None:
 
   from medjax.train import loop
 
-  summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  on_eval = None
+  if os.environ.get("MEDJAX_TRIAL"):  # a member of an Optuna search reports its evaluations
+    from medjax.sweep import search
+
+    on_eval = search.trial_hook(os.environ["MEDJAX_TRIAL"], _CONFIG.value.eval.best_metric,
+                                _WORKDIR.value)
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, on_eval=on_eval)
+  except loop.StoppedEarly as e:
+    print(f"pruned: {e}", flush=True)
+    return
   if jax.process_index() != 0:
     return
   best = " ".join(f"{k}={v:.4f}" for k, v in summary["best"].items())

@@ -6,11 +6,17 @@ Quick smoke run: --config configs/pneumoniamnist_resnet18.py:runlocal
 Sweep of get_sweep() (4 members, 2 at a time):
   python launch.py --config configs/pneumoniamnist_resnet18.py --workdir runs/pneumonia_sweep \
     --sweep --sweep_workers 2
+An Optuna search (TPE, median pruning; variant ``search``), which any number of such commands, on
+this machine or others sharing the workdir, run together:
+  python launch.py --config configs/pneumoniamnist_resnet18.py:search --workdir runs/pneumonia_tpe \
+    --sweep
 
 Expected (val split, 2-core CPU): see README's results table.
 """
 
 from configs import common
+
+VARIANTS = ("runlocal", "search")
 
 
 def get_config(arg: str | None = None):
@@ -31,7 +37,7 @@ def get_config(arg: str | None = None):
   c.eval.flip_axes = (1,)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-2
-  if "runlocal" in common.parse_variants(arg, ("runlocal",)):
+  if "runlocal" in common.parse_variants(arg, VARIANTS):
     common.runlocal(c)
   else:
     # Half the usual width (32-64-128-256 channels): a quarter of width 64's FLOPs for the same
@@ -42,6 +48,13 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None):
-  """Learning rate × weight decay around the defaults above: a 2 × 2 grid (medjax/sweep/)."""
-  del arg  # the same grid for the runlocal variant
+  """Learning rate × weight decay around the defaults above: a 2 × 2 grid (medjax/sweep/), or
+  with the ``search`` variant an Optuna search over the same ranges."""
+  if "search" in common.parse_variants(arg, VARIANTS):
+    # 8 trials of TPE over the same ranges, continuous; members below the median of the earlier
+    # ones at the same evaluation stop there (medjax/sweep/search.py).
+    return {"search": {"space": {"optim.lr": ("loguniform", 3e-4, 1e-2),
+                                 "optim.weight_decay": ("loguniform", 1e-5, 1e-1)},
+                       "sampler": "tpe", "seed": 0, "n_trials": 8, "pruner": "median",
+                       "pruner_kwargs": {"n_startup_trials": 2}}}
   return {"optim.lr": [1e-3, 3e-3], "optim.weight_decay": [1e-4, 1e-2]}

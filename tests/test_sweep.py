@@ -402,3 +402,24 @@ def test_cpu_member_gets_one_device_for_onednn_else_one_per_core(monkeypatch, on
   env = worker.member_env({"train": {"batch_size": 128}, "eval": {"batch_size": 256}})
   assert env["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
                                       f"--xla_force_host_platform_device_count={expected}"]
+
+
+def test_members_per_device_share_each_gpu_without_preallocation(monkeypatch):
+  from medjax.sweep import workers
+
+  monkeypatch.setattr(workers, "visible_gpus", lambda env: ["0", "1"])
+  one = sweep.make_workers(None, env={})
+  assert [w.env["CUDA_VISIBLE_DEVICES"] for w in one] == ["0", "1"]  # the default: one each
+  assert all("XLA_PYTHON_CLIENT_PREALLOCATE" not in w.env for w in one)
+  shared = sweep.make_workers(None, env={}, members_per_device=3)
+  assert [w.env["CUDA_VISIBLE_DEVICES"] for w in shared] == ["0", "1"] * 3
+  assert all(w.env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for w in shared)
+  assert [w.env["CUDA_VISIBLE_DEVICES"] for w in
+          sweep.make_workers(3, env={}, members_per_device=2)] == ["0", "1", "0"]
+  with pytest.raises(sweep.SweepError, match="more than --members_per_device=2"):
+    sweep.make_workers(5, env={}, members_per_device=2)
+  with pytest.raises(sweep.SweepError, match="unless --members_per_device"):
+    sweep.make_workers(3, env={})
+  monkeypatch.setattr(workers, "visible_gpus", lambda env: [])
+  with pytest.raises(sweep.SweepError, match="no GPU is visible"):
+    sweep.make_workers(None, env={}, members_per_device=2)

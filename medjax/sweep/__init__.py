@@ -13,6 +13,9 @@ A config file declares its sweep beside ``get_config(arg)``. ``get_sweep(arg)`` 
     and flags short. Members are drawn in order from one seeded stream, so raising ``count``
     keeps the earlier members as they were.
   - a list of override dicts, big_vision's way of writing sweeps, taken as it is.
+  - an Optuna search that learns (TPE) and prunes, ``{"search": {"space": ..., "n_trials": 8,
+    "sampler": "tpe", "pruner": "median", ...}}``, whose study several commands on several
+    machines share (medjax/sweep/search.py).
 Keys are dotted config paths. Member ``i`` runs in ``<workdir>/<name>``, where the name is the
 index followed by the member's overrides, e.g. ``m00_lr=0.001_wd=0.0001``. Multi-word keys are
 shortened to their initials, and a key falls back to its full dotted path where two would clash.
@@ -47,7 +50,7 @@ Exit status: 0 when every member has finished; 1 when a member failed (the other
 ran); 2 for a bad sweep, before anything runs; 128 + the signal number when stopped.
 """
 
-from medjax.sweep import slurm  # noqa: F401
+from medjax.sweep import search, slurm, spec  # noqa: F401
 from medjax.sweep.leaderboard import Leaderboard  # noqa: F401
 from medjax.sweep.running import run  # noqa: F401
 from medjax.sweep.spec import (  # noqa: F401

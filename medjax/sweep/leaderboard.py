@@ -99,7 +99,7 @@ class Leaderboard:
       if cells["best"]:
         cells["member"] = f"**{cells['member']}** (best)"
       lines.append("| " + " | ".join(self._md_cell(c, cells[c]) for c in cols) + " |")
-    errors = [(row[1], row[-1]) for row in rows if row[-1]]
+    errors = [(row[1], row[-1]) for row in rows if row[-1] and row[3] != "pruned"]
     if errors:
       lines += ["", "Failures:", ""] + [f"- {n}: `{e}`" for n, e in errors]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ _STOP_GRACE_S = 15  # how long stopped members get to exit before SIGKILL
 
 
 def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = None,
-        launch_script: str | None = None) -> int:
+        launch_script: str | None = None, members_per_device: int = 1) -> int:
   """Runs the sweep declared by ``config_arg``'s ``get_sweep`` in ``workdir``.
 
   Args:
@@ -44,6 +44,7 @@ def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = No
     workdir: the sweep folder; member ``name`` runs in ``workdir/name``.
     workers: members run at once (default: one per GPU, else 1).
     launch_script: the launch.py each member runs (default: the repository's).
+    members_per_device: members sharing each GPU (`make_workers`).
 
   Returns:
     The exit status: 0 all finished, 1 a member failed, 128 + signal number when stopped.
@@ -56,7 +57,7 @@ def run(config_arg: str, base: Overrides, workdir: str, workers: int | None = No
   workdir = os.path.abspath(workdir)
   sweep = prepare(config_arg, base, workdir)
   members, eval_cfg = sweep.members, sweep.eval_config
-  pool = make_workers(workers)
+  pool = make_workers(workers, members_per_device=members_per_device)
 
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   with exclusive(workdir):

@@ -46,17 +46,38 @@ class Worker:
     return dict(self.env, XLA_FLAGS=" ".join(xla))
 
 
-def make_workers(count: int | None, env: dict[str, str] | None = None) -> list[Worker]:
-  """``count`` workers (default: one per GPU, else 1) over the visible GPUs or CPU cores."""
+def make_workers(count: int | None, env: dict[str, str] | None = None,
+                 members_per_device: int = 1) -> list[Worker]:
+  """``count`` workers (default: one per GPU, else 1) over the visible GPUs or CPU cores.
+
+  With ``members_per_device`` > 1 (GPUs only), that many workers share each GPU (default
+  ``count``: GPUs × that), round robin, with JAX's memory preallocation off so that each member
+  takes only what it uses: for small models that leave a large GPU mostly idle.
+  """
   env = dict(os.environ if env is None else env)
   if count is not None and count < 1:
     raise SweepError(f"--sweep_workers must be >= 1, got {count}")
+  if members_per_device < 1:
+    raise SweepError(f"--members_per_device must be >= 1, got {members_per_device}")
   gpus = visible_gpus(env)
+  if members_per_device > 1:
+    if not gpus:
+      raise SweepError("--members_per_device shares GPUs between members, and no GPU is "
+                       "visible; on CPU, --sweep_workers sets how many members run at once")
+    count = count or len(gpus) * members_per_device
+    if count > len(gpus) * members_per_device:
+      raise SweepError(f"--sweep_workers={count} is more than --members_per_device="
+                       f"{members_per_device} on each of the {len(gpus)} visible GPU(s)")
+    shared = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return [Worker(dict(shared, CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)]), None, None,
+                   f"GPU {gpus[i % len(gpus)]} (shared by up to {members_per_device})")
+            for i in range(count)]
   if gpus:
     count = count or len(gpus)
     if count > len(gpus):
       raise SweepError(f"--sweep_workers={count} but {len(gpus)} GPU(s) are visible; members run "
-                       "one process per GPU (or several GPUs each), never two on one GPU")
+                       "one process per GPU (or several GPUs each) unless --members_per_device "
+                       "lets several share one")
     per = len(gpus) // count
     groups = [gpus[i * per:(i + 1) * per] for i in range(count)]
     return [Worker(dict(env, CUDA_VISIBLE_DEVICES=",".join(g)), None, None, f"GPU {','.join(g)}")

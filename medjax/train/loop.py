@@ -362,8 +362,22 @@ def make_bn_recalibration(apply_fn, train_src, eval_tf, config: ml_collections.C
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class StoppedEarly(Exception):
+  """``on_eval`` asked the run to stop (a search pruned it); its checkpoint of that step is
+  saved and it resumes from there if run again."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None
+                       ) -> dict[str, Any]:
   """Trains ``config``'s model in ``workdir``, resuming from its latest checkpoint if any.
+
+  Args:
+    config: the experiment.
+    workdir: the run folder.
+    on_eval: called with ``(step, eval metrics)`` after each evaluation has been checkpointed;
+      returning True stops the run there (`StoppedEarly`). A search's member reports its
+      evaluations through it (medjax/sweep/search.py), without the loop knowing of searches.
 
   Returns:
     A summary dict: ``{"steps", "best_step", "best": {metric: value}, "final": {...},
@@ -544,6 +558,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ok_metric = metric is not None and math.isfinite(metric)
         ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
       meter.exclude(time.perf_counter() - t_other)
+      if eval_now and on_eval is not None and step < total_steps and on_eval(step, last_metrics):
+        if not saved:  # a checkpoint held back by the divergence rule: the pruned run keeps one
+          ckpt.save(step, state, train_iter)
+        bar.close()
+        if train_iter is not None:
+          train_iter.close()
+        writer.close()
+        ckpt.close()
+        raise StoppedEarly(f"stopped after the evaluation of step {step} of {total_steps}; "
+                           f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}")
       if step < total_steps and stop.requested(pcount):
         if not saved:
           ckpt.save(step, state, train_iter)
