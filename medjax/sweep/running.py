@@ -248,8 +248,9 @@ def last_error(name: str, workdir: str) -> str:
   return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def _stop(running: list[_Running], workdir: str) -> None:
-  """SIGTERM to each running member's process group; SIGKILL to what is left after a grace."""
+def stop_members(running: list[_Running]) -> None:
+  """SIGTERM to each running member's process group (launch.py saves and exits); SIGKILL to
+  what is left after a grace."""
   for r in running:
     with contextlib.suppress(ProcessLookupError):
       os.killpg(r.proc.pid, signal.SIGTERM)
@@ -261,4 +262,10 @@ def _stop(running: list[_Running], workdir: str) -> None:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(r.proc.pid, signal.SIGKILL)
       r.proc.wait()
+
+
+def _stop(running: list[_Running], workdir: str) -> None:
+  """`stop_members`, then each one's end recorded as stopped."""
+  stop_members(running)
+  for r in running:
     _end(r, workdir, stopped=True)

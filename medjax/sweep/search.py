@@ -52,7 +52,13 @@ from typing import Any, Callable, Iterator
 
 from medjax.io.atomic import atomic_write
 from medjax.sweep.leaderboard import Leaderboard
-from medjax.sweep.running import _child_setup, _Running, default_launch_script, last_error
+from medjax.sweep.running import (
+    _child_setup,
+    _Running,
+    default_launch_script,
+    last_error,
+    stop_members,
+)
 from medjax.sweep.spec import Member, SweepError, check_members, override_flags, parse_config
 from medjax.sweep.workers import make_workers
 
@@ -60,7 +66,6 @@ TRIAL_ENV = "MEDJAX_TRIAL"  # set for a member: {"storage", "study", "trial"} as
 PRUNED_FILE = "pruned.json"
 _FIELDS = {"space", "sampler", "seed", "n_trials", "pruner", "pruner_kwargs", "storage",
            "study_name"}
-_GRACE_S = 15
 
 
 def is_search(spec: Any) -> bool:
@@ -421,7 +426,7 @@ def run(config_arg: str, base: dict[str, Any], workdir: str, spec: dict[str, Any
         search.leaderboard().write()
       time.sleep(0.2)
   finally:
-    _stop_members([r for r, _ in running.values()])
+    stop_members([r for r, _ in running.values()])
     for r, lock in running.values():
       r.log.close()
       lock.close()  # the trial stays running in the study: the next command takes it over
@@ -464,21 +469,6 @@ def _tell(search: Search, r: _Running) -> str:
     _trial(search.study, m.index).set_user_attr("error", m.error[:300])
     search.study.tell(m.index, state=optuna.trial.TrialState.FAIL)
   return m.status
-
-
-def _stop_members(running: list[_Running]) -> None:
-  """SIGTERM to each member (launch.py saves and exits), SIGKILL to what is left after a grace."""
-  for r in running:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(r.proc.pid, signal.SIGTERM)
-  deadline = time.monotonic() + _GRACE_S
-  for r in running:
-    try:
-      r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(r.proc.pid, signal.SIGKILL)
-      r.proc.wait()
 
 
 def status(config_arg: str, base: dict[str, Any], workdir: str, spec: dict[str, Any]) -> int:

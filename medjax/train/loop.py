@@ -449,17 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ok_metric = metric is not None and math.isfinite(metric)
         ckpt.save(step, state, train_iter, metrics=last_metrics if ok_metric else None)
       meter.exclude(time.perf_counter() - t_other)
-      if eval_now and on_eval is not None and step < total_steps and on_eval(step, last_metrics):
-        if not saved:  # a checkpoint held back by the divergence rule: the pruned run keeps one
-          ckpt.save(step, state, train_iter)
-        bar.close()
-        if train_iter is not None:
-          train_iter.close()
-        writer.close()
-        ckpt.close()
-        raise StoppedEarly(f"stopped after the evaluation of step {step} of {total_steps}; "
-                           f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}")
-      if step < total_steps and stop.requested(pcount):
+      # Stopped early, by a search's pruner (on_eval) or a signal: this step's checkpoint is kept
+      # (saved now if the divergence rule held it back).
+      pruned = (eval_now and on_eval is not None and step < total_steps
+                and on_eval(step, last_metrics))
+      signalled = step < total_steps and stop.requested(pcount)
+      if pruned or signalled:
         if not saved:
           ckpt.save(step, state, train_iter)
         bar.close()
@@ -467,9 +462,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           train_iter.close()
         writer.close()
         ckpt.close()
-        raise preemption.Preempted(
-            f"stopped by a signal after step {step} of {total_steps}; checkpoint saved in "
-            f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
+        where = os.path.join(workdir, "checkpoints")
+        if pruned:
+          raise StoppedEarly(f"stopped after the evaluation of step {step} of {total_steps}; "
+                             f"checkpoint saved in {where}")
+        raise preemption.Preempted(f"stopped by a signal after step {step} of {total_steps}; "
+                                   f"checkpoint saved in {where}: run the same command to resume")
   bar.close()
   if train_iter is not None:
     train_iter.close()  # stops Grain's prefetch threads and worker processes
