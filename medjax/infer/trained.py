@@ -26,7 +26,7 @@ import tqdm
 from medjax.data import pipeline, sources, transforms
 from medjax.io.errors import MedjaxIOError
 from medjax.train import builders, tasks, tta
-from medjax.train.checkpoint import Checkpointer
+from medjax.train.checkpoint import load_variables
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -113,17 +113,8 @@ class TrainedModel:
       raise ValueError(f"precision={precision!r} is not a precision; known: "
                        f"{', '.join(builders.PRECISIONS)}")
     model = builders.build_model(config.model, num_classes, defaults, precision)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-      raise MedjaxIOError(ckpt_dir, "no checkpoints: the run has not saved one yet")
-    ckpt = Checkpointer(ckpt_dir, best_metric=config.eval.best_metric)
-    try:
-      step = step or ckpt.best_step() or ckpt.latest_step()
-      if step is None:
-        raise MedjaxIOError(ckpt_dir, "no checkpoint to load")
-      variables = ckpt.restore_variables(step)
-    finally:
-      ckpt.close()
+    variables, step = load_variables(os.path.join(workdir, "checkpoints"),
+                                     config.eval.best_metric, step)
     return cls(workdir, config, model, jax.device_put(variables, jax.local_devices()[0]), step,
                builders.build_task(config.task, multi_label), num_classes, class_names, plan,
                precision)

@@ -29,6 +29,7 @@ from medjax.io import integrity
 from medjax.io.errors import (
     CheckpointCorruptError,
     DiskFullError,
+    MedjaxIOError,
     describe_filesystem,
     is_disk_full,
     mentions_disk_full,
@@ -252,6 +253,27 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def load_variables(directory: str, best_metric: str, step: int | None = None,
+                   what: str = "") -> tuple[dict[str, Any], int]:
+  """``(variables, step)``: `Checkpointer.restore_variables` of checkpoint ``step`` (default:
+  the best, else the latest) of a run's ``directory``, read without writing there.
+
+  Raises:
+    MedjaxIOError: the folder holds no checkpoint (``what`` prefixes the cause, e.g.
+      ``"init_from: "``).
+  """
+  if not os.path.isdir(directory):
+    raise MedjaxIOError(directory, f"{what}no checkpoints: the run has not saved one yet")
+  ckpt = Checkpointer(directory, best_metric=best_metric, read_only=True)
+  try:
+    step = step or ckpt.best_step() or ckpt.latest_step()
+    if step is None:
+      raise MedjaxIOError(directory, f"{what}no checkpoint to load")
+    return ckpt.restore_variables(step), step
+  finally:
+    ckpt.close()
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

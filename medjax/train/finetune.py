@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from medjax.io.errors import MedjaxIOError
-from medjax.train.checkpoint import Checkpointer
+from medjax.train.checkpoint import load_variables
 
 # The variable collections a source fills: the weights and the BatchNorm statistics.
 COLLECTIONS = ("params", "batch_stats")
@@ -64,16 +64,7 @@ def read_source(path: str) -> tuple[dict[str, Any], str]:
   else:
     raise MedjaxIOError(path, "init_from: not a medjax run folder (config.json, checkpoints/) "
                         "nor one of its checkpoints (checkpoints/<step>)")
-  if not os.path.isdir(directory):
-    raise MedjaxIOError(directory, "init_from: no checkpoints; the run has not saved one yet")
-  ckpt = Checkpointer(directory, best_metric=best_metric, read_only=True)
-  try:
-    step = step or ckpt.best_step() or ckpt.latest_step()
-    if step is None:
-      raise MedjaxIOError(directory, "init_from: no checkpoint to start from")
-    variables = ckpt.restore_variables(step)
-  finally:
-    ckpt.close()
+  variables, step = load_variables(directory, best_metric, step, what="init_from: ")
   return jax.device_get(variables), os.path.join(directory, str(step))
 
 
