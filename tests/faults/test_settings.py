@@ -68,7 +68,7 @@ def test_bad_setting_is_one_error_line_and_exit_2(flag, line, tmp_path):
     ("configs/nosuch.py", "error: --config=configs/nosuch.py: no such file"),
     ("configs/pneumoniamnist_resnet18.py:runlocl",
      "error: --config=configs/pneumoniamnist_resnet18.py: ValueError: unknown config variant(s) "
-     "['runlocl']; known: runlocal"),
+     "['runlocl']; known: runlocal, search"),
 ])
 def test_a_config_file_or_variant_that_is_not_there_is_one_error_line(config_arg, line, tmp_path):
   workdir = str(tmp_path / "run")
