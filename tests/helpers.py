@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from conftest import REPO
 
-from configs import hippocampus_unet3d, pneumoniamnist_resnet18
+from configs import hippocampus_unet2d, hippocampus_unet3d, pneumoniamnist_resnet18
 
 LAUNCH = os.path.join(REPO, "launch.py")
 RUNLOCAL = os.path.join(REPO, "configs/pneumoniamnist_resnet18.py:runlocal")
@@ -42,10 +42,10 @@ def config(data_dir, steps=6, **overrides):
   return apply_overrides(c, overrides)
 
 
-def seg_config(data_dir, steps=1, **overrides):
+def seg_config(data_dir, steps=1, dims=3, **overrides):
   """The ``runlocal`` 3-D U-Net (hippocampus) config on the MSD folder ``data_dir``, one device,
-  evaluated at its last step."""
-  c = hippocampus_unet3d.get_config("runlocal")
+  evaluated at its last step; ``dims=2``: its 2-D (slice-by-slice) twin."""
+  c = (hippocampus_unet3d if dims == 3 else hippocampus_unet2d).get_config("runlocal")
   c.data.dir = data_dir
   c.train.steps = steps
   c.eval.every_steps = steps

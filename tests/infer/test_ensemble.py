@@ -1,17 +1,39 @@
-"""Ensembles of segmentation runs: mean probabilities, identical preprocessing, fold folders."""
+"""Ensembles of segmentation runs: mean probabilities (of folds, and of a 2-D with a 3-D run),
+identical preprocessing, fold folders."""
 
 import json
 import os
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
-from helpers import run_cli
+from conftest import computed_once
+from helpers import run_cli, seg_config
 
 from medjax.infer import ensemble as ensemble_lib
 from medjax.infer import predict, segment
 from medjax.io import msd as msd_lib
 from medjax.io.errors import MedjaxIOError
+
+
+@pytest.fixture(scope="session")
+def run_2d(cv_runs, tmp_path_factory):
+  """A 2-D U-Net run on `cv_runs`'s data, trained as its ``fold0`` (same fold, hold-out, batch,
+  lr and steps) but slice by slice: the 2-D member of a 2-D + 3-D ensemble. Made once
+  (`computed_once`); tests only read it."""
+  _, msd_root = cv_runs
+
+  def train(root):
+    from medjax.train import loop
+
+    workdir = os.path.join(root, "run2d")
+    loop.train_and_evaluate(seg_config(msd_root, steps=2, dims=2, **{
+        "data.folds": 2, "data.fold": 0, "data.holdout": ("case_006",), "train.batch_size": 2,
+        "optim.lr": 1e-2}), workdir)
+    return workdir
+
+  return computed_once(tmp_path_factory, "ensemble_run_2d", train)
 
 
 def _image(msd_root, case="case_006"):
@@ -69,3 +91,35 @@ def test_a_cross_validation_folder_must_hold_one_configs_folds(cv_runs, tmp_path
     ensemble_lib.fold_runs(str(copy))
   with pytest.raises(MedjaxIOError, match="no segmentation runs"):
     ensemble_lib.fold_runs(str(tmp_path))
+
+
+def test_a_2d_and_a_3d_run_ensemble_by_their_mean_probabilities(cv_runs, run_2d, tmp_path):
+  folder, msd_root = cv_runs
+  runs = [run_2d, os.path.join(folder, "fold0")]
+  plans = [ensemble_lib.read_plan(r) for r in runs]
+  assert [p["dims"] for p in plans] == [2, 3]  # one of each; their preprocessing is the same
+  assert ensemble_lib.preprocessing_mismatch(*plans) == []
+  model = ensemble_lib.Ensemble(runs)
+  assert model.workdirs == runs and [m.plan["dims"] for m in model.members] == [2, 3]
+  image = _image(msd_root)
+  # Each member's own predict: the 2-D one slice by slice, the 3-D one by patches.
+  members = [m.predict(image, mirror=True) for m in model.members]
+  assert np.abs(members[0].array - members[1].array).max() > 1e-3  # so the mean is a real check
+  mean = model.predict(image, mirror=True)
+  assert mean.array.shape == image.shape + (3,)
+  np.testing.assert_allclose(mean.affine, image.affine)
+  np.testing.assert_allclose(mean.array, (members[0].array + members[1].array) / 2, atol=1e-5)
+  labels = ensemble_lib.labels_of(mean).array[..., 0]
+  np.testing.assert_array_equal(labels, np.argmax(mean.array, -1))
+
+  # The command line, given both runs and a NIfTI file, writes that argmax on the file's grid.
+  source = os.path.join(msd_root, "imagesTr", "case_006.nii.gz")
+  inbox = tmp_path / "inbox"
+  inbox.mkdir()
+  shutil.copy(source, inbox / "case.nii.gz")
+  code, _, err = run_cli(predict, f"--workdir={','.join(runs)}", f"--input={inbox}",
+                         f"--output={tmp_path / 'out'}")
+  assert code == predict.EXIT_OK, err
+  written = nib.load(str(tmp_path / "out" / "case_seg.nii.gz"))
+  np.testing.assert_allclose(written.affine, nib.load(source).affine, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
