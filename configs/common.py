@@ -34,6 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.fold = 0  # validation fold (splits.json in the workdir, written once).
   # Case ids kept out of the plan and every fold: a test set for ensembles and post-processing.
   c.data.holdout = ()
+  # Region-based training (nnU-Net's regions): overlapping label groups, outermost first, one
+  # sigmoid output each, e.g. ("whole_tumour=1,2,3", "core=2,3", "enhancing=3"); (): one
+  # softmax output per label value (medjax/planning/regions.py).
+  c.data.regions = ()
   c.data.foreground = 0.33  # share of training patches centred on a foreground voxel.
   c.data.num_threads = 4  # Grain read threads per process.
   c.data.prefetch = 16  # records buffered ahead per process.

@@ -106,8 +106,9 @@ def write_multilabel_medmnist(root, flag="chestmnist", labels=14, n_train=64, n_
 
 
 def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26, 18),
-              spacing=(1.0, 1.0, 1.0), lps=False):
-  """A small MSD-style dataset: each case an ellipsoid (class 1) with a core (class 2)."""
+              spacing=(1.0, 1.0, 1.0), lps=False, nested=False):
+  """A small MSD-style dataset: each case an ellipsoid (class 1) with a core (class 2);
+  ``nested``: a third shell inside the core (class 3, "inner"), for region-based training."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
   os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
@@ -118,7 +119,10 @@ def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26,
     centre = dims / 2 + rng.uniform(-2, 2, 3)
     r = np.linalg.norm((grid - centre) / (dims / 4), axis=-1)
     label = np.where(r < 0.5, 2, np.where(r < 1.0, 1, 0)).astype(np.uint8)
-    image = (20 + 40 * (label == 1) + 80 * (label == 2) + rng.normal(0, 5, dims)).clip(1, None)
+    if nested:  # shells of equal thickness: 1 outside r = 0.6, 2 down to 0.3, 3 inside
+      label = np.where(r < 0.3, 3, np.where(r < 0.6, 2, label)).astype(np.uint8)
+    image = (20 + 40 * (label == 1) + 80 * (label == 2) + 130 * (label == 3) +
+             rng.normal(0, 5, dims)).clip(1, None)
     image[:2] = 0  # an empty border, so cropping to nonzero has work to do
     label[:2] = 0
     # lps: files stored with x and y reversed (as DICOM conversions often are), so readers must
@@ -138,9 +142,11 @@ def write_msd(root, n=6, channels=("MRI",), layout="msd", seed=0, shape=(22, 26,
     entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
   meta = {"name": "Synthetic", "modality": {str(i): c for i, c in enumerate(channels)},
           "labels": {"0": "background", "1": "outer", "2": "core"}, "training": entries}
+  if nested:
+    meta["labels"]["3"] = "inner"
   if layout == "nnunet":
     meta = {"name": "Synthetic", "channel_names": meta["modality"],
-            "labels": {"background": 0, "outer": 1, "core": 2}}
+            "labels": {v: int(k) for k, v in meta["labels"].items()}}
   with open(os.path.join(root, "dataset.json"), "w") as f:
     json.dump(meta, f)
   return str(root)

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 import tqdm
 
+from medjax import planning
 from medjax.infer import segment
 from medjax.infer.ensemble import Ensemble, check_same_preprocessing, fold_runs
 from medjax.infer.trained import read_run_config
@@ -47,6 +48,7 @@ from medjax.metrics import bootstrap
 from medjax.metrics import postprocessing as pp
 from medjax.metrics import segmentation as seg_metrics
 from medjax.planning.preprocessing import preprocess, restore_geometry
+from medjax.planning.regions import class_names
 from medjax.train import builders
 from medjax.train import runs as runs_lib
 
@@ -85,8 +87,8 @@ def _splits(runs: Sequence[str]) -> list[dict[str, list[str]]]:
   return splits
 
 
-def _scores(cases: list[dict[str, Any]], classes: Sequence[int], n_boot: int,
-            names: dict[int, str]) -> dict[str, Any]:
+def _scores(cases: list[dict[str, Any]], classes: Sequence[seg_metrics.Class], n_boot: int,
+            names: dict[seg_metrics.Class, str]) -> dict[str, Any]:
   """Summary, table and Dice/HD95 bootstrap intervals of per-case metrics."""
   per_case = [c["metrics"] for c in cases]
   summary = seg_metrics.summarize(per_case)
@@ -126,8 +128,7 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   _check_validated(runs, mirror)
   splits = _splits(runs)
   dataset = _dataset(runs[0])
-  classes = list(range(1, plan["num_classes"]))
-  names = {c: plan["class_names"][c] for c in classes}
+  classes, names = planning.scored_classes(plan), class_names(plan)
   out = os.path.join(folder, "crossval")
   for sub in ("predictions", "postprocessed"):
     shutil.rmtree(os.path.join(out, sub), ignore_errors=True)  # a rerun writes them afresh
@@ -152,7 +153,7 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   ignore = plan.get("ignore_label")
   decision = pp.determine_postprocessing([p.array for p in preds], [r.array for r in refs],
                                          classes, ignore)
-  decision["class_names"] = {str(c): n for c, n in names.items()}
+  decision["class_names"] = {seg_metrics.class_key(c): n for c, n in names.items()}
   decision["folds"] = [os.path.relpath(r, folder) for r in runs]
   pp.write_decision(os.path.join(folder, pp.FILENAME), decision)
 
@@ -178,8 +179,9 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
         for c in classes:
           w.writerow([r["case"], r["fold"], flag, names[c],
                       *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
-  kept = ", ".join("+".join(names[c] for c in g) for g in decision["keep_largest"]) or "nothing"
-  steps = "; ".join(f"{'+'.join(names[c] for c in s['labels'])}: Dice {s['dice_before']:.5f} → "
+  label_names = plan["class_names"]  # by label value
+  kept = ", ".join("+".join(label_names[v] for v in g) for g in decision["keep_largest"]) or "nothing"
+  steps = "; ".join(f"{'+'.join(label_names[v] for v in s['labels'])}: Dice {s['dice_before']:.5f} → "
                     f"{s['dice_after']:.5f} ({'kept' if s['applied'] else 'not kept'})"
                     for s in decision["steps"])
   lines = [f"# Cross-validation: {len(runs)} folds, {len(cases)} cases out of fold", "",
@@ -237,8 +239,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
   dataset = _dataset(runs[0])
   ensemble = Ensemble(runs)
   plan = ensemble.plan
-  classes = list(range(1, plan["num_classes"]))
-  names = {c: plan["class_names"][c] for c in classes}
+  classes, names = planning.scored_classes(plan), class_names(plan)
+  regions = planning.plan_regions(plan) is not None
   variants = ("fold0", "fold0+pp", "ensemble", "ensemble+pp")
   rows: dict[str, list[dict]] = {v: [] for v in variants}
   t0 = time.perf_counter()
@@ -247,7 +249,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
     array, _, props = preprocess(image, None, plan)
     probs = [m.probabilities(array, mirror) for m in ensemble.members]  # each fold once
     for name, p in (("fold0", probs[0]), ("ensemble", np.mean(probs, 0))):
-      labels = np.argmax(restore_geometry(p, props), -1)[..., None].astype(np.uint8)
+      labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
       for variant, seg in ((name, labels),
                            (name + "+pp", pp.apply_postprocessing(labels, decision))):
         rows[variant].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(

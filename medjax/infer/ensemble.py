@@ -18,8 +18,7 @@ import json
 import os
 from typing import Any, Sequence
 
-import numpy as np
-
+from medjax import planning
 from medjax.infer.segment import Segmenter, match_channels, plan_channels
 from medjax.infer.trained import read_run_config
 from medjax.io.errors import MedjaxIOError
@@ -30,7 +29,8 @@ from medjax.planning.preprocessing import preprocess, restore_geometry
 # The plan keys that decide how an image is preprocessed and what the classes are: members of an
 # ensemble must agree on all of them.
 PREPROCESSING_KEYS = ("target_spacing", "normalization", "foreground_intensity", "channels",
-                      "num_classes", "class_names", "separate_z_anisotropy", "ignore_label")
+                      "num_classes", "class_names", "separate_z_anisotropy", "ignore_label",
+                      "regions")
 
 
 def read_plan(workdir: str) -> dict[str, Any]:
@@ -124,7 +124,8 @@ def fold_runs(folder: str) -> list[str]:
 
 
 class Ensemble:
-  """Segmentation runs whose softmax probabilities are averaged; used as a `Segmenter` is.
+  """Segmentation runs whose probabilities (softmax, or sigmoid per region) are averaged; used
+  as a `Segmenter` is.
 
   Attributes:
     members: one `Segmenter` per run.
@@ -173,7 +174,8 @@ class Ensemble:
     for member in self.members:
       probs = member.probabilities(array, mirror, overlap)
       total = probs if total is None else total + probs
-    restored = restore_geometry(total / len(self.members), props)
+    restored = restore_geometry(total / len(self.members), props,
+                                regions=planning.plan_regions(self.plan) is not None)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 
@@ -229,8 +231,10 @@ def load_segmenter(workdirs: str | Sequence[str], step: int | None = None, batch
   return Ensemble(runs, batch_size, decision)
 
 
-def labels_of(probabilities: Volume, decision: dict[str, Any] | None = None) -> Volume:
-  """The argmax label map ``[i, j, k, 1]`` (uint8) of class probabilities, post-processed by
-  ``decision`` (`medjax.metrics.postprocessing.apply_postprocessing`)."""
-  labels = np.argmax(probabilities.array, -1)[..., None].astype(np.uint8)
+def labels_of(probabilities: Volume, plan: dict[str, Any],
+              decision: dict[str, Any] | None = None) -> Volume:
+  """The label map ``[i, j, k, 1]`` (uint8) of a run's output probabilities (the argmax, or the
+  regions' order: `medjax.planning.label_map`), post-processed by ``decision``
+  (`medjax.metrics.postprocessing.apply_postprocessing`)."""
+  labels = planning.label_map(probabilities.array, plan)
   return probabilities.replace(array=pp.apply_postprocessing(labels, decision))

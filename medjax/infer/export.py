@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from medjax import ops
+from medjax import ops, planning
 from medjax.infer import serving
 from medjax.infer.trained import TrainedModel
 from medjax.io import medmnist
@@ -121,7 +121,16 @@ def _segmentation(trained: TrainedModel) -> tuple[Callable, tuple[int, ...], dic
           "the windows' logits, one softmax at the end, mirroring on all axes by default)",
       ],
   }
+  regions = planning.plan_regions(plan)
+  if regions:  # region-based runs: a sigmoid per region, and how to make the label map
+    preprocessing["regions"] = regions
+    preprocessing["steps"].append(
+        "region-based run: the outputs are a sigmoid per region; the label map starts at 0 and, "
+        "region by region in order, takes the region's 'label' where its probability >= 0.5")
+
   def serve(patches):
+    if regions:
+      return jax.nn.sigmoid(trained.forward_logits(patches))
     return jax.nn.softmax(trained.forward_logits(patches), axis=-1)
 
   return serve, input_shape, preprocessing
@@ -200,6 +209,8 @@ def export_trained(trained: TrainedModel, out: str, *, overwrite: bool = False,
   meaning = {"classification": "softmax probabilities per class",
              "multilabel_classification": "sigmoid probability per label",
              "segmentation": "softmax probabilities per class, per voxel of the patch"}[task]
+  if task == "segmentation" and planning.plan_regions(trained.plan):
+    meaning = "sigmoid probability per region, per voxel of the patch"
   metadata = {
       "format": serving.FORMAT,
       "format_version": serving.FORMAT_VERSION,

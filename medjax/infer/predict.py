@@ -222,7 +222,7 @@ def _segment(segmenter: Segmenter | Ensemble, inputs: Sequence[Input], output: s
       if problem:  # Segmenter's contract; checked because a shifted mask fails silently
         raise RuntimeError(f"prediction is not on the input's grid: {problem}")
       # The argmax, post-processed as the run's (or cross-validation's) decision says.
-      labels = labels_of(probs, segmenter.postprocessing).replace(metadata={})
+      labels = labels_of(probs, plan, segmenter.postprocessing).replace(metadata={})
       stem = output_stem(item.name, taken)
       row = {"input": item.name, "kind": item.kind, "modality": volume.modality,
              "segmentation": f"{stem}_seg.nii.gz", "probabilities": "", "dicom_seg": "",

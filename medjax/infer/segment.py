@@ -13,6 +13,7 @@ NIfTI label map in the input file's orientation, overlay PNGs, and a table in ``
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
+from medjax import planning
 from medjax.infer.sliding_window import sliding_window_predict
 from medjax.infer.trained import TrainedModel
 from medjax.io import msd
@@ -32,6 +34,7 @@ from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.metrics import segmentation as seg_metrics
 from medjax.planning.preprocessing import preprocess, restore_geometry
+from medjax.planning.regions import class_names, sigmoid_
 from medjax.train import builders, runs
 
 matplotlib.use("Agg")
@@ -138,20 +141,21 @@ class Segmenter:
 
   def probabilities(self, array: np.ndarray, mirror: bool = True,
                     overlap: float = 0.5) -> np.ndarray:
-    """Class probabilities ``[*spatial, K]`` of a preprocessed array, on its (preprocessed) grid:
-    the Gaussian-weighted sliding window, with all-axis mirroring when ``mirror``."""
-    patch, k = self.plan["patch_size"], self.plan["num_classes"]
+    """Output probabilities ``[*spatial, K]`` of a preprocessed array, on its (preprocessed)
+    grid: the Gaussian-weighted sliding window, with all-axis mirroring when ``mirror``; a
+    softmax over the classes, or a sigmoid per region for region-based runs."""
+    patch, k = self.plan["patch_size"], planning.output_channels(self.plan)
+    regions = planning.plan_regions(self.plan) is not None
+    window = functools.partial(sliding_window_predict, self.apply, patch_size=patch,
+                               num_classes=k, overlap=overlap, batch_size=self.batch_size,
+                               return_logits=regions)
     if self.plan["dims"] == 3:
-      return sliding_window_predict(self.apply, array, patch, k, overlap=overlap,
-                                    batch_size=self.batch_size,
-                                    mirror_axes=(0, 1, 2) if mirror else ())
-    # 2-D plans: slice by slice along the plan's axis, each slice a 2-D sliding window.
-    axis = self.plan["slice_axis"]
-    planes = [sliding_window_predict(self.apply, np.take(array, n, axis=axis), patch, k,
-                                     overlap=overlap, batch_size=self.batch_size,
-                                     mirror_axes=(0, 1) if mirror else ())
-              for n in range(array.shape[axis])]
-    return np.stack(planes, axis=axis)
+      out = window(array, mirror_axes=(0, 1, 2) if mirror else ())
+    else:  # 2-D plans: slice by slice along the plan's axis, each slice a 2-D sliding window.
+      axis = self.plan["slice_axis"]
+      out = np.stack([window(np.take(array, n, axis=axis), mirror_axes=(0, 1) if mirror else ())
+                      for n in range(array.shape[axis])], axis=axis)
+    return sigmoid_(out) if regions else out
 
   def predict(self, image: Volume, mirror: bool = True, overlap: float = 0.5,
               channels: Sequence[str] | None = None, fill_missing: bool = False) -> Volume:
@@ -161,7 +165,8 @@ class Segmenter:
     zero-fills the ones it lacks, for runs trained with ``train.modality_dropout``
     (`match_channels`, which also raises the missing-channel error)."""
     canonical, array, props = self.preprocess(image, channels, fill_missing)
-    restored = restore_geometry(self.probabilities(array, mirror, overlap), props)
+    restored = restore_geometry(self.probabilities(array, mirror, overlap), props,
+                                regions=planning.plan_regions(self.plan) is not None)
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 
@@ -194,28 +199,28 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     val_ids = json.load(f)[config.data.fold]["val"]
   out_dir = os.path.join(segmenter.workdir, "validation")
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-  classes = list(range(1, plan["num_classes"]))
+  classes, names = planning.scored_classes(plan), class_names(plan)
   cases, t0 = [], time.perf_counter()
   for n, case_id in enumerate(tqdm.tqdm(val_ids, desc="validate", unit="case")):
     case = dataset.case(case_id)
     image, label = msd.load_msd_case(dataset, case)  # both canonical
     probs = segmenter.predict(image, mirror=mirror)
-    pred = probs.replace(array=np.argmax(probs.array, -1)[..., None].astype(np.uint8))
+    pred = probs.replace(array=planning.label_map(probs.array, plan))
     # Written the way the input file stores its axes (read from its header only).
     write_nifti(pred.reoriented(nib.load(case.images[0]).affine),
                 os.path.join(out_dir, f"{case_id}.nii.gz"))
     metrics = seg_metrics.segmentation_metrics(pred.array, label.array, label.spacing, classes,
                                                plan.get("ignore_label"))
-    cases.append({"case": case_id, **{str(c): m for c, m in metrics.items()}})
+    cases.append({"case": case_id,
+                  **{seg_metrics.class_key(c): m for c, m in metrics.items()}})
     if n < overlays:
       _overlay(image.array[..., 0], label.array[..., 0], pred.array[..., 0],
                os.path.join(out_dir, "overlays", f"{case_id}.png"),
-               f"{case_id}: " + ", ".join(f"{plan['class_names'][c]} Dice "
-                                           f"{metrics[c]['dice']:.3f}" for c in classes))
+               f"{case_id}: " + ", ".join(f"{names[c]} Dice {metrics[c]['dice']:.3f}"
+                                           for c in classes))
   seconds = time.perf_counter() - t0
-  per_case = [{int(c): m for c, m in r.items() if c != "case"} for r in cases]
+  per_case = [{c: r[seg_metrics.class_key(c)] for c in classes} for r in cases]
   summary = seg_metrics.summarize(per_case)
-  names = {c: plan["class_names"][c] for c in classes}
   table = seg_metrics.format_table(summary, names)
   ci = seg_metrics.bootstrap_means(per_case, "dice", n_boot=n_boot, seed=0)
   seg_metrics.plot_dice_boxes(per_case, os.path.join(out_dir, "dice_boxes.png"), names,
@@ -230,7 +235,8 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     w.writerow(["case", "class", *seg_metrics.METRICS])
     for r in cases:
       for c in classes:
-        w.writerow([r["case"], names[c], *(r[str(c)][m] for m in seg_metrics.METRICS)])
+        w.writerow([r["case"], names[c],
+                    *(r[seg_metrics.class_key(c)][m] for m in seg_metrics.METRICS)])
   lines = ["", f"## Validation, fold {config.data.fold} ({len(cases)} cases, sliding window"
            f"{' + mirroring' if mirror else ''}, checkpoint step {segmenter.step})", "",
            table, "", "Mean Dice with a 95% bootstrap interval over cases (" + ", ".join(

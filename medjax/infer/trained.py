@@ -116,7 +116,8 @@ class TrainedModel:
     variables, step = load_variables(os.path.join(workdir, "checkpoints"),
                                      config.eval.best_metric, step)
     return cls(workdir, config, model, jax.device_put(variables, jax.local_devices()[0]), step,
-               builders.build_task(config.task, multi_label), num_classes, class_names, plan,
+               builders.build_task(config.task, multi_label, **builders.plan_task_kwargs(plan)),
+               num_classes, class_names, plan,
                precision)
 
   # --- Data -----------------------------------------------------------------------------------

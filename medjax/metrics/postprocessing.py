@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from medjax.io.atomic import atomic_write_json
 from medjax.io.errors import MedjaxIOError
-from medjax.metrics.segmentation import dice
+from medjax.metrics.segmentation import Class, class_key, class_labels, dice
 
 FILENAME = "postprocessing.json"
 
@@ -67,47 +67,51 @@ def apply_postprocessing(labels: np.ndarray, decision: dict[str, Any] | None) ->
   return labels
 
 
-def _mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], classes: Sequence[int],
-               ignore_label: int | None = None) -> dict[int, float]:
+def _mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], classes: Sequence[Class],
+               ignore_label: int | None = None) -> dict[Class, float]:
   """Per-class mean Dice over cases, cases with both masks empty left out (NaN if all are);
   reference voxels labelled ``ignore_label`` are left out of both masks."""
   out = {}
   for c in classes:
-    values = np.array([dice((p == c) & (r != ignore_label), r == c)
+    labels = class_labels(c)
+    values = np.array([dice(np.isin(p, labels) & (r != ignore_label), np.isin(r, labels))
                        for p, r in zip(preds, refs)], np.float64)
     kept = values[~np.isnan(values)]
     out[c] = float(kept.mean()) if len(kept) else float("nan")
   return out
 
 
-def _foreground(means: dict[int, float]) -> float:
+def _foreground(means: dict[Class, float]) -> float:
   values = [v for v in means.values() if not np.isnan(v)]
   return float(np.mean(values)) if values else float("nan")
 
 
 def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                             classes: Sequence[int],
+                             classes: Sequence[Class],
                              ignore_label: int | None = None) -> dict[str, Any]:
   """nnU-Net's keep-largest-component decision from out-of-fold predictions (module docstring).
 
   Args:
     preds: one predicted label map per case (any shape; each the shape of its reference).
     refs: the reference label maps, in the same order.
-    classes: the foreground label values.
+    classes: the foreground label values, or regions (tuples of label values): each region is
+      then one group of the per-class steps, as nnU-Net post-processes region-based runs.
     ignore_label: reference voxels of this label (not annotated) count in no Dice.
 
   Returns:
     ``{"keep_largest": [[labels], ...], "steps": [{"labels", "applied", "dice_before",
     "dice_after"}], "dice_before": {class: mean}, "dice_after": {class: mean},
-    "foreground_dice_before", "foreground_dice_after", "cases"}``; classes are string keys (JSON).
+    "foreground_dice_before", "foreground_dice_after", "cases"}``; classes are string keys (JSON,
+    `class_key`).
   """
-  classes = [int(c) for c in classes]
+  classes = [tuple(class_labels(c)) if isinstance(c, (tuple, list)) else int(c) for c in classes]
   if len(preds) != len(refs) or not preds:
     raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
   base = _mean_dice(preds, refs, classes, ignore_label)
   current, means, steps, keep = list(preds), dict(base), [], []
 
-  groups = [classes] + ([[c] for c in classes] if len(classes) > 1 else [])
+  foreground = sorted({v for c in classes for v in class_labels(c)})
+  groups = [foreground] + ([class_labels(c) for c in classes] if len(classes) > 1 else [])
   for n, group in enumerate(groups):
     candidate = [keep_largest_component(p, group) for p in current]
     after = _mean_dice(candidate, refs, classes, ignore_label)
@@ -115,7 +119,8 @@ def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndar
       before_value, after_value = _foreground(means), _foreground(after)
       applied = after_value > before_value and not any(after[c] < means[c] for c in classes)
     else:
-      before_value, after_value = means[group[0]], after[group[0]]
+      c = classes[n - 1]
+      before_value, after_value = means[c], after[c]
       applied = after_value > before_value
     steps.append({"labels": group, "applied": bool(applied), "dice_before": before_value,
                   "dice_after": after_value})
@@ -123,8 +128,8 @@ def determine_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndar
       current, means = candidate, after
       keep.append(group)
   return {"keep_largest": keep, "steps": steps,
-          "dice_before": {str(c): base[c] for c in classes},
-          "dice_after": {str(c): means[c] for c in classes},
+          "dice_before": {class_key(c): base[c] for c in classes},
+          "dice_after": {class_key(c): means[c] for c in classes},
           "foreground_dice_before": _foreground(base), "foreground_dice_after": _foreground(means),
           "cases": len(preds)}
 

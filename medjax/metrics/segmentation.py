@@ -38,6 +38,16 @@ from medjax.metrics import bootstrap
 # A class is one label value, or a region: the union of several label values (BraTS-style).
 Class = int | tuple[int, ...]
 
+
+def class_labels(c: Class) -> list[int]:
+  """The label values of a class: ``[c]`` for a label, the region's for a tuple."""
+  return [int(v) for v in c] if isinstance(c, (tuple, list)) else [int(c)]
+
+
+def class_key(c: Class) -> str:
+  """A class as a JSON key: ``"2"`` for a label, ``"2,3"`` for a region."""
+  return ",".join(map(str, class_labels(c)))
+
 METRICS = ("dice", "iou", "hd95", "msd")
 _HEADERS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "msd": "MSD (mm)"}
 _PERCENTILE = 95.0

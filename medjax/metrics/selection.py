@@ -6,6 +6,8 @@ puts confidence intervals on, so checkpoint selection and the final table cannot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -51,8 +53,8 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float
   return {"acc": acc, "auc": float(np.mean(aucs)) if aucs else float("nan"), "nll": nll}
 
 
-def pseudo_dice(labels: np.ndarray, predictions: np.ndarray,
-                ignore_label: int | None = None) -> dict[str, float]:
+def pseudo_dice(labels: np.ndarray, predictions: np.ndarray, ignore_label: int | None = None,
+                regions: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
   """nnU-Net's validation "pseudo Dice": per foreground class, one Dice over all voxels of all
   patches together (not a mean of per-case Dice), and ``dice``, their mean.
 
@@ -60,14 +62,17 @@ def pseudo_dice(labels: np.ndarray, predictions: np.ndarray,
     labels: ``[N, *spatial, 1]`` or ``[N, *spatial]`` integer label maps.
     predictions: ``[N, *spatial]`` predicted classes.
     ignore_label: voxels labelled so (not annotated) are left out, whatever was predicted there.
+    regions: score these groups of label values instead (``dice_1`` is the first region's),
+      for region-based runs (`medjax.planning.regions`).
   """
   labels = labels.reshape(predictions.shape)
   annotated = np.ones(labels.shape, bool) if ignore_label is None else labels != ignore_label
-  top = max(labels[annotated].max(initial=0), predictions.max(initial=0))
-  num_classes = int(top) + 1
+  if regions is None:
+    top = max(labels[annotated].max(initial=0), predictions.max(initial=0))
+    regions = [[k] for k in range(1, max(int(top) + 1, 2))]
   out = {}
-  for k in range(1, max(num_classes, 2)):
-    y, p = labels == k, (predictions == k) & annotated
+  for k, group in enumerate(regions, start=1):
+    y, p = np.isin(labels, group), np.isin(predictions, group) & annotated
     denominator = y.sum() + p.sum()
     out[f"dice_{k}"] = float(2 * np.sum(y & p) / denominator) if denominator else float("nan")
   values = [v for v in out.values() if np.isfinite(v)]

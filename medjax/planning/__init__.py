@@ -4,6 +4,7 @@
 `restore_geometry`, the cache (`prepare_cache`, `load_cached`). ``folds``: `make_folds`, the hold-out
 (`hash_holdout`, `without_holdout`).
 ``patches``: the cached-case sources and the ``patch`` transform (registered on import).
+``regions``: region-based training's declarations, outputs and label maps (`label_map`).
 """
 
 from medjax.planning.folds import hash_holdout, make_folds, without_holdout  # noqa: F401
@@ -16,4 +17,11 @@ from medjax.planning.preprocessing import (  # noqa: F401
   prepare_cache,
   preprocess,
   restore_geometry,
+)
+from medjax.planning.regions import (  # noqa: F401
+  label_map,
+  output_channels,
+  output_names,
+  plan_regions,
+  scored_classes,
 )

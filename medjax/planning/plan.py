@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from medjax.io.atomic import atomic_write_json
 from medjax.io.msd import MSDDataset, load_msd_case
 from medjax.planning.preprocessing import nonzero_box
+from medjax.planning.regions import parse_regions
 
 # nnU-Net's constants: foreground intensity samples per case, the smallest feature map edge of the
 # U-Net, the cap on feature widths, anisotropy threshold.
@@ -57,8 +59,8 @@ def fingerprint(dataset: MSDDataset) -> dict[str, Any]:
 
 
 def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56 * 40,
-              base_features: int = 32, overrides: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              base_features: int = 32, overrides: dict[str, Any] | None = None,
+              regions: Sequence[str] | None = None) -> dict[str, Any]:
   """nnU-Net's planning rules, simplified to one configuration per ``dims`` (2 or 3).
 
   Target spacing is the median; on strongly anisotropic data (> 3×) the coarse axis takes the
@@ -68,7 +70,8 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
   voxels are at most twice as coarse as the finest axis's, and the patch is rounded up to a
   multiple of its total stride. 2-D plans slice along the coarsest axis (axis 0 on
   isotropic data) and keep the other two. A class named ``ignore`` (the highest label) becomes
-  ``ignore_label``: not a class the network predicts.
+  ``ignore_label``: not a class the network predicts. ``regions`` (``data.regions``) makes the
+  network predict overlapping label groups, one sigmoid each (`medjax.planning.regions`).
   """
   if dims not in (2, 3):
     raise ValueError(f"plan dims must be 2 or 3, got {dims}")
@@ -128,6 +131,9 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
       # nnU-Net's separate-z resampling where a case's or the target's spacing is more anisotropic
       # than this (medjax.planning.preprocessing.preprocess); None: never.
       "separate_z_anisotropy": _ANISOTROPY,
+      # Region-based training (data.regions): [{"name", "labels", "label"}] in order; None: one
+      # softmax channel per label value.
+      "regions": parse_regions(regions, names),
   }
   for key, value in (overrides or {}).items():
     if key not in plan:
@@ -137,7 +143,8 @@ def make_plan(fp: dict[str, Any], dims: int = 3, max_patch_voxels: int = 40 * 56
 
 
 def load_or_make_plan(workdir: str, dataset: MSDDataset, *, dims: int, max_patch_voxels: int,
-                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                      overrides: dict[str, Any] | None = None,
+                      regions: Sequence[str] | None = None) -> dict[str, Any]:
   """``workdir/plan.json`` if it exists (a resumed run keeps its plan), else a new plan from the
   dataset's fingerprint with ``overrides``, written there by process 0."""
   path = os.path.join(workdir, "plan.json")
@@ -145,7 +152,7 @@ def load_or_make_plan(workdir: str, dataset: MSDDataset, *, dims: int, max_patch
     with open(path) as f:
       return json.load(f)
   plan = make_plan(fingerprint(dataset), dims=dims, max_patch_voxels=max_patch_voxels,
-                   overrides=overrides)
+                   overrides=overrides, regions=regions)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     atomic_write_json(path, plan, indent=1)

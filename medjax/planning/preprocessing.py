@@ -93,12 +93,14 @@ def preprocess(image: Volume, label: Volume | None, plan: dict[str, Any]
           resampled.get("label"), props)
 
 
-def restore_geometry(probabilities: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+def restore_geometry(probabilities: np.ndarray, props: dict[str, Any],
+                     regions: bool = False) -> np.ndarray:
   """Preprocessed-grid class probabilities ``[*spatial, K]`` → the canonical image's grid.
 
   Undoes the resampling (linear, on probabilities, so the argmax stays smooth; where nnU-Net's
   separate-z rule applies, linear in-plane and nearest along the coarse axis, as nnU-Net exports)
-  and the crop (background outside the box).
+  and the crop (background outside the box: channel 0 of a softmax is 1 there; with ``regions``,
+  sigmoid outputs, every channel is 0).
   """
   cropped = props["cropped_shape"]
   record = {"image": probabilities.astype(np.float32),
@@ -116,7 +118,8 @@ def restore_geometry(probabilities: np.ndarray, props: dict[str, Any]) -> np.nda
     restored = transforms.CropOrPad(shape=tuple(cropped), mode="edge").map(
         {"image": restored})["image"]
   out = np.zeros(tuple(props["canonical_shape"]) + (probabilities.shape[-1],), np.float32)
-  out[..., 0] = 1.0  # background where the crop removed (all-zero) voxels
+  if not regions:
+    out[..., 0] = 1.0  # background where the crop removed (all-zero) voxels
   box = tuple(slice(a, b) for a, b in props["box"])
   out[box] = restored
   return out

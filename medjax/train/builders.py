@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from medjax import models, registry  # noqa: F401  (models: registers the zoo)
+from medjax import models, planning, registry  # noqa: F401  (models: registers the zoo)
 from medjax.io import medmnist, msd
 from medjax.train import tasks
 
@@ -78,15 +78,23 @@ def build_task(name: str, multi_label: bool = False, **kwargs) -> tasks.Task:
   return tasks.get_task(task_name(name, multi_label), **kwargs)
 
 
+def plan_task_kwargs(plan: dict[str, Any] | None) -> dict[str, Any]:
+  """The segmentation task's settings a plan decides: the ignore label and the regions."""
+  if plan is None:
+    return {}
+  return {"ignore_label": plan.get("ignore_label"), "regions": planning.plan_regions(plan)}
+
+
 def label_space(config: ml_collections.ConfigDict, plan: dict[str, Any] | None = None
                 ) -> tuple[int, tuple[str, ...], bool]:
-  """``(num_classes, class_names, multi_label)`` of a run's data: the plan's for segmentation
-  (MSD) runs, one fused channel for fusion runs, the MedMNIST set's otherwise."""
+  """``(num_classes, class_names, multi_label)`` of a run's model outputs: the plan's for
+  segmentation (MSD) runs (its regions where it has them), one fused channel for fusion runs,
+  the MedMNIST set's otherwise."""
   if config.data.source == "harvard":  # fusion: one output channel, the fused image
     return 1, ("fused",), False
   if config.data.source == "msd":
     if plan is None:
       raise ValueError("a segmentation run's label space comes from its plan")
-    return plan["num_classes"], tuple(plan["class_names"]), False
+    return planning.output_channels(plan), planning.output_names(plan), False
   info = medmnist.get_info(config.data.name, config.data.size)
   return info.n_classes, tuple(info.label_names), info.multi_label

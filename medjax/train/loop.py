@@ -45,6 +45,7 @@ from medjax.train.builders import (  # noqa: F401  (build_model, plan_model_defa
     msd_dataset,
     msd_root,
     plan_model_defaults,
+    plan_task_kwargs,
 )
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.divergence import DivergedError, DivergenceRule
@@ -145,7 +146,8 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   dataset = planning.without_holdout(msd_dataset(data_cfg), data_cfg.get("holdout", ()))
   plan = planning.load_or_make_plan(workdir, dataset, dims=data_cfg.dims,
                                     max_patch_voxels=data_cfg.max_patch_voxels,
-                                    overrides=data_cfg.plan.to_dict())
+                                    overrides=data_cfg.plan.to_dict(),
+                                    regions=data_cfg.get("regions") or None)
   cache = planning.prepare_cache(dataset, plan,
                                  data_cfg.cache_dir or os.path.join(workdir, "preprocessed"))
   folds = planning.make_folds([c.case_id for c in dataset.cases],
@@ -164,8 +166,8 @@ def _segmentation_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   centre = transforms.CropOrPad(shape=tuple(patch))
   return Data(planning.CaseSource(cache, fold["train"]),
               transforms.parse(cut + "|" + data_cfg.train_transforms), evals, [centre],
-              plan["num_classes"], model_defaults=plan_model_defaults(plan),
-              task_kwargs={"ignore_label": plan.get("ignore_label")})
+              planning.output_channels(plan), model_defaults=plan_model_defaults(plan),
+              task_kwargs=plan_task_kwargs(plan))
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict,

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medjax.planning.regions import region_targets
+
 
 def _class_map(labels: jax.Array, logits: jax.Array) -> jax.Array:
   """``labels`` as ``[N, *spatial]`` int32; raises ``ValueError`` if it does not fit ``logits``."""
@@ -91,13 +93,20 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None
     raise ValueError(f"no class left for the Dice: num_classes={num_classes}, "
                      f"include_background={include_background}")
   labels, valid = _valid(_class_map(labels, logits), ignore_label)
-  w = _sample_weights(mask, logits.shape[0])
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., first:]
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)[..., first:]
+  return _soft_dice(probs, onehot, valid, _sample_weights(mask, logits.shape[0]), batch_dice,
+                    smooth)
+
+
+def _soft_dice(probs: jax.Array, targets: jax.Array, valid: jax.Array | None,
+               w: jax.Array | None, batch_dice: bool, smooth: float) -> jax.Array:
+  """``1 - mean soft Dice`` of probabilities ``[N, *spatial, C]`` against 0/1 targets of the
+  same shape, voxels where ``valid`` is 0 left out, samples weighted by ``w``."""
   if valid is not None:
-    probs, onehot = probs * valid[..., None], onehot * valid[..., None]
-  axes = tuple(range(1, logits.ndim - 1))
-  sums = [jnp.sum(probs * onehot, axes), jnp.sum(probs, axes), jnp.sum(onehot, axes)]  # [N, C']
+    probs, targets = probs * valid[..., None], targets * valid[..., None]
+  axes = tuple(range(1, probs.ndim - 1))
+  sums = [jnp.sum(probs * targets, axes), jnp.sum(probs, axes), jnp.sum(targets, axes)]  # [N, C]
   if batch_dice:
     if w is not None:
       sums = [s * w[:, None] for s in sums]
@@ -144,6 +153,39 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int | None =
   dice = soft_dice_loss(logits, labels, num_classes, batch_dice, include_background, smooth, mask,
                         ignore_label)
   return weight_ce * ce + weight_dice * dice
+
+
+def region_dice_bce_loss(logits: jax.Array, labels: jax.Array, regions: Sequence[Sequence[int]],
+                         *, batch_dice: bool = False, smooth: float = 1e-5,
+                         mask: jax.Array | None = None,
+                         ignore_label: int | None = None) -> jax.Array:
+  """Region-based training's loss, nnU-Net v2's ``DC_and_BCE_loss``: per region (a group of
+  label values, `medjax.planning.regions`), sigmoid binary cross-entropy plus the soft Dice of
+  the sigmoid probabilities (every region in the Dice: regions have no background channel).
+
+  Args:
+    logits: ``[N, *spatial, R]``, one channel per region.
+    labels: integer label maps ``[N, *spatial]`` or ``[N, *spatial, 1]``.
+    regions: the label values of each region, in the logits' channel order.
+    batch_dice, smooth, mask: as `soft_dice_loss`.
+    ignore_label: voxels of this label are in neither term (nor their gradients).
+
+  Returns:
+    Scalar float32: the mean BCE plus ``1 - mean Dice``.
+  """
+  if logits.shape[-1] != len(regions):
+    raise ValueError(f"logits have {logits.shape[-1]} channels for {len(regions)} regions")
+  labels, valid = _valid(_class_map(labels, logits), ignore_label)
+  targets = region_targets(labels, regions)
+  logits = logits.astype(jnp.float32)
+  w = _sample_weights(mask, logits.shape[0])
+  bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets), -1)  # [N, *spatial]
+  if valid is None:
+    bce = _weighted_mean(jnp.mean(bce.reshape(bce.shape[0], -1), axis=1), w)
+  else:
+    weights = valid if w is None else valid * w.reshape((-1,) + (1,) * (valid.ndim - 1))
+    bce = jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return bce + _soft_dice(jax.nn.sigmoid(logits), targets, valid, w, batch_dice, smooth)
 
 
 def deep_supervision_weights(num_outputs: int) -> np.ndarray:

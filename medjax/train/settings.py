@@ -85,6 +85,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if source == "msd" and not 0 <= config.data.fold < config.data.folds:
     raise ValueError(f"data.fold={config.data.fold} is not one of the {config.data.folds} folds "
                      f"(0 to {config.data.folds - 1})")
+  if _get(config, "data.regions") and source != "msd":
+    raise ValueError(f"data.regions applies to segmentation data (data.source='msd'), not "
+                     f"data.source={source!r}")
   if config.train.mixup and config.task == "segmentation":
     # Dice is not linear in its target, so a blend of two Dice losses is not the blended label's.
     raise ValueError("train.mixup applies to classification tasks, not segmentation")

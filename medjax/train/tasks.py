@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import optax
 from medjax import registry
 from medjax.metrics import fusion as fusion_metrics
 from medjax.metrics import selection as metrics_lib
+from medjax.planning.regions import labels_from_regions
 from medjax.train import fusion_losses, losses
 
 
@@ -84,26 +85,43 @@ def multilabel_classification(label_smoothing: float = 0.0) -> Task:
 
 @registry.register("tasks.segmentation")
 def segmentation(label_smoothing: float = 0.0, batch_dice: bool = True,
-                 ignore_label: int | None = None) -> Task:
+                 ignore_label: int | None = None,
+                 regions: Sequence[dict] | None = None) -> Task:
   """Voxel-wise classes: Dice + cross-entropy (summed over deep-supervision heads when the model
   returns several); evaluated with nnU-Net's pseudo Dice over whole val patches. Voxels labelled
-  ``ignore_label`` (not annotated; the plan's) count in neither the loss nor the metrics."""
+  ``ignore_label`` (not annotated; the plan's) count in neither the loss nor the metrics.
+
+  ``regions`` (the plan's, `medjax.planning.regions`): one sigmoid output per region, trained with
+  Dice + binary cross-entropy per region; predictions are label maps in the regions' order and
+  the pseudo Dice is per region (``dice_1`` the first)."""
   del label_smoothing  # nnU-Net trains without it; accepted so configs share one signature
+  groups = [tuple(r["labels"]) for r in regions] if regions else None
+  if groups:
+    loss = functools.partial(losses.region_dice_bce_loss, regions=groups,
+                             batch_dice=batch_dice, ignore_label=ignore_label)
+  else:
+    loss = functools.partial(losses.dice_ce_loss, batch_dice=batch_dice,
+                             ignore_label=ignore_label)
 
   def loss_fn(outputs, batch: dict) -> jax.Array:
     labels = batch["label"][..., 0].astype(jnp.int32)
-    loss = functools.partial(losses.dice_ce_loss, batch_dice=batch_dice,
-                             ignore_label=ignore_label)
     if isinstance(outputs, (list, tuple)):
       return losses.deep_supervision_loss(outputs, labels, loss)
     return loss(outputs, labels)
 
   def predict_fn(outputs) -> jax.Array:
     logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    if groups:
+      probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+      return labels_from_regions(probs, [r["label"] for r in regions]).astype(jnp.int8)
     return jnp.argmax(logits, axis=-1).astype(jnp.int8)
 
-  metrics_fn = functools.partial(metrics_lib.pseudo_dice, ignore_label=ignore_label)
-  return Task("segmentation", loss_fn, predict_fn, metrics_fn, _dice_metrics)
+  metrics_fn = functools.partial(metrics_lib.pseudo_dice, ignore_label=ignore_label,
+                                 regions=groups)
+  metric_names = _dice_metrics
+  if groups:
+    metric_names = lambda _: ("dice", *(f"dice_{k}" for k in range(1, len(groups) + 1)))
+  return Task("segmentation", loss_fn, predict_fn, metrics_fn, metric_names)
 
 
 @registry.register("tasks.fusion")

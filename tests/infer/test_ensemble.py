@@ -109,7 +109,7 @@ def test_a_2d_and_a_3d_run_ensemble_by_their_mean_probabilities(cv_runs, run_2d,
   assert mean.array.shape == image.shape + (3,)
   np.testing.assert_allclose(mean.affine, image.affine)
   np.testing.assert_allclose(mean.array, (members[0].array + members[1].array) / 2, atol=1e-5)
-  labels = ensemble_lib.labels_of(mean).array[..., 0]
+  labels = ensemble_lib.labels_of(mean, model.plan).array[..., 0]
   np.testing.assert_array_equal(labels, np.argmax(mean.array, -1))
 
   # The command line, given both runs and a NIfTI file, writes that argmax on the file's grid.

@@ -99,7 +99,7 @@ def test_a_label_named_ignore_is_planned_as_the_ignore_label(tmp_path):
     seg[:, :, :4] = IGNORE
     nib.save(nib.Nifti1Image(seg, image.affine), path)
   data = loop.build_data(seg_config(root), str(tmp_path / "run"))
-  assert data.num_classes == 3 and data.task_kwargs == {"ignore_label": 3}
+  assert data.num_classes == 3 and data.task_kwargs == {"ignore_label": 3, "regions": None}
   record = data.train[0]
   assert IGNORE in np.asarray(record["label"])  # kept in the cache, for the loss to skip
   assert set(np.unique(record["locations"][:, 0])) <= {1, 2}  # never oversampled
