@@ -257,6 +257,43 @@ def seg_run(tmp_path_factory):
   return workdir, msd
 
 
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory):
+  """``{"data": ..., "workdir": ...}``: the synthetic MedMNIST folder and the run of one process on
+  one device that the multi-process launches (``srun``, ``mpirun``) must reproduce: the runlocal
+  config with `helpers.MULTIPROCESS_OVERRIDES`. Trained once per test run (`computed_once`);
+  tests only read it."""
+
+  def train(root):
+    from helpers import MULTIPROCESS_OVERRIDES, config
+
+    from medjax.train import loop
+
+    data = write_synthetic_medmnist(root)
+    workdir = os.path.join(root, "one")
+    loop.train_and_evaluate(config(data, **MULTIPROCESS_OVERRIDES), workdir)
+    return {"data": data, "workdir": workdir}
+
+  return computed_once(tmp_path_factory, "one_process_run", train)
+
+
+@pytest.fixture(scope="session")
+def mpirun():
+  """The ``mpirun`` command line (its flags for 2 processes on a 2-core host, as root or not) for
+  the tests marked ``mpi``. Skipped where no Open MPI 4 ``mpirun`` is installed: launch.py finds
+  the processes of Open MPI 4 and older from their environment (Open MPI 5 needs flags)."""
+  if shutil.which("mpirun") is None:
+    pytest.skip("no mpirun here: the mpi tests need Open MPI 4 (apt-get install openmpi-bin)")
+  p = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30)
+  first = (p.stdout + p.stderr).strip().splitlines()[:1]
+  version = first[0] if first else "no version"
+  if "Open MPI" not in version or not version.split()[-1].startswith(("1.", "2.", "3.", "4.")):
+    pytest.skip(f"mpirun here is {version!r}, not Open MPI 4: the mpi tests need Open MPI 4 "
+                "(apt-get install openmpi-bin on Debian 12)")
+  # --oversubscribe: 2 processes even where Open MPI counts fewer free slots (busy or 1-core hosts).
+  return ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+
+
 SLURM_CLUSTER_SCRIPT = os.path.join(REPO, "tests", "slurm", "cluster.sh")
 
 

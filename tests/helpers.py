@@ -147,6 +147,32 @@ def run_cli(module, *args) -> tuple[int | None, str, str]:
   return code, stdout.getvalue(), stderr.getvalue()
 
 
+# What the multi-process launches (tests/slurm/test_srun.py, tests/test_mpirun.py) train, on
+# `write_synthetic_medmnist`; their reference is the ``one_process_run`` fixture.
+MULTIPROCESS_OVERRIDES = {"train.steps": 6, "eval.every_steps": 3}
+
+
+def assert_trains_as_one_process(stdout: str, output: str, workdir: str, reference: str,
+                                 cluster: str, processes: int = 2) -> None:
+  """Checks a launch.py run of ``processes`` processes, one XLA device each, in ``workdir``: each
+  process printed a start line naming ``cluster`` and its index, process 0 alone reported, and
+  the final parameters and batch statistics equal the one-process run ``reference``'s within 1e-5
+  relative (batch statistics and the loss are global-batch means: only summation order differs).
+  ``output`` (stdout and stderr) goes into the failure messages."""
+  starts = sorted(ln for ln in stdout.splitlines() if ln.startswith("cluster: "))
+  assert len(starts) == processes, tail(output, 40)
+  for i, line in enumerate(starts):
+    assert line.startswith(f"cluster: {cluster}"), line
+    assert f"process {i} of {processes}; devices: 1 local of {processes} (cpu" in line, line
+  assert stdout.count("done: ") == 1, tail(output, 40)  # process 0 reports
+  mine, theirs = final_params(workdir), final_params(reference)
+  steps = MULTIPROCESS_OVERRIDES["train.steps"]
+  assert int(mine["step"]) == int(theirs["step"]) == steps
+  for part in ("params", "batch_stats"):
+    diff = rel_diff(mine[part], theirs[part])
+    assert diff <= 1e-5, f"{part}: relative difference {diff:.2e}\n{tail(output)}"
+
+
 def tail(text: str, lines=25) -> str:
   return "\n".join(text.splitlines()[-lines:])
 
