@@ -14,13 +14,12 @@ differ.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 from medjax import planning
 from medjax.infer.segment import Segmenter, match_channels, plan_channels
-from medjax.infer.trained import read_run_config
+from medjax.infer.trained import read_run_config, read_run_plan
 from medjax.io.errors import MedjaxIOError
 from medjax.io.volume import Volume
 from medjax.metrics import postprocessing as pp
@@ -31,18 +30,6 @@ from medjax.planning.preprocessing import preprocess, restore_geometry
 PREPROCESSING_KEYS = ("target_spacing", "normalization", "foreground_intensity", "channels",
                       "num_classes", "class_names", "separate_z_anisotropy", "ignore_label",
                       "regions")
-
-
-def read_plan(workdir: str) -> dict[str, Any]:
-  """A segmentation run's ``plan.json``; a `MedjaxIOError` naming it when missing or broken."""
-  path = os.path.join(workdir, "plan.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise MedjaxIOError(path, "missing: not a segmentation run") from None
-  except json.JSONDecodeError as e:
-    raise MedjaxIOError(path, f"not valid JSON ({e})") from None
 
 
 def preprocessing_mismatch(plan: dict[str, Any], other: dict[str, Any]) -> list[str]:
@@ -57,7 +44,7 @@ def check_same_preprocessing(workdirs: Sequence[str]) -> dict[str, Any]:
   Raises:
     MedjaxIOError: names the first differing run's ``plan.json`` and the keys.
   """
-  plans = [read_plan(w) for w in workdirs]
+  plans = [read_run_plan(w) for w in workdirs]
   for workdir, plan in zip(workdirs[1:], plans[1:]):
     diff = preprocessing_mismatch(plans[0], plan)
     if diff:

@@ -29,12 +29,14 @@ from medjax.train import builders, tasks, tta
 from medjax.train.checkpoint import load_variables
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: str,
+               missing: str = "missing: is this the workdir of a finished medjax run?"
+               ) -> dict[str, Any]:
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise MedjaxIOError(path, "missing: is this the workdir of a finished medjax run?") from None
+    raise MedjaxIOError(path, missing) from None
   except json.JSONDecodeError as e:
     raise MedjaxIOError(path, f"not valid JSON ({e})") from None
 
@@ -43,6 +45,11 @@ def read_run_config(workdir: str) -> dict[str, Any]:
   """A finished run's ``config.json`` as a dict; a `MedjaxIOError` naming it when it is missing
   or broken."""
   return _read_json(os.path.join(workdir, "config.json"))
+
+
+def read_run_plan(workdir: str) -> dict[str, Any]:
+  """A segmentation run's ``plan.json``; a `MedjaxIOError` naming it when missing or broken."""
+  return _read_json(os.path.join(workdir, "plan.json"), "missing: not a segmentation run")
 
 
 # Sowed intermediates that prediction returns beside the probabilities, where a model has them.
@@ -105,7 +112,7 @@ class TrainedModel:
     config = ml_collections.ConfigDict(read_run_config(workdir))
     plan, defaults = None, {}
     if config.data.source == "msd":
-      plan = _read_json(os.path.join(workdir, "plan.json"))
+      plan = read_run_plan(workdir)
       defaults = builders.plan_model_defaults(plan)
     num_classes, class_names, multi_label = builders.label_space(config, plan)
     precision = precision or builders.run_precision(config)

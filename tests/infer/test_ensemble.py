@@ -13,6 +13,7 @@ from helpers import run_cli, seg_config
 
 from medjax.infer import ensemble as ensemble_lib
 from medjax.infer import predict, segment
+from medjax.infer.trained import read_run_plan
 from medjax.io import msd as msd_lib
 from medjax.io.errors import MedjaxIOError
 
@@ -96,7 +97,7 @@ def test_a_cross_validation_folder_must_hold_one_configs_folds(cv_runs, tmp_path
 def test_a_2d_and_a_3d_run_ensemble_by_their_mean_probabilities(cv_runs, run_2d, tmp_path):
   folder, msd_root = cv_runs
   runs = [run_2d, os.path.join(folder, "fold0")]
-  plans = [ensemble_lib.read_plan(r) for r in runs]
+  plans = [read_run_plan(r) for r in runs]
   assert [p["dims"] for p in plans] == [2, 3]  # one of each; their preprocessing is the same
   assert ensemble_lib.preprocessing_mismatch(*plans) == []
   model = ensemble_lib.Ensemble(runs)
