@@ -48,7 +48,6 @@ from medjax.metrics import bootstrap
 from medjax.metrics import postprocessing as pp
 from medjax.metrics import segmentation as seg_metrics
 from medjax.planning.preprocessing import preprocess, restore_geometry
-from medjax.planning.regions import class_names
 from medjax.train import builders
 from medjax.train import runs as runs_lib
 
@@ -128,7 +127,7 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   _check_validated(runs, mirror)
   splits = _splits(runs)
   dataset = _dataset(runs[0])
-  classes, names = planning.scored_classes(plan), class_names(plan)
+  classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   out = os.path.join(folder, "crossval")
   for sub in ("predictions", "postprocessed"):
     shutil.rmtree(os.path.join(out, sub), ignore_errors=True)  # a rerun writes them afresh
@@ -239,7 +238,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
   dataset = _dataset(runs[0])
   ensemble = Ensemble(runs)
   plan = ensemble.plan
-  classes, names = planning.scored_classes(plan), class_names(plan)
+  classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   regions = planning.plan_regions(plan) is not None
   variants = ("fold0", "fold0+pp", "ensemble", "ensemble+pp")
   rows: dict[str, list[dict]] = {v: [] for v in variants}

@@ -34,7 +34,7 @@ from medjax.io.nifti import write_nifti
 from medjax.io.volume import Volume
 from medjax.metrics import segmentation as seg_metrics
 from medjax.planning.preprocessing import preprocess, restore_geometry
-from medjax.planning.regions import class_names, sigmoid_
+from medjax.planning.regions import sigmoid_
 from medjax.train import builders, runs
 
 matplotlib.use("Agg")
@@ -199,7 +199,7 @@ def validate(workdir: str, mirror: bool = True, overlays: int = 3,
     val_ids = json.load(f)[config.data.fold]["val"]
   out_dir = os.path.join(segmenter.workdir, "validation")
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-  classes, names = planning.scored_classes(plan), class_names(plan)
+  classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   cases, t0 = [], time.perf_counter()
   for n, case_id in enumerate(tqdm.tqdm(val_ids, desc="validate", unit="case")):
     case = dataset.case(case_id)

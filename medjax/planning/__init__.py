@@ -24,4 +24,5 @@ from medjax.planning.regions import (  # noqa: F401
   output_names,
   plan_regions,
   scored_classes,
+  scored_names,
 )

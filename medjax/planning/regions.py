@@ -105,7 +105,7 @@ def scored_classes(plan: dict[str, Any]) -> list[int | tuple[int, ...]]:
   return list(range(1, plan["num_classes"]))
 
 
-def class_names(plan: dict[str, Any]) -> dict[int | tuple[int, ...], str]:
+def scored_names(plan: dict[str, Any]) -> dict[int | tuple[int, ...], str]:
   """``{scored class: name}`` for `scored_classes`."""
   names = output_names(plan)
   classes = scored_classes(plan)

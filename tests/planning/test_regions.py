@@ -63,11 +63,11 @@ def test_what_a_region_plan_predicts_and_scores():
   assert planning.output_channels(plan) == 3
   assert planning.output_names(plan) == ("whole_tumour", "core", "enhancing")
   assert planning.scored_classes(plan) == [(1, 2, 3), (2, 3), (3,)]
-  assert regions_lib.class_names(plan) == {(1, 2, 3): "whole_tumour", (2, 3): "core",
+  assert planning.scored_names(plan) == {(1, 2, 3): "whole_tumour", (2, 3): "core",
                                            (3,): "enhancing"}
   old = {"num_classes": 3, "class_names": ["background", "a", "b"]}  # written before regions
   assert planning.output_channels(old) == 3 and planning.scored_classes(old) == [1, 2]
-  assert regions_lib.class_names(old) == {1: "a", 2: "b"}
+  assert planning.scored_names(old) == {1: "a", 2: "b"}
   labels = jnp.asarray([0, 1, 2, 3])
   np.testing.assert_array_equal(
       np.asarray(regions_lib.region_targets(labels, [(1, 2, 3), (2, 3), (3,)])),
