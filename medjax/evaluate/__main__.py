@@ -2,7 +2,7 @@ r"""Evaluates a finished run on one split, with bootstrap confidence intervals a
 
   python -m medjax.evaluate --workdir runs/pneumonia --split val [--n_boot 1000 --threshold 0.5
                             --temperature --step N]
-  python -m medjax.evaluate --cv runs/hippo_cv [--holdout]
+  python -m medjax.evaluate --cv runs/hippo_cv [--holdout [--holdout_also runs/hippo_cv2d]]
 
 Classification runs: the best checkpoint predicts every case of the split (``--split test`` where
 the data file has one), and ``workdir/evaluation/<split>/`` gets ``results.md`` (every figure with
@@ -133,6 +133,8 @@ def main(argv):
   del argv
   args = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
+  if args.holdout_also and not args.holdout:
+    raise ValueError("--holdout_also adds to the hold-out comparison: give --holdout too")
   if args.cv:
     from medjax.evaluate import crossval
 
@@ -142,12 +144,13 @@ def main(argv):
           f" post-processed, keeping the largest component of {result['postprocessing'] or 'none'})"
           f"; written to {os.path.join(os.path.abspath(args.cv), 'crossval')}")
     if args.holdout:
-      held = crossval.evaluate_holdout(args.cv, n_boot=args.n_boot, mirror=not args.no_mirror)
+      held = crossval.evaluate_holdout(args.cv, n_boot=args.n_boot, mirror=not args.no_mirror,
+                                       also=args.holdout_also)
       print("hold-out (" + str(held["cases"]) + " cases) mean Dice: " + ", ".join(
-          f"{v} {held[v]['foreground_dice']:.4f}"
-          for v in ("fold0", "fold0+pp", "ensemble", "ensemble+pp")))
+          f"{v} {held[v]['foreground_dice']:.4f}" for v in held if v.startswith(
+              ("fold0", "ensemble", "combined")) and "minus" not in v))
     return
-  if args.holdout:
+  if args.holdout or args.holdout_also:
     raise ValueError("--holdout evaluates a cross-validation folder: give it with --cv")
   from medjax.infer.trained import read_run_config
 
@@ -173,6 +176,8 @@ if __name__ == "__main__":  # flags defined here only, so importing the module d
   flags.DEFINE_string("cv", None, "a cross-validation folder (one segmentation run per fold)")
   flags.mark_flags_as_mutual_exclusive(["workdir", "cv"], required=True)
   flags.DEFINE_bool("holdout", False, "--cv: also fold 0 vs the fold ensemble on data.holdout")
+  flags.DEFINE_multi_string("holdout_also", [], "--holdout: another cross-validation folder "
+                            "(e.g. the 2-D folds) whose folds join the ensemble as 'combined'")
   flags.DEFINE_string("split", "val", "train | val | test (classification)")
   flags.DEFINE_integer("step", None, "checkpoint step (default: best on validation)")
   flags.DEFINE_integer("n_boot", cls_metrics.N_BOOT, "bootstrap resamples")

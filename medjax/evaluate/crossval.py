@@ -217,18 +217,24 @@ def _paired(a: list[dict], b: list[dict], n_boot: int) -> dict[str, Any]:
   return bootstrap.bootstrap(statistic, len(a), n_boot=n_boot, seed=0)["diff"]
 
 
-def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
-                     mirror: bool = True) -> dict[str, Any]:
+def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool = True,
+                     also: Sequence[str] = ()) -> dict[str, Any]:
   """Fold 0 alone vs the fold ensemble, each with and without post-processing, on the config's
   hold-out cases (``data.holdout``); writes ``crossval/holdout/`` (``results.md``,
   ``results.csv``, ``summary.json``). Needs `evaluate_cv`'s ``postprocessing.json``.
 
+  ``also``: other cross-validation folders (e.g. the 2-D folds beside these 3-D ones, nnU-Net's
+  ``2d`` + ``3d_fullres``) whose folds join this folder's in one more variant, ``combined``; their
+  preprocessing must equal this folder's, and the post-processing is this folder's decision.
+
   Returns:
     ``{variant: {"foreground_dice", "per_class", "dice_ci95"}, "ensemble_minus_fold0": {raw,
-    postprocessed intervals}, "cases", "seconds"}``.
+    postprocessed intervals}, "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
   """
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
+  n_own = len(runs)
+  runs = runs + [r for other in also for r in fold_runs(other)]
   config = read_run_config(runs[0])
   holdout = list(config["data"].get("holdout") or ())
   if not holdout:
@@ -240,14 +246,18 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
   plan = ensemble.plan
   classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   regions = planning.plan_regions(plan) is not None
-  variants = ("fold0", "fold0+pp", "ensemble", "ensemble+pp")
+  variants = ("fold0", "fold0+pp", "ensemble", "ensemble+pp") + (
+      ("combined", "combined+pp") if also else ())
   rows: dict[str, list[dict]] = {v: [] for v in variants}
   t0 = time.perf_counter()
   for case_id in tqdm.tqdm(holdout, desc="hold-out", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
     array, _, props = preprocess(image, None, plan)
     probs = [m.probabilities(array, mirror) for m in ensemble.members]  # each fold once
-    for name, p in (("fold0", probs[0]), ("ensemble", np.mean(probs, 0))):
+    means = [("fold0", probs[0]), ("ensemble", np.mean(probs[:n_own], 0))]
+    if also:
+      means.append(("combined", np.mean(probs, 0)))
+    for name, p in means:
       labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
       for variant, seg in ((name, labels),
                            (name + "+pp", pp.apply_postprocessing(labels, decision))):
@@ -256,6 +266,9 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
   scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
   diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], n_boot),
            "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], n_boot)}
+  combined = ({"raw": _paired(rows["fold0"], rows["combined"], n_boot),
+               "postprocessed": _paired(rows["fold0+pp"], rows["combined+pp"], n_boot)}
+              if also else None)
   out = os.path.join(folder, "crossval", "holdout")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
@@ -269,7 +282,11 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
   lines = [f"# Hold-out: {len(holdout)} cases kept out of every fold", "",
            f"Sliding window{' + mirroring' if mirror else ''}; post-processing (pp): "
            f"`postprocessing.json` of the cross-validation. Intervals: 95% bootstrap over cases, "
-           f"{n_boot} resamples.", "", header, "|---|" + "---:|" * (len(classes) + 1)]
+           f"{n_boot} resamples."]
+  if also:
+    lines.append(f"combined: the {n_own} folds here and the {len(runs) - n_own} of "
+                 + ", ".join(f"`{os.path.abspath(a)}`" for a in also) + ", averaged.")
+  lines += ["", header, "|---|" + "---:|" * (len(classes) + 1)]
   for v in variants:
     ci = scores[v]["dice_ci95"]
     cells = [f"{ci[names[c]]['value']:.4f} [{ci[names[c]]['lo']:.3f}, {ci[names[c]]['hi']:.3f}]"
@@ -277,12 +294,16 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT,
     fg = ci["foreground"]
     lines.append(f"| {v} | " + " | ".join(cells) +
                  f" | {fg['value']:.4f} [{fg['lo']:.3f}, {fg['hi']:.3f}] |")
-  lines += ["", "Ensemble minus fold 0, mean Dice (paired bootstrap over cases): " + ", ".join(
-      f"{k} {d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" for k, d in diffs.items()), ""]
+  for label, d_ in (("Ensemble", diffs), ("Combined", combined)):
+    if d_ is not None:
+      lines += ["", f"{label} minus fold 0, mean Dice (paired bootstrap over cases): " + ", ".join(
+          f"{k} {d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" for k, d in d_.items())]
+  lines.append("")
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines))
   result = {**{v: {k: s for k, s in scores[v].items() if k != "table"} for v in variants},
             "ensemble_minus_fold0": diffs, "cases": len(holdout),
+            **({"combined_minus_fold0": combined} if also else {}),
             "seconds": time.perf_counter() - t0}
   atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)
   return result

@@ -86,6 +86,19 @@ def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
   assert "ensemble+pp" in open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
 
 
+def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path):
+  folder, _, _, held = evaluated
+  other = str(tmp_path / "other")
+  shutil.copytree(folder, other)
+  both = crossval.evaluate_holdout(folder, n_boot=20, mirror=False, also=[other])
+  # The other folder holds the same two folds: the mean of the four equals the two's mean.
+  assert both["combined"]["foreground_dice"] == pytest.approx(held["ensemble"]["foreground_dice"])
+  assert both["combined_minus_fold0"]["raw"]["value"] == pytest.approx(
+      held["ensemble_minus_fold0"]["raw"]["value"])
+  text = open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
+  assert "combined: the 2 folds here and the 2 of" in text and "| combined+pp |" in text
+
+
 def test_predict_with_a_cv_folder_ensembles_the_folds_and_applies_its_decision(evaluated,
                                                                                 tmp_path):
   folder, msd_root, _, _ = evaluated
@@ -125,6 +138,11 @@ def test_command_line(cv_runs, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "cross-validation: 6 cases out of fold" in out.stdout
   assert os.path.isfile(os.path.join(folder, "postprocessing.json"))
+  out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder,
+                        f"--holdout_also={folder}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      "error: --holdout_also adds to the hold-out comparison: give --holdout too"]
   shutil.rmtree(os.path.join(folder, "fold1"))
   out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
