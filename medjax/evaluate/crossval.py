@@ -234,12 +234,19 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
   n_own = len(runs)
-  runs = runs + [r for other in also for r in fold_runs(other)]
   config = read_run_config(runs[0])
   holdout = list(config["data"].get("holdout") or ())
   if not holdout:
     raise MedjaxIOError(os.path.join(runs[0], "config.json"),
                         "data.holdout is empty: no held-out cases to evaluate")
+  for other in also:
+    other_runs = fold_runs(other)
+    seen = set(holdout) - set(read_run_config(other_runs[0])["data"].get("holdout") or ())
+    if seen:  # its folds may have trained on these cases: the comparison would leak
+      raise MedjaxIOError(os.path.join(other_runs[0], "config.json"), (
+          f"data.holdout lacks {len(seen)} of {folder}'s held-out cases (e.g. {min(seen)}): its "
+          "folds may have trained on them"))
+    runs += other_runs
   decision = pp.read_decision(os.path.join(folder, pp.FILENAME))
   dataset = _dataset(runs[0])
   ensemble = Ensemble(runs)

@@ -16,6 +16,7 @@ from scipy import ndimage
 from medjax.evaluate import crossval
 from medjax.infer import ensemble as ensemble_lib
 from medjax.infer import predict
+from medjax.io.errors import MedjaxIOError
 from medjax.metrics import postprocessing as pp
 from medjax.metrics import segmentation as seg_metrics
 
@@ -97,6 +98,14 @@ def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path):
       held["ensemble_minus_fold0"]["raw"]["value"])
   text = open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
   assert "combined: the 2 folds here and the 2 of" in text and "| combined+pp |" in text
+  # Folds that may have trained on the held-out case are refused, naming their config.
+  for fold in ("fold0", "fold1"):
+    path = os.path.join(other, fold, "config.json")
+    config = json.load(open(path))
+    config["data"]["holdout"] = []
+    json.dump(config, open(path, "w"))
+  with pytest.raises(MedjaxIOError, match="lacks 1 of .* e.g. case_006"):
+    crossval.evaluate_holdout(folder, n_boot=20, mirror=False, also=[other])
 
 
 def test_predict_with_a_cv_folder_ensembles_the_folds_and_applies_its_decision(evaluated,
