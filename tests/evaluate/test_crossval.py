@@ -104,7 +104,7 @@ def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path):
     config = json.load(open(path))
     config["data"]["holdout"] = []
     json.dump(config, open(path, "w"))
-  with pytest.raises(MedjaxIOError, match="lacks 1 of .* e.g. case_006"):
+  with pytest.raises(MedjaxIOError, match=r"lacks 1 of .*\(e\.g\. case_006\)"):
     crossval.evaluate_holdout(folder, n_boot=20, mirror=False, also=[other])
 
 
