@@ -217,6 +217,10 @@ def _paired(a: list[dict], b: list[dict], n_boot: int) -> dict[str, Any]:
   return bootstrap.bootstrap(statistic, len(a), n_boot=n_boot, seed=0)["diff"]
 
 
+# The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
+HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", "combined+pp")
+
+
 def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool = True,
                      also: Sequence[str] = ()) -> dict[str, Any]:
   """Fold 0 alone vs the fold ensemble, each with and without post-processing, on the config's
@@ -253,8 +257,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   plan = ensemble.plan
   classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   regions = planning.plan_regions(plan) is not None
-  variants = ("fold0", "fold0+pp", "ensemble", "ensemble+pp") + (
-      ("combined", "combined+pp") if also else ())
+  variants = HOLDOUT_VARIANTS if also else HOLDOUT_VARIANTS[:4]
   rows: dict[str, list[dict]] = {v: [] for v in variants}
   t0 = time.perf_counter()
   for case_id in tqdm.tqdm(holdout, desc="hold-out", unit="case"):
