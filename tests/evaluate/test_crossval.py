@@ -13,12 +13,15 @@ from conftest import REPO
 from helpers import run_cli
 from scipy import ndimage
 
+from medjax import planning
 from medjax.evaluate import crossval
 from medjax.infer import ensemble as ensemble_lib
 from medjax.infer import predict
+from medjax.io import msd
 from medjax.io.errors import MedjaxIOError
 from medjax.metrics import postprocessing as pp
 from medjax.metrics import segmentation as seg_metrics
+from medjax.planning.preprocessing import preprocess, restore_geometry
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +90,38 @@ def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
   assert "ensemble+pp" in open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
 
 
-def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path):
+def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monkeypatch):
   folder, _, _, held = evaluated
-  other = str(tmp_path / "other")
+  here, other = str(tmp_path / "here"), str(tmp_path / "other")  # copies: the hold-out writes
+  shutil.copytree(folder, here)
   shutil.copytree(folder, other)
-  both = crossval.evaluate_holdout(folder, n_boot=20, mirror=False, also=[other])
-  # The other folder holds the same two folds: the mean of the four equals the two's mean.
-  assert both["combined"]["foreground_dice"] == pytest.approx(held["ensemble"]["foreground_dice"])
-  assert both["combined_minus_fold0"]["raw"]["value"] == pytest.approx(
-      held["ensemble_minus_fold0"]["raw"]["value"])
-  text = open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
+
+  class OthersSayClass1(crossval.Ensemble):
+    """The other folder's members put probability 1 on class 1 everywhere: the mean of all four
+    then has class 1 above one half, whatever this folder's two folds say."""
+
+    def __init__(self, runs, *args, **kwargs):
+      super().__init__(runs, *args, **kwargs)
+      for member in self.members[2:]:
+        member.probabilities = lambda array, mirror, m=self.members[0]: np.eye(3)[
+            np.ones(m.probabilities(array, mirror).shape[:-1], int)]
+
+  monkeypatch.setattr(crossval, "Ensemble", OthersSayClass1)
+  both = crossval.evaluate_holdout(here, n_boot=20, mirror=False, also=[other])
+  # Expected: class 1 over the whole preprocessed grid, put back on the case's own grid.
+  run = os.path.join(here, "fold0")
+  plan = json.load(open(os.path.join(run, "plan.json")))
+  image, label = msd.load_msd_case(crossval._dataset(run), crossval._dataset(run).case("case_006"))
+  array, _, props = preprocess(image, None, plan)
+  probs = np.eye(3)[np.ones(array.shape[:-1], int)]
+  pred = planning.label_map(restore_geometry(probs, props), plan)
+  want = seg_metrics.segmentation_metrics(pred, label.array, label.spacing, [1, 2])
+  assert both["combined"]["foreground_dice"] == pytest.approx(
+      seg_metrics.summarize([want]).foreground_dice)
+  assert both["combined"]["per_class"]["core"]["dice"] == 0.0
+  # The fold ensemble is still this folder's two folds alone.
+  assert both["ensemble"]["foreground_dice"] == pytest.approx(held["ensemble"]["foreground_dice"])
+  text = open(os.path.join(here, "crossval", "holdout", "results.md")).read()
   assert "combined: the 2 folds here and the 2 of" in text and "| combined+pp |" in text
   # Folds that may have trained on the held-out case are refused, naming their config.
   for fold in ("fold0", "fold1"):
@@ -105,7 +130,7 @@ def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path):
     config["data"]["holdout"] = []
     json.dump(config, open(path, "w"))
   with pytest.raises(MedjaxIOError, match=r"lacks 1 of .*\(e\.g\. case_006\)"):
-    crossval.evaluate_holdout(folder, n_boot=20, mirror=False, also=[other])
+    crossval.evaluate_holdout(here, n_boot=20, mirror=False, also=[other])
 
 
 def test_predict_with_a_cv_folder_ensembles_the_folds_and_applies_its_decision(evaluated,
