@@ -147,7 +147,8 @@ def main(argv):
       held = crossval.evaluate_holdout(args.cv, n_boot=args.n_boot, mirror=not args.no_mirror,
                                        also=args.holdout_also)
       print("hold-out (" + str(held["cases"]) + " cases) mean Dice: " + ", ".join(
-          f"{v} {held[v]['foreground_dice']:.4f}" for v in crossval.HOLDOUT_VARIANTS if v in held))
+          f"{v} {held[v]['foreground_dice']:.4f}" for v in crossval.HOLDOUT_VARIANTS if v in held)
+            + f"; each fold alone {min(held['single_folds']):.4f}–{max(held['single_folds']):.4f}")
     return
   if args.holdout or args.holdout_also:
     raise ValueError("--holdout evaluates a cross-validation folder: give it with --cv")

@@ -206,15 +206,19 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   return result
 
 
-def _paired(a: list[dict], b: list[dict], n_boot: int) -> dict[str, Any]:
-  """Bootstrap interval of the mean foreground Dice of ``b`` minus ``a``, paired over cases."""
-  def fg(rows: list[dict], idx: np.ndarray) -> float:
-    return seg_metrics.summarize([rows[i]["metrics"] for i in idx]).foreground_dice
+def _fg(rows: list[dict], idx: np.ndarray | range) -> float:
+  return seg_metrics.summarize([rows[i]["metrics"] for i in idx]).foreground_dice
+
+
+def _paired(a: list[dict] | list[list[dict]], b: list[dict], n_boot: int) -> dict[str, Any]:
+  """Bootstrap interval of the mean foreground Dice of ``b`` minus ``a``, paired over cases;
+  ``a`` may be several variants' rows, and then ``b`` is compared with their mean."""
+  group = a if a and isinstance(a[0], list) else [a]
 
   def statistic(idx: np.ndarray) -> dict[str, float]:
-    return {"diff": fg(b, idx) - fg(a, idx)}
+    return {"diff": _fg(b, idx) - float(np.mean([_fg(rows, idx) for rows in group]))}
 
-  return bootstrap.bootstrap(statistic, len(a), n_boot=n_boot, seed=0)["diff"]
+  return bootstrap.bootstrap(statistic, len(b), n_boot=n_boot, seed=0)["diff"]
 
 
 # The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
@@ -223,7 +227,8 @@ HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", 
 
 def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool = True,
                      also: Sequence[str] = ()) -> dict[str, Any]:
-  """Fold 0 alone vs the fold ensemble, each with and without post-processing, on the config's
+  """Fold 0 alone vs the fold ensemble, each with and without post-processing (and every fold
+  alone, unprocessed, against the ensemble), on the config's
   hold-out cases (``data.holdout``); writes ``crossval/holdout/`` (``results.md``,
   ``results.csv``, ``summary.json``). Needs `evaluate_cv`'s ``postprocessing.json``.
 
@@ -233,7 +238,9 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
 
   Returns:
     ``{variant: {"foreground_dice", "per_class", "dice_ci95"}, "ensemble_minus_fold0": {raw,
-    postprocessed intervals}, "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
+    postprocessed intervals}, "single_folds" (each fold's mean Dice alone, unprocessed),
+    "ensemble_minus_mean_fold" (interval), "combined_minus_fold0" (with ``also``), "cases",
+    "seconds"}``.
   """
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
@@ -259,6 +266,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   regions = planning.plan_regions(plan) is not None
   variants = HOLDOUT_VARIANTS if also else HOLDOUT_VARIANTS[:4]
   rows: dict[str, list[dict]] = {v: [] for v in variants}
+  single: list[list[dict]] = [rows["fold0"]] + [[] for _ in range(n_own - 1)]
   t0 = time.perf_counter()
   for case_id in tqdm.tqdm(holdout, desc="hold-out", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
@@ -267,6 +275,10 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     means = [("fold0", probs[0]), ("ensemble", np.mean(probs[:n_own], 0))]
     if also:
       means.append(("combined", np.mean(probs, 0)))
+    for k, p in enumerate(probs[1:n_own], 1):  # the other folds alone, unprocessed
+      labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
+      single[k].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(
+          labels, label.array, label.spacing, classes, plan.get("ignore_label"))})
     for name, p in means:
       labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
       for variant, seg in ((name, labels),
@@ -276,6 +288,9 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
   diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], n_boot),
            "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], n_boot)}
+  # Fold 0 may be the best or the worst fold: the ensemble against the average single fold too.
+  folds = [_fg(r, range(len(r))) for r in single]
+  over_mean = _paired(single, rows["ensemble"], n_boot)
   combined = ({"raw": _paired(rows["fold0"], rows["combined"], n_boot),
                "postprocessed": _paired(rows["fold0+pp"], rows["combined+pp"], n_boot)}
               if also else None)
@@ -304,6 +319,10 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     fg = ci["foreground"]
     lines.append(f"| {v} | " + " | ".join(cells) +
                  f" | {fg['value']:.4f} [{fg['lo']:.3f}, {fg['hi']:.3f}] |")
+  lines += ["", "Each fold alone, mean Dice (unprocessed): " + ", ".join(
+      f"fold {k} {v:.4f}" for k, v in enumerate(folds)) + f"; their mean {np.mean(folds):.4f}. "
+      f"Ensemble minus the mean single fold (paired bootstrap over cases): "
+      f"{over_mean['value']:+.4f} [{over_mean['lo']:+.4f}, {over_mean['hi']:+.4f}]"]
   for label, d_ in (("Ensemble", diffs), ("Combined", combined)):
     if d_ is not None:
       lines += ["", f"{label} minus fold 0, mean Dice (paired bootstrap over cases): " + ", ".join(
@@ -312,7 +331,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines))
   result = {**{v: {k: s for k, s in scores[v].items() if k != "table"} for v in variants},
-            "ensemble_minus_fold0": diffs, "cases": len(holdout),
+            "ensemble_minus_fold0": diffs, "single_folds": folds,
+            "ensemble_minus_mean_fold": over_mean, "cases": len(holdout),
             **({"combined_minus_fold0": combined} if also else {}),
             "seconds": time.perf_counter() - t0}
   atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)

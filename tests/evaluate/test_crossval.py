@@ -87,7 +87,47 @@ def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
   diff = held["ensemble_minus_fold0"]["raw"]["value"]
   assert diff == pytest.approx(held["ensemble"]["foreground_dice"] -
                                held["fold0"]["foreground_dice"])
-  assert "ensemble+pp" in open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
+  text = open(os.path.join(folder, "crossval", "holdout", "results.md")).read()
+  assert "ensemble+pp" in text and "Ensemble minus the mean single fold" in text
+  assert len(held["single_folds"]) == 2
+  assert held["single_folds"][0] == pytest.approx(held["fold0"]["foreground_dice"])
+  assert held["ensemble_minus_mean_fold"]["value"] == pytest.approx(
+      held["ensemble"]["foreground_dice"] - np.mean(held["single_folds"]))
+
+
+def _class1_everywhere(run: str, case: str) -> dict:
+  """The hold-out metrics of a prediction of class 1 over the whole preprocessed grid, put back
+  on the case's own grid."""
+  plan = json.load(open(os.path.join(run, "plan.json")))
+  image, label = msd.load_msd_case(crossval._dataset(run), crossval._dataset(run).case(case))
+  array, _, props = preprocess(image, None, plan)
+  probs = np.eye(3)[np.ones(array.shape[:-1], int)]
+  pred = planning.label_map(restore_geometry(probs, props), plan)
+  return seg_metrics.segmentation_metrics(pred, label.array, label.spacing, [1, 2])
+
+
+class _SaysClass1(crossval.Ensemble):
+  """Members from ``first`` on put probability 1 on class 1 everywhere."""
+  first = 2
+
+  def __init__(self, runs, *args, **kwargs):
+    super().__init__(runs, *args, **kwargs)
+    for member in self.members[self.first:]:
+      member.probabilities = lambda array, mirror, m=self.members[0]: np.eye(3)[
+          np.ones(m.probabilities(array, mirror).shape[:-1], int)]
+
+
+def test_the_hold_out_scores_every_fold_alone(evaluated, tmp_path, monkeypatch):
+  folder, _, _, held = evaluated
+  here = str(tmp_path / "here")
+  shutil.copytree(folder, here)
+  monkeypatch.setattr(_SaysClass1, "first", 1)
+  monkeypatch.setattr(crossval, "Ensemble", _SaysClass1)
+  result = crossval.evaluate_holdout(here, n_boot=20, mirror=False)
+  want = seg_metrics.summarize([_class1_everywhere(os.path.join(here, "fold1"), "case_006")])
+  assert result["single_folds"] == pytest.approx([held["fold0"]["foreground_dice"],
+                                                  want.foreground_dice])
+  assert result["fold0"]["foreground_dice"] == pytest.approx(held["fold0"]["foreground_dice"])
 
 
 def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monkeypatch):
@@ -96,29 +136,14 @@ def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monk
   shutil.copytree(folder, here)
   shutil.copytree(folder, other)
 
-  class OthersSayClass1(crossval.Ensemble):
-    """The other folder's members put probability 1 on class 1 everywhere: the mean of all four
-    then has class 1 above one half, whatever this folder's two folds say."""
-
-    def __init__(self, runs, *args, **kwargs):
-      super().__init__(runs, *args, **kwargs)
-      for member in self.members[2:]:
-        member.probabilities = lambda array, mirror, m=self.members[0]: np.eye(3)[
-            np.ones(m.probabilities(array, mirror).shape[:-1], int)]
-
-  monkeypatch.setattr(crossval, "Ensemble", OthersSayClass1)
+  monkeypatch.setattr(crossval, "Ensemble", _SaysClass1)  # the other folder's two say class 1
   both = crossval.evaluate_holdout(here, n_boot=20, mirror=False, also=[other])
-  # Expected: class 1 over the whole preprocessed grid, put back on the case's own grid.
-  run = os.path.join(here, "fold0")
-  plan = json.load(open(os.path.join(run, "plan.json")))
-  image, label = msd.load_msd_case(crossval._dataset(run), crossval._dataset(run).case("case_006"))
-  array, _, props = preprocess(image, None, plan)
-  probs = np.eye(3)[np.ones(array.shape[:-1], int)]
-  pred = planning.label_map(restore_geometry(probs, props), plan)
-  want = seg_metrics.segmentation_metrics(pred, label.array, label.spacing, [1, 2])
+  # The mean of all four has class 1 above one half, whatever this folder's two folds say.
+  want = _class1_everywhere(os.path.join(here, "fold0"), "case_006")
   assert both["combined"]["foreground_dice"] == pytest.approx(
       seg_metrics.summarize([want]).foreground_dice)
   assert both["combined"]["per_class"]["core"]["dice"] == 0.0
+  assert both["single_folds"] == pytest.approx(held["single_folds"])
   # The fold ensemble is still this folder's two folds alone.
   assert both["ensemble"]["foreground_dice"] == pytest.approx(held["ensemble"]["foreground_dice"])
   text = open(os.path.join(here, "crossval", "holdout", "results.md")).read()
@@ -168,9 +193,13 @@ def test_command_line(cv_runs, tmp_path):
   folder = str(tmp_path / "cv")
   shutil.copytree(cv_runs[0], folder)
   out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder, "--n_boot",
-                        "20"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "20", "--holdout", "--no_mirror"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "cross-validation: 6 cases out of fold" in out.stdout
+  held = json.load(open(os.path.join(folder, "crossval", "holdout", "summary.json")))
+  assert (f"hold-out (1 cases) mean Dice: fold0 {held['fold0']['foreground_dice']:.4f}, "
+          in out.stdout and f"each fold alone {min(held['single_folds']):.4f}–" in out.stdout)
   assert os.path.isfile(os.path.join(folder, "postprocessing.json"))
   out = subprocess.run([sys.executable, "-m", "medjax.evaluate", "--cv", folder,
                         f"--holdout_also={folder}"], cwd=REPO, capture_output=True, text=True,
