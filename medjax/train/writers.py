@@ -25,6 +25,26 @@ def _truncate_jsonl(path: str, max_step: int) -> None:
     f.writelines(kept)
 
 
+def _summary_writer() -> type:
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch.
+
+  tensorboardX imports torch at import time when it is installed (only to accept its tensors),
+  which costs each run seconds (a third of a short run's start); medjax writes floats only.
+  Imported here, not at the top: only process 0 writes events.
+  """
+  import sys
+
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends ``{"step", **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
 
@@ -40,8 +60,8 @@ class MetricWriter:
     if self.enabled:
       _truncate_jsonl(self.path, resume_step)
       _truncate_jsonl(os.path.join(workdir, "batches.jsonl"), resume_step)
-      from tensorboardX import SummaryWriter  # imported here: only process 0 writes events.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = _summary_writer()(
+os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
