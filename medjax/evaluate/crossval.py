@@ -210,13 +210,11 @@ def _fg(rows: list[dict], idx: np.ndarray | range) -> float:
   return seg_metrics.summarize([rows[i]["metrics"] for i in idx]).foreground_dice
 
 
-def _paired(a: list[dict] | list[list[dict]], b: list[dict], n_boot: int) -> dict[str, Any]:
-  """Bootstrap interval of the mean foreground Dice of ``b`` minus ``a``, paired over cases;
-  ``a`` may be several variants' rows, and then ``b`` is compared with their mean."""
-  group = a if a and isinstance(a[0], list) else [a]
-
+def _paired(a: Sequence[list[dict]], b: list[dict], n_boot: int) -> dict[str, Any]:
+  """Bootstrap interval of the mean foreground Dice of ``b`` minus that of ``a``'s variants
+  (their mean, where several), paired over cases."""
   def statistic(idx: np.ndarray) -> dict[str, float]:
-    return {"diff": _fg(b, idx) - float(np.mean([_fg(rows, idx) for rows in group]))}
+    return {"diff": _fg(b, idx) - float(np.mean([_fg(rows, idx) for rows in a]))}
 
   return bootstrap.bootstrap(statistic, len(b), n_boot=n_boot, seed=0)["diff"]
 
@@ -275,24 +273,23 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     means = [("fold0", probs[0]), ("ensemble", np.mean(probs[:n_own], 0))]
     if also:
       means.append(("combined", np.mean(probs, 0)))
+    labels_of = lambda p: planning.label_map(restore_geometry(p, props, regions=regions), plan)
+    scored = lambda seg: {"case": case_id, "metrics": seg_metrics.segmentation_metrics(
+        seg, label.array, label.spacing, classes, plan.get("ignore_label"))}
     for k, p in enumerate(probs[1:n_own], 1):  # the other folds alone, unprocessed
-      labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
-      single[k].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(
-          labels, label.array, label.spacing, classes, plan.get("ignore_label"))})
+      single[k].append(scored(labels_of(p)))
     for name, p in means:
-      labels = planning.label_map(restore_geometry(p, props, regions=regions), plan)
-      for variant, seg in ((name, labels),
-                           (name + "+pp", pp.apply_postprocessing(labels, decision))):
-        rows[variant].append({"case": case_id, "metrics": seg_metrics.segmentation_metrics(
-            seg, label.array, label.spacing, classes, plan.get("ignore_label"))})
+      labels = labels_of(p)
+      rows[name].append(scored(labels))
+      rows[name + "+pp"].append(scored(pp.apply_postprocessing(labels, decision)))
   scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
-  diffs = {"raw": _paired(rows["fold0"], rows["ensemble"], n_boot),
-           "postprocessed": _paired(rows["fold0+pp"], rows["ensemble+pp"], n_boot)}
+  diffs = {"raw": _paired([rows["fold0"]], rows["ensemble"], n_boot),
+           "postprocessed": _paired([rows["fold0+pp"]], rows["ensemble+pp"], n_boot)}
   # Fold 0 may be the best or the worst fold: the ensemble against the average single fold too.
   folds = [_fg(r, range(len(r))) for r in single]
   over_mean = _paired(single, rows["ensemble"], n_boot)
-  combined = ({"raw": _paired(rows["fold0"], rows["combined"], n_boot),
-               "postprocessed": _paired(rows["fold0+pp"], rows["combined+pp"], n_boot)}
+  combined = ({"raw": _paired([rows["fold0"]], rows["combined"], n_boot),
+               "postprocessed": _paired([rows["fold0+pp"]], rows["combined+pp"], n_boot)}
               if also else None)
   out = os.path.join(folder, "crossval", "holdout")
   os.makedirs(out, exist_ok=True)
