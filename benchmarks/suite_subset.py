@@ -23,7 +23,7 @@ def _pairs(tree: str, root: str) -> set[tuple[str, str]]:
   cmd = ["git", "grep", "-E", r"^def test_\w+", *([tree] if tree else []), "--", "tests"]
   out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
   if tree:
-    out = out.replace(f"{tree}:", "", out.count(f"{tree}:"))
+    out = out.replace(f"{tree}:", "")  # git grep names the tree before each path
   return {(path, name) for path, name in _DEF.findall(out)}
 
 
@@ -44,6 +44,6 @@ def pytest_collection_modifyitems(config, items):
       return True
     return name in old_files and not any((p, name) in now for p in old_files[name])
 
-  keep = [i for i in items if kept(i)]
-  config.hook.pytest_deselected(items=[i for i in items if not kept(i)])
-  items[:] = keep
+  flags = [kept(i) for i in items]
+  config.hook.pytest_deselected(items=[i for i, k in zip(items, flags) if not k])
+  items[:] = [i for i, k in zip(items, flags) if k]
