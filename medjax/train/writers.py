@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -29,11 +30,9 @@ def _summary_writer() -> type:
   """tensorboardX's ``SummaryWriter``, imported without PyTorch.
 
   tensorboardX imports torch at import time when it is installed (only to accept its tensors),
-  which costs each run seconds (a third of a short run's start); medjax writes floats only.
-  Imported here, not at the top: only process 0 writes events.
+  which adds seconds to every run's start; medjax writes floats only. Imported here, not at the
+  top: only process 0 writes events.
   """
-  import sys
-
   if "tensorboardX" in sys.modules or "torch" in sys.modules:
     from tensorboardX import SummaryWriter
     return SummaryWriter
@@ -60,8 +59,8 @@ class MetricWriter:
     if self.enabled:
       _truncate_jsonl(self.path, resume_step)
       _truncate_jsonl(os.path.join(workdir, "batches.jsonl"), resume_step)
-      self._tb = _summary_writer()(
-os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"),
+                                   purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
