@@ -68,9 +68,11 @@ def get_config(arg: str | None = None):
 
 def get_sweep(arg: str | None = None):
   """The cross-validation: one member per fold (``--sweep``; runs one after another on a CPU,
-  one per accelerator where there are several)."""
+  one per accelerator where there are several). Fold k trains with seed k: its own
+  initialisation, as nnU-Net's folds have, so that the fold ensemble averages networks that
+  started apart (fold 0 keeps the single-fold recipe's seed 0)."""
   common.parse_variants(arg, ("runlocal", "cv"))
-  return {"data.fold": list(range(5))}
+  return [{"data.fold": k, "seed": k} for k in range(5)]
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

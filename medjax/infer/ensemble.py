@@ -7,7 +7,7 @@ preprocessed grid and restored to the input's grid once. Networks, patch sizes a
 differ.
 
 `fold_runs` finds the runs of a cross-validation folder (one per fold, configs equal but for
-``data.fold``: what ``launch.py --sweep`` makes of a ``get_sweep()`` over ``data.fold``);
+`PER_FOLD_KEYS`: what ``launch.py --sweep`` makes of a ``get_sweep()`` over ``data.fold``);
 `load_segmenter` turns what a user names (one run, several, or a cross-validation folder) into a
 `Segmenter` or an `Ensemble` carrying the post-processing decision to apply.
 """
@@ -56,6 +56,12 @@ def check_same_preprocessing(workdirs: Sequence[str]) -> dict[str, Any]:
   return plans[0]
 
 
+# The config keys a cross-validation's folds may differ in: the fold, and the seed, so that each
+# fold's network starts from its own initialisation (as nnU-Net's folds do; members that start
+# alike agree more, and an ensemble of them corrects less).
+PER_FOLD_KEYS = ("data.fold", "seed")
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
@@ -69,7 +75,7 @@ def fold_runs(folder: str) -> list[str]:
   """The runs of a cross-validation folder, in fold order.
 
   Its subfolders that hold a segmentation run (``config.json``) must be one config's folds: the
-  configs equal but for ``data.fold``, every fold ``0 .. data.folds - 1`` exactly once.
+  configs equal but for `PER_FOLD_KEYS`, every fold ``0 .. data.folds - 1`` exactly once.
 
   Raises:
     MedjaxIOError: naming the folder or the run at fault.
@@ -89,15 +95,15 @@ def fold_runs(folder: str) -> list[str]:
                         "folder holds one run per fold (launch.py --sweep over data.fold, or "
                         "launch.py --config.data.fold=k --workdir <folder>/fold<k>)")
   first_path, first = next(iter(configs.items()))
-  base = {k: v for k, v in _flat(first).items() if k != "data.fold"}
+  base = {k: v for k, v in _flat(first).items() if k not in PER_FOLD_KEYS}
   by_fold: dict[int, str] = {}
   for path, config in configs.items():
-    flat = {k: v for k, v in _flat(config).items() if k != "data.fold"}
+    flat = {k: v for k, v in _flat(config).items() if k not in PER_FOLD_KEYS}
     diff = sorted(k for k in set(base) | set(flat) if base.get(k) != flat.get(k))
     if diff:
       raise MedjaxIOError(path, f"its config differs from {os.path.basename(first_path)}'s in "
                           f"{', '.join(diff[:6])}; a cross-validation folder holds the folds of "
-                          "one config, differing only in data.fold")
+                          "one config, differing only in data.fold and seed")
     fold = int(config["data"]["fold"])
     if fold in by_fold:
       raise MedjaxIOError(path, f"fold {fold} again (also {os.path.basename(by_fold[fold])})")

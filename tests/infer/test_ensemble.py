@@ -83,6 +83,9 @@ def test_a_cross_validation_folder_must_hold_one_configs_folds(cv_runs, tmp_path
     shutil.copy(os.path.join(folder, fold, "config.json"), copy / fold)
   assert len(ensemble_lib.fold_runs(str(copy))) == 2
   config = json.load(open(copy / "fold1" / "config.json"))
+  config["seed"] += 1  # folds may start from their own seeds
+  json.dump(config, open(copy / "fold1" / "config.json", "w"))
+  assert len(ensemble_lib.fold_runs(str(copy))) == 2
   config["optim"]["lr"] = 0.5
   json.dump(config, open(copy / "fold1" / "config.json", "w"))
   with pytest.raises(MedjaxIOError, match="fold1: its config differs .* in optim.lr"):

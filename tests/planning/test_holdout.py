@@ -19,7 +19,9 @@ def test_the_hippocampus_holdout_is_the_documented_hash_rule(data_root):
   assert hippocampus_unet3d.get_config().data.holdout == ()  # the single-fold recipe keeps all
   # The 2-D folds hold out the same cases, so that 2-D and 3-D runs can be ensembled on them.
   assert hippocampus_unet2d.get_config("cv").data.holdout == hippocampus_unet3d.HOLDOUT
-  assert hippocampus_unet3d.get_sweep("cv") == {"data.fold": [0, 1, 2, 3, 4]}
+  # One member per fold, each with its own seed; fold 0 trains as the single-fold recipe does.
+  assert hippocampus_unet3d.get_sweep("cv") == [{"data.fold": k, "seed": k} for k in range(5)]
+  assert hippocampus_unet3d.get_config().seed == 0
 
 
 def test_the_rule_depends_on_the_ids_alone():
