@@ -12,16 +12,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # they start (all inherit this process's environment), and kept between runs: the suite trains
 # the same small configs many times, and compiling them is most of its time on a 2-core CPU.
 # Cached executables are keyed by their HLO, flags and jaxlib, so a hit runs exactly what a
-# fresh compile would; a changed model or jaxlib only adds entries, and JAX evicts the least
-# recently used past the size cap. JAX_COMPILATION_CACHE_DIR set by the user wins.
+# fresh compile would; a changed model or jaxlib only adds entries. JAX_COMPILATION_CACHE_DIR set
+# by the user wins.
+#
+# No JAX size cap (JAX_COMPILATION_CACHE_MAX_SIZE): with one, JAX's LRU cache lists and stats
+# every entry, under a file lock shared by the workers, on every write; the suite writes thousands
+# of small entries into an empty cache, so a cold run slowed the further it got (quadratic).
+# The folder is instead emptied here, once, when it has grown past `_CACHE_CAP`.
 #
 # The CPU kernels' partitioning rules (jax custom_partitioning, medjax/ops/cpu) put a pointer to
 # their Python callback into the HLO, which differs in every process: every step compiled on more
 # than one device missed the cache. The pointer is left out of the key here, which is safe only
 # while the rules cannot change under a cached executable; so the folder is named by a digest of
 # the sources that define them, and a folder of older sources is removed.
+_CACHE_CAP = 2 * 1024**3  # bytes; a whole run of the suite writes well under a tenth of it
+
+
 def _compilation_cache_dir() -> str:
-  """``~/.cache/medjax/jax-tests/ops-<digest of medjax/ops/cpu/*.py>``; removes the others."""
+  """``~/.cache/medjax/jax-tests/ops-<digest of medjax/ops/cpu/*.py>``; removes the others, and
+  empties it past `_CACHE_CAP`."""
   import hashlib
   import shutil
 
@@ -40,6 +49,8 @@ def _compilation_cache_dir() -> str:
       path = os.path.join(root, name)
       if path != cache:
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if os.path.isdir(cache) and sum(e.stat().st_size for e in os.scandir(cache)) > _CACHE_CAP:
+      shutil.rmtree(cache, ignore_errors=True)
   return cache
 
 
@@ -47,7 +58,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
   os.environ.setdefault("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "1")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small ones too
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
