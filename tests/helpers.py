@@ -100,8 +100,12 @@ def launch_cmd(workdir, flags: Sequence[str] = (), config_file=RUNLOCAL) -> list
 
 
 def launch_env(devices=1) -> dict[str, str]:
-  """The test process's environment with ``devices`` host devices (replacing conftest's 4)."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  """The test process's environment with ``devices`` host devices (replacing conftest's 4; its
+  other XLA flags stay)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(os.environ,
+              XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
 
 
 def launch(workdir, flags: Sequence[str] = (), devices=1, **popen) -> subprocess.Popen:
