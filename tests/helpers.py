@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from conftest import REPO
 
 from configs import hippocampus_unet2d, hippocampus_unet3d, pneumoniamnist_resnet18
+from medjax.sweep.workers import without_device_count
 
 LAUNCH = os.path.join(REPO, "launch.py")
 RUNLOCAL = os.path.join(REPO, "configs/pneumoniamnist_resnet18.py:runlocal")
@@ -102,10 +103,9 @@ def launch_cmd(workdir, flags: Sequence[str] = (), config_file=RUNLOCAL) -> list
 def launch_env(devices=1) -> dict[str, str]:
   """The test process's environment with ``devices`` host devices (replacing conftest's 4; its
   other XLA flags stay)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return dict(os.environ,
-              XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+  env = without_device_count(dict(os.environ))
+  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+  return env
 
 
 def launch(workdir, flags: Sequence[str] = (), devices=1, **popen) -> subprocess.Popen:
