@@ -6,8 +6,9 @@ import sys
 # Must precede any JAX import: every test process (and every launch.py it starts) sees 4 host
 # devices, and XLA compiles without LLVM's optimisations (-O0) unless XLA_FLAGS says otherwise:
 # the tests run small programs a few times each, so on a CPU with an empty compilation cache the
-# optimiser costs far more than it saves (docs/performance.md). Semantics are the same at every
-# level; user runs and benchmarks keep XLA's default.
+# optimiser costs far more than it saves (docs/performance.md). Levels agree only up to float
+# rounding, so every process of a test must compile at the same one (`helpers.launch_env` keeps
+# it); user runs and benchmarks keep XLA's default.
 _xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 if "--xla_backend_optimization_level" not in _xla_flags:
   _xla_flags += " --xla_backend_optimization_level=0"
