@@ -3,6 +3,7 @@ r"""Evaluates a finished run on one split, with bootstrap confidence intervals a
   python -m medjax.evaluate --workdir runs/pneumonia --split val [--n_boot 1000 --threshold 0.5
                             --temperature --step N]
   python -m medjax.evaluate --cv runs/hippo_cv [--holdout [--holdout_also runs/hippo_cv2d]]
+  python -m medjax.evaluate --choose runs/hippo_cv,runs/hippo_cv2d [--out runs/choice]
 
 Classification runs: the best checkpoint predicts every case of the split (``--split test`` where
 the data file has one), and ``workdir/evaluation/<split>/`` gets ``results.md`` (every figure with
@@ -15,6 +16,9 @@ Segmentation runs: the fold's sliding-window validation (`medjax.infer.segment.v
 Cross-validation folders (``--cv``, one segmentation run per fold): the out-of-fold predictions of
 every training case scored together, and the post-processing decided on them
 (`medjax.evaluate.crossval`); ``--holdout`` adds fold 0 vs the fold ensemble on ``data.holdout``.
+Several cross-validation folders (``--choose``, one per config): each config and each ensemble of
+them scored out of fold, the best chosen and its post-processing decided
+(`medjax.evaluate.choice`), as nnU-Net's ``find_best_configuration``.
 """
 
 from __future__ import annotations
@@ -135,6 +139,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   if args.holdout_also and not args.holdout:
     raise ValueError("--holdout_also adds to the hold-out comparison: give --holdout too")
+  if args.out and not args.choose:
+    raise ValueError("--out is where --choose writes: give --choose too")
+  if args.choose:
+    from medjax.evaluate import choice
+
+    result = choice.choose_configuration(args.choose.split(","), args.out, n_boot=args.n_boot,
+                                         mirror=not args.no_mirror)
+    print(f"{result['cases']} cases out of fold, mean foreground Dice: " + ", ".join(
+        f"{c['name']} {c['foreground_dice']:.4f}" for c in result["candidates"])
+          + f"; chosen: {result['chosen']}, written to "
+          + os.path.abspath(args.out or choice.default_out(args.choose.split(","))))
+    return
   if args.cv:
     from medjax.evaluate import crossval
 
@@ -174,7 +190,10 @@ if __name__ == "__main__":  # flags defined here only, so importing the module d
   host.keep_freed_memory()  # before JAX starts (see medjax/host.py)
   flags.DEFINE_string("workdir", None, "a finished medjax run")
   flags.DEFINE_string("cv", None, "a cross-validation folder (one segmentation run per fold)")
-  flags.mark_flags_as_mutual_exclusive(["workdir", "cv"], required=True)
+  flags.DEFINE_string("choose", None, "cross-validation folders, one per config (a,b): choose "
+                       "the best config or ensemble of them out of fold")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "cv", "choose"], required=True)
+  flags.DEFINE_string("out", None, "--choose: where to write (default: beside the first folder)")
   flags.DEFINE_bool("holdout", False, "--cv: also fold 0 vs the fold ensemble on data.holdout")
   flags.DEFINE_multi_string("holdout_also", [], "--holdout: another cross-validation folder "
                             "(e.g. the 2-D folds) whose folds join the ensemble as 'combined'")

@@ -54,7 +54,7 @@ from medjax.train import runs as runs_lib
 _DIGITS = {"dice": 3, "hd95": 2}
 
 
-def _dataset(run: str) -> msd.MSDDataset:
+def dataset_of(run: str) -> msd.MSDDataset:
   config = ml_collections.ConfigDict(read_run_config(run))
   return msd.read_msd_dataset(builders.msd_root(config.data))
 
@@ -72,7 +72,7 @@ def _check_validated(runs: Sequence[str], mirror: bool | None) -> None:
                      else mirror)
 
 
-def _splits(runs: Sequence[str]) -> list[dict[str, list[str]]]:
+def read_splits(runs: Sequence[str]) -> list[dict[str, list[str]]]:
   """The folds' common ``splits.json``; a `MedjaxIOError` where one fold's differs."""
   splits = None
   for run in runs:
@@ -86,7 +86,7 @@ def _splits(runs: Sequence[str]) -> list[dict[str, list[str]]]:
   return splits
 
 
-def _scores(cases: list[dict[str, Any]], classes: Sequence[seg_metrics.Class], n_boot: int,
+def score_cases(cases: list[dict[str, Any]], classes: Sequence[seg_metrics.Class], n_boot: int,
             names: dict[seg_metrics.Class, str]) -> dict[str, Any]:
   """Summary, table and Dice/HD95 bootstrap intervals of per-case metrics."""
   per_case = [c["metrics"] for c in cases]
@@ -125,8 +125,8 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
   runs = fold_runs(folder)
   plan = check_same_preprocessing(runs)
   _check_validated(runs, mirror)
-  splits = _splits(runs)
-  dataset = _dataset(runs[0])
+  splits = read_splits(runs)
+  dataset = dataset_of(runs[0])
   classes, names = planning.scored_classes(plan), planning.scored_names(plan)
   out = os.path.join(folder, "crossval")
   for sub in ("predictions", "postprocessed"):
@@ -165,8 +165,8 @@ def evaluate_cv(folder: str, n_boot: int = bootstrap.N_BOOT,
     for rows, labels in ((raw_cases, pred), (post_cases, post)):
       rows.append({**case, "metrics": seg_metrics.segmentation_metrics(
           labels.array, label.array, label.spacing, classes, ignore)})
-  raw = _scores(raw_cases, classes, n_boot, names)
-  post = _scores(post_cases, classes, n_boot, names)
+  raw = score_cases(raw_cases, classes, n_boot, names)
+  post = score_cases(post_cases, classes, n_boot, names)
   seg_metrics.plot_dice_boxes([c["metrics"] for c in raw_cases],
                               os.path.join(out, "dice_boxes.png"), names,
                               title=f"out of fold, {len(cases)} cases")
@@ -210,7 +210,7 @@ def _fg(rows: list[dict], idx: np.ndarray | range) -> float:
   return seg_metrics.summarize([rows[i]["metrics"] for i in idx]).foreground_dice
 
 
-def _paired(a: Sequence[list[dict]], b: list[dict], n_boot: int) -> dict[str, Any]:
+def paired_difference(a: Sequence[list[dict]], b: list[dict], n_boot: int) -> dict[str, Any]:
   """Bootstrap interval of the mean foreground Dice of ``b`` minus that of ``a``'s variants
   (their mean, where several), paired over cases."""
   def statistic(idx: np.ndarray) -> dict[str, float]:
@@ -257,7 +257,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
           "folds may have trained on them"))
     runs += other_runs
   decision = pp.read_decision(os.path.join(folder, pp.FILENAME))
-  dataset = _dataset(runs[0])
+  dataset = dataset_of(runs[0])
   ensemble = Ensemble(runs)
   plan = ensemble.plan
   classes, names = planning.scored_classes(plan), planning.scored_names(plan)
@@ -282,14 +282,14 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
       labels = labels_of(p)
       rows[name].append(scored(labels))
       rows[name + "+pp"].append(scored(pp.apply_postprocessing(labels, decision)))
-  scores = {v: _scores(rows[v], classes, n_boot, names) for v in variants}
-  diffs = {"raw": _paired([rows["fold0"]], rows["ensemble"], n_boot),
-           "postprocessed": _paired([rows["fold0+pp"]], rows["ensemble+pp"], n_boot)}
+  scores = {v: score_cases(rows[v], classes, n_boot, names) for v in variants}
+  diffs = {"raw": paired_difference([rows["fold0"]], rows["ensemble"], n_boot),
+           "postprocessed": paired_difference([rows["fold0+pp"]], rows["ensemble+pp"], n_boot)}
   # Fold 0 may be the best or the worst fold: the ensemble against the average single fold too.
   folds = [_fg(r, range(len(r))) for r in single]
-  over_mean = _paired(single, rows["ensemble"], n_boot)
-  combined = ({"raw": _paired([rows["fold0"]], rows["combined"], n_boot),
-               "postprocessed": _paired([rows["fold0+pp"]], rows["combined+pp"], n_boot)}
+  over_mean = paired_difference(single, rows["ensemble"], n_boot)
+  combined = ({"raw": paired_difference([rows["fold0"]], rows["combined"], n_boot),
+               "postprocessed": paired_difference([rows["fold0+pp"]], rows["combined+pp"], n_boot)}
               if also else None)
   out = os.path.join(folder, "crossval", "holdout")
   os.makedirs(out, exist_ok=True)

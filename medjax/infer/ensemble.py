@@ -8,12 +8,14 @@ differ.
 
 `fold_runs` finds the runs of a cross-validation folder (one per fold, configs equal but for
 `PER_FOLD_KEYS`: what ``launch.py --sweep`` makes of a ``get_sweep()`` over ``data.fold``);
-`load_segmenter` turns what a user names (one run, several, or a cross-validation folder) into a
-`Segmenter` or an `Ensemble` carrying the post-processing decision to apply.
+`load_segmenter` turns what a user names (one run, several, a cross-validation folder, or the
+configurations ``evaluate --choose`` chose) into a `Segmenter` or an `Ensemble` carrying the
+post-processing decision to apply.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -172,17 +174,45 @@ class Ensemble:
     return Volume.from_affine(restored, canonical.affine).reoriented(image.affine)
 
 
-def resolve_runs(workdirs: str | Sequence[str]) -> tuple[list[str], str | None]:
-  """What a user named → (run folders, the cross-validation folder's ``postprocessing.json``).
+# Written by ``python -m medjax.evaluate --choose`` (`medjax.evaluate.choice`): the configurations
+# (cross-validation folders, relative to the file's folder) chosen on out-of-fold predictions.
+CHOICE_FILENAME = "choice.json"
 
-  Each entry is a run (a folder with ``config.json``) or a cross-validation folder, which
-  stands for its folds (`fold_runs`); the decision is that folder's when exactly one was named.
+
+def read_choice(folder: str) -> list[str]:
+  """The cross-validation folders a choice folder's ``choice.json`` names, as absolute paths.
+
+  Raises:
+    MedjaxIOError: not JSON, or without a list of ``configurations``.
+  """
+  path = os.path.join(folder, CHOICE_FILENAME)
+  try:
+    with open(path) as f:
+      configurations = json.load(f).get("configurations")
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise MedjaxIOError(path, f"not a choice written by medjax.evaluate --choose ({e})") from None
+  if not isinstance(configurations, list) or not configurations or not all(
+      isinstance(c, str) for c in configurations):
+    raise MedjaxIOError(path, "'configurations' must be a list of cross-validation folders")
+  return [os.path.normpath(os.path.join(os.path.abspath(folder), c)) for c in configurations]
+
+
+def resolve_runs(workdirs: str | Sequence[str]) -> tuple[list[str], str | None]:
+  """What a user named → (run folders, the ``postprocessing.json`` that goes with them).
+
+  Each entry is a run (a folder with ``config.json``), a cross-validation folder, which stands
+  for its folds (`fold_runs`), or a choice folder (``choice.json``, written by ``evaluate
+  --choose``), which stands for the folds of the configurations it chose. The decision is the
+  named folder's when exactly one cross-validation or choice folder was named.
   """
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   runs, decisions = [], []
   for w in workdirs:
     if os.path.isfile(os.path.join(w, "config.json")):
       runs.append(os.path.abspath(w))
+    elif os.path.isfile(os.path.join(w, CHOICE_FILENAME)):
+      runs += [r for folder in read_choice(w) for r in fold_runs(folder)]
+      decisions.append(os.path.join(w, pp.FILENAME))  # written with the choice
     elif not any(os.path.isfile(os.path.join(w, d, "config.json"))
                  for d in (os.listdir(w) if os.path.isdir(w) else ())):
       read_run_config(w)  # neither a run nor a folder of runs: the error every command gives

@@ -34,9 +34,10 @@ Preprocessing is the run's own, read from its workdir, never re-typed:
   ``--fill_missing_channels`` zero-fills it, which runs trained with ``train.modality_dropout``
   accept (`medjax.infer.segment.match_channels`).
   ``--workdir`` may also name several segmentation runs (``a,b``: folds, or 2-D and 3-D configs)
-  or a cross-validation folder (its folds): an ensemble that averages their probabilities
-  (`medjax.infer.ensemble`); a cross-validation folder's ``postprocessing.json`` (keep the
-  largest component, decided out of fold) is applied unless ``--postprocessing=none``.
+  or a cross-validation folder (its folds), or what ``evaluate --choose`` chose (its ``--out``
+  folder: the chosen configurations' folds): an ensemble that averages their probabilities
+  (`medjax.infer.ensemble`); such a folder's ``postprocessing.json`` (keep the largest
+  component, decided out of fold) is applied unless ``--postprocessing=none``.
 
 Outputs: ``predictions.csv`` (one row per input), ``errors.csv`` (one per failure, header only when
 none failed), ``predict.json`` (the run, counts and settings); with ``--saliency``, an overlay
@@ -303,7 +304,8 @@ def predict(workdir: str | Sequence[str], input_path: str, output: str, *,
   runs = [workdir] if isinstance(workdir, str) else list(workdir)
   if not runs:
     raise ValueError("no run to predict with")
-  # A folder that is no run (nor a cross-validation folder): one error before any input is read.
+  # A folder that is no run (nor a cross-validation or choice folder): one error before any input
+  # is read.
   segmentation = len(runs) > 1 or not os.path.isfile(os.path.join(runs[0], "config.json"))
   if not segmentation:
     segmentation = read_run_config(runs[0]).get("task") == "segmentation"

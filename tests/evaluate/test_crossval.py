@@ -99,7 +99,7 @@ def _class1_everywhere(run: str, case: str) -> dict:
   """The hold-out metrics of a prediction of class 1 over the whole preprocessed grid, put back
   on the case's own grid."""
   plan = json.load(open(os.path.join(run, "plan.json")))
-  image, label = msd.load_msd_case(crossval._dataset(run), crossval._dataset(run).case(case))
+  image, label = msd.load_msd_case(crossval.dataset_of(run), crossval.dataset_of(run).case(case))
   array, _, props = preprocess(image, None, plan)
   probs = np.eye(3)[np.ones(array.shape[:-1], int)]
   pred = planning.label_map(restore_geometry(probs, props), plan)
