@@ -25,6 +25,7 @@ is validated here first. Written:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -219,6 +220,17 @@ def paired_difference(a: Sequence[list[dict]], b: list[dict], n_boot: int) -> di
   return bootstrap.bootstrap(statistic, len(b), n_boot=n_boot, seed=0)["diff"]
 
 
+def fold_agreement(labels: Sequence[np.ndarray], classes: Sequence[seg_metrics.Class]) -> float:
+  """Mean Dice between every pair of label maps (per class, then over the classes and pairs;
+  a class that neither map of a pair has counts in no mean; NaN if none counts): how alike an
+  ensemble's members predict a case."""
+  values = [seg_metrics.dice(np.isin(a, seg_metrics.class_labels(c)),
+                             np.isin(b, seg_metrics.class_labels(c)))
+            for a, b in itertools.combinations(labels, 2) for c in classes]
+  kept = [v for v in values if not np.isnan(v)]
+  return float(np.mean(kept)) if kept else float("nan")
+
+
 # The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
 HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", "combined+pp")
 
@@ -237,8 +249,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   Returns:
     ``{variant: {"foreground_dice", "per_class", "dice_ci95"}, "ensemble_minus_fold0": {raw,
     postprocessed intervals}, "single_folds" (each fold's mean Dice alone, unprocessed),
-    "ensemble_minus_mean_fold" (interval), "combined_minus_fold0" (with ``also``), "cases",
-    "seconds"}``.
+    "ensemble_minus_mean_fold" (interval), "fold_agreement" (`fold_agreement`, averaged over
+    cases), "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
   """
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
@@ -265,21 +277,23 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   variants = HOLDOUT_VARIANTS if also else HOLDOUT_VARIANTS[:4]
   rows: dict[str, list[dict]] = {v: [] for v in variants}
   single: list[list[dict]] = [rows["fold0"]] + [[] for _ in range(n_own - 1)]
+  agreement: list[float] = []  # per case: how alike the folds' label maps are
   t0 = time.perf_counter()
   for case_id in tqdm.tqdm(holdout, desc="hold-out", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
     array, _, props = preprocess(image, None, plan)
     probs = [m.probabilities(array, mirror) for m in ensemble.members]  # each fold once
-    means = [("fold0", probs[0]), ("ensemble", np.mean(probs[:n_own], 0))]
-    if also:
-      means.append(("combined", np.mean(probs, 0)))
     labels_of = lambda p: planning.label_map(restore_geometry(p, props, regions=regions), plan)
     scored = lambda seg: {"case": case_id, "metrics": seg_metrics.segmentation_metrics(
         seg, label.array, label.spacing, classes, plan.get("ignore_label"))}
-    for k, p in enumerate(probs[1:n_own], 1):  # the other folds alone, unprocessed
-      single[k].append(scored(labels_of(p)))
-    for name, p in means:
-      labels = labels_of(p)
+    own = [labels_of(p) for p in probs[:n_own]]
+    for k in range(1, n_own):  # the other folds alone, unprocessed
+      single[k].append(scored(own[k]))
+    agreement.append(fold_agreement(own, classes))
+    means = [("fold0", own[0]), ("ensemble", labels_of(np.mean(probs[:n_own], 0)))]
+    if also:
+      means.append(("combined", labels_of(np.mean(probs, 0))))
+    for name, labels in means:
       rows[name].append(scored(labels))
       rows[name + "+pp"].append(scored(pp.apply_postprocessing(labels, decision)))
   scores = {v: score_cases(rows[v], classes, n_boot, names) for v in variants}
@@ -319,7 +333,10 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   lines += ["", "Each fold alone, mean Dice (unprocessed): " + ", ".join(
       f"fold {k} {v:.4f}" for k, v in enumerate(folds)) + f"; their mean {np.mean(folds):.4f}. "
       f"Ensemble minus the mean single fold (paired bootstrap over cases): "
-      f"{over_mean['value']:+.4f} [{over_mean['lo']:+.4f}, {over_mean['hi']:+.4f}]"]
+      f"{over_mean['value']:+.4f} [{over_mean['lo']:+.4f}, {over_mean['hi']:+.4f}]", "",
+      f"The folds agree with one another at mean Dice {np.nanmean(agreement):.4f} (every pair of "
+      f"folds, unprocessed, averaged over pairs and cases) and with the reference at "
+      f"{np.mean(folds):.4f}: where they agree, averaging them changes nothing."]
   for label, d_ in (("Ensemble", diffs), ("Combined", combined)):
     if d_ is not None:
       lines += ["", f"{label} minus fold 0, mean Dice (paired bootstrap over cases): " + ", ".join(
@@ -329,7 +346,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     f.write("\n".join(lines))
   result = {**{v: {k: s for k, s in scores[v].items() if k != "table"} for v in variants},
             "ensemble_minus_fold0": diffs, "single_folds": folds,
-            "ensemble_minus_mean_fold": over_mean, "cases": len(holdout),
+            "ensemble_minus_mean_fold": over_mean, "fold_agreement": float(np.nanmean(agreement)),
+            "cases": len(holdout),
             **({"combined_minus_fold0": combined} if also else {}),
             "seconds": time.perf_counter() - t0}
   atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)

@@ -91,6 +91,7 @@ def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
   assert "ensemble+pp" in text and "Ensemble minus the mean single fold" in text
   assert len(held["single_folds"]) == 2
   assert held["single_folds"][0] == pytest.approx(held["fold0"]["foreground_dice"])
+  assert 0.0 <= held["fold_agreement"] <= 1.0 and "The folds agree with one another" in text
   assert held["ensemble_minus_mean_fold"]["value"] == pytest.approx(
       held["ensemble"]["foreground_dice"] - np.mean(held["single_folds"]))
 
@@ -128,6 +129,26 @@ def test_the_hold_out_scores_every_fold_alone(evaluated, tmp_path, monkeypatch):
   assert result["single_folds"] == pytest.approx([held["fold0"]["foreground_dice"],
                                                   want.foreground_dice])
   assert result["fold0"]["foreground_dice"] == pytest.approx(held["fold0"]["foreground_dice"])
+  # How alike the two folds predict: fold 0's own label map against fold 1's class 1.
+  run = os.path.join(here, "fold0")
+  plan = json.load(open(os.path.join(run, "plan.json")))
+  image, _ = msd.load_msd_case(crossval.dataset_of(run), crossval.dataset_of(run).case("case_006"))
+  array, _, props = preprocess(image, None, plan)
+  fold0, fold1 = (planning.label_map(restore_geometry(p, props), plan) for p in (
+      ensemble_lib.Segmenter(run).probabilities(array, False),
+      np.eye(3)[np.ones(array.shape[:-1], int)]))  # class 1 over the preprocessed grid
+  assert result["fold_agreement"] == pytest.approx(crossval.fold_agreement([fold0, fold1],
+                                                                           [1, 2]))
+  assert result["fold_agreement"] != pytest.approx(held["fold_agreement"])
+
+
+def test_fold_agreement_is_the_mean_pairwise_dice():
+  a, b, c = np.array([1, 1, 2, 0]), np.array([1, 0, 2, 2]), np.array([0, 0, 0, 0])
+  # a~b: class 1 2/3, class 2 2/3; a~c and b~c: 0 for each class a or b has.
+  assert crossval.fold_agreement([a, b], [1, 2]) == pytest.approx(2 / 3)
+  assert crossval.fold_agreement([a, b, c], [1, 2]) == pytest.approx((2 / 3 * 2) / 6)
+  assert crossval.fold_agreement([a, a], [1, 2, 3]) == 1.0  # class 3 in neither: left out
+  assert np.isnan(crossval.fold_agreement([c, c], [1]))
 
 
 def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monkeypatch):
