@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -163,7 +164,10 @@ def assert_trains_as_one_process(stdout: str, output: str, workdir: str, referen
   the final parameters and batch statistics equal the one-process run ``reference``'s within 1e-5
   relative (batch statistics and the loss are global-batch means: only summation order differs).
   ``output`` (stdout and stderr) goes into the failure messages."""
-  starts = sorted(ln for ln in stdout.splitlines() if ln.startswith("cluster: "))
+  # Found in the text, not per line: mpirun forwards the ranks' output in chunks that may join
+  # two ranks' lines (seen once under load: rank 1's line ran straight into rank 0's).
+  starts = sorted(re.findall(r"cluster: [^;\n]*; process \d+ of \d+; devices: \d+ local of \d+ "
+                             r"\([^)\n]*\)", stdout))
   assert len(starts) == processes, tail(output, 40)
   for i, line in enumerate(starts):
     assert line.startswith(f"cluster: {cluster}"), line

@@ -89,6 +89,8 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
   if len(folders) < 2:
     raise ValueError(f"--choose compares configurations: give two or more cross-validation "
                      f"folders (got {len(folders)})")
+  if len(set(folders)) < len(folders):
+    raise ValueError(f"--choose names a folder twice: {', '.join(folders)}")
   out = os.path.abspath(out or default_out(folders))
   runs = [fold_runs(f) for f in folders]
   splits = read_splits(runs[0])
@@ -112,7 +114,10 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
   for fold, case_id in tqdm.tqdm(cases, desc="out of fold", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
     refs.append(label.array)
-    inputs = [preprocess(image, None, plan) for plan in plans]
+    inputs = []  # preprocessed once per distinct preprocessing
+    for plan in plans:
+      same = [x for p, x in zip(plans, inputs) if not preprocessing_mismatch(p, plan)]
+      inputs.append(same[0] if same else preprocess(image, None, plan))
     probs = [m.members[fold].probabilities(x[0], mirror) for m, x in zip(models, inputs)]
     for name, combo in zip(names, combos):
       plan, props = plans[combo[0]], inputs[combo[0]][2]

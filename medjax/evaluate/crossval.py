@@ -88,7 +88,7 @@ def read_splits(runs: Sequence[str]) -> list[dict[str, list[str]]]:
 
 
 def score_cases(cases: list[dict[str, Any]], classes: Sequence[seg_metrics.Class], n_boot: int,
-            names: dict[seg_metrics.Class, str]) -> dict[str, Any]:
+                names: dict[seg_metrics.Class, str]) -> dict[str, Any]:
   """Summary, table and Dice/HD95 bootstrap intervals of per-case metrics."""
   per_case = [c["metrics"] for c in cases]
   summary = seg_metrics.summarize(per_case)

@@ -122,6 +122,11 @@ def test_folds_split_otherwise_are_refused(two_configs, tmp_path):
     choice.choose_configuration([a, b], str(tmp_path / "choice"), n_boot=20, mirror=False)
 
 
+def test_a_folder_named_twice_is_refused(two_configs):
+  with pytest.raises(ValueError, match="names a folder twice"):
+    choice.choose_configuration([two_configs[0], two_configs[0] + "/"], n_boot=20)
+
+
 def test_ensembles_of_configs_that_preprocess_otherwise_are_left_out():
   plans = [{"target_spacing": [1, 1, 1]}, {"target_spacing": [1, 1, 1]},
            {"target_spacing": [2, 2, 2]}]

@@ -16,9 +16,9 @@ from medjax.infer import segment
 from medjax.train import loop
 
 
-def _config(data_dir, dims=3, steps=6, **overrides):
+def _config(data_dir, dims=3, steps=6, variants="", **overrides):
   module = hippocampus_unet3d if dims == 3 else hippocampus_unet2d
-  c = module.get_config("runlocal")
+  c = module.get_config(",".join(["runlocal", *filter(None, [variants])]))
   c.data.dir = data_dir
   c.train.steps = steps
   c.eval.every_steps = 3
@@ -31,13 +31,15 @@ def msd_root(tmp_path_factory):
   return write_msd(tmp_path_factory.mktemp("msd"), n=10, lps=True)
 
 
-@pytest.mark.parametrize("dims", [3, 2])
-def test_trains_validates_and_writes_in_the_input_geometry(msd_root, tmp_path, dims):
+@pytest.mark.parametrize("dims,variants,slice_axis", [(3, "", None), (2, "", 0), (2, "axial", 2)])
+def test_trains_validates_and_writes_in_the_input_geometry(msd_root, tmp_path, dims, variants,
+                                                           slice_axis):
   workdir = str(tmp_path / "run")
-  summary = loop.train_and_evaluate(_config(msd_root, dims=dims), workdir)
+  summary = loop.train_and_evaluate(_config(msd_root, dims=dims, variants=variants), workdir)
   for name in ("plan.json", "splits.json", "results.md", "plots/curves.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
-  assert json.load(open(os.path.join(workdir, "plan.json")))["dims"] == dims
+  plan = json.load(open(os.path.join(workdir, "plan.json")))
+  assert plan["dims"] == dims and plan.get("slice_axis") == slice_axis
   assert 0.0 <= summary["best"]["dice"] <= 1.0 and "dice_2" in summary["best"]
   result = segment.validate(workdir, mirror=True, overlays=1)
   val = json.load(open(os.path.join(workdir, "splits.json")))[0]["val"]
