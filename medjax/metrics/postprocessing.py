@@ -149,8 +149,8 @@ def read_decision(path: str) -> dict[str, Any]:
     with open(path) as f:
       decision = json.load(f)
   except FileNotFoundError:
-    raise MedjaxIOError(path, "missing: run python -m medjax.evaluate --cv on the "
-                        "cross-validation folder first") from None
+    raise MedjaxIOError(path, "missing: python -m medjax.evaluate --cv (on a cross-validation "
+                        "folder) or --choose (for a choice folder) writes it") from None
   except json.JSONDecodeError as e:
     raise MedjaxIOError(path, f"not valid JSON ({e})") from None
   groups = decision.get("keep_largest") if isinstance(decision, dict) else None

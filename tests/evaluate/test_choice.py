@@ -122,6 +122,20 @@ def test_folds_split_otherwise_are_refused(two_configs, tmp_path):
     choice.choose_configuration([a, b], str(tmp_path / "choice"), n_boot=20, mirror=False)
 
 
+def test_a_damaged_choice_folder_is_refused_naming_its_file(two_configs, tmp_path):
+  out = tmp_path / "choice"
+  out.mkdir()
+  path = out / "choice.json"
+  for text, problem in (("{", "not a choice written by medjax.evaluate --choose"),
+                        ('{"configurations": []}', "'configurations' must be a list")):
+    path.write_text(text)
+    with pytest.raises(MedjaxIOError, match=f"{path}: {problem}"):
+      ensemble_lib.load_segmenter(str(out))
+  path.write_text(json.dumps({"configurations": [os.path.relpath(two_configs[0], out)]}))
+  with pytest.raises(MedjaxIOError, match=r"postprocessing\.json: missing: .* --choose"):
+    ensemble_lib.load_segmenter(str(out))
+
+
 def test_a_folder_named_twice_is_refused(two_configs):
   with pytest.raises(ValueError, match="names a folder twice"):
     choice.choose_configuration([two_configs[0], two_configs[0] + "/"], n_boot=20)
