@@ -18,7 +18,7 @@ from medjax.train import loop
 
 def _config(data_dir, dims=3, steps=6, variants="", **overrides):
   module = hippocampus_unet3d if dims == 3 else hippocampus_unet2d
-  c = module.get_config(",".join(["runlocal", *filter(None, [variants])]))
+  c = module.get_config("runlocal" + (f",{variants}" if variants else ""))
   c.data.dir = data_dir
   c.train.steps = steps
   c.eval.every_steps = 3
