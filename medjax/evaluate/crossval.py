@@ -231,6 +231,27 @@ def fold_agreement(labels: Sequence[np.ndarray], classes: Sequence[seg_metrics.C
   return float(np.mean(kept)) if kept else float("nan")
 
 
+def ensemble_sizes(scored: dict[tuple[int, ...], list[dict]]) -> dict[str, Any]:
+  """How the ensemble's Dice grows with its members: the mean foreground Dice of ensembles of k
+  members, averaged over every choice of k (``scored``: each subset of member indices → its
+  per-case rows, as `score_cases` takes them), and the Dice of an unlimited ensemble of the same
+  recipe that ``a - b / k`` fitted to them projects (None with fewer than three sizes).
+
+  Why ``1 / k``: an average of k members' probabilities strays from their expectation with a
+  variance that falls as ``1 / k``, and for small strays the expected Dice falls linearly in that
+  variance; what the ensemble cannot remove (the members' shared error) is ``a``'s gap to 1.
+  """
+  by_size: dict[int, list[float]] = {}
+  for subset, rows in scored.items():
+    by_size.setdefault(len(subset), []).append(_fg(rows, range(len(rows))))
+  curve = {k: float(np.mean(v)) for k, v in sorted(by_size.items())}
+  projected = None
+  if len(curve) >= 3:
+    slope, intercept = np.polyfit([1 / k for k in curve], list(curve.values()), 1)
+    projected = {"dice": float(intercept), "b": float(-slope)}
+  return {"curve": curve, "projected": projected}
+
+
 # The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
 HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", "combined+pp")
 
@@ -250,7 +271,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     ``{variant: {"foreground_dice", "per_class", "dice_ci95"}, "ensemble_minus_fold0": {raw,
     postprocessed intervals}, "single_folds" (each fold's mean Dice alone, unprocessed),
     "ensemble_minus_mean_fold" (interval), "fold_agreement" (`fold_agreement`, averaged over
-    cases), "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
+    cases), "ensemble_sizes" (`ensemble_sizes` of this folder's folds), "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
   """
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
@@ -278,6 +299,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   rows: dict[str, list[dict]] = {v: [] for v in variants}
   single: list[list[dict]] = [rows["fold0"]] + [[] for _ in range(n_own - 1)]
   agreement: list[float] = []  # per case: how alike the folds' label maps are
+  # Ensembles of 2 … n-1 of the folds (all 1 and n are scored anyway): `ensemble_sizes`.
+  subsets = {s: [] for k in range(2, n_own) for s in itertools.combinations(range(n_own), k)}
   t0 = time.perf_counter()
   for case_id in tqdm.tqdm(holdout, desc="hold-out", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
@@ -290,6 +313,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     for k in range(1, n_own):  # the other folds alone, unprocessed
       single[k].append(scored(own[k]))
     agreement.append(fold_agreement(own, classes))
+    for subset, subset_rows in subsets.items():
+      subset_rows.append(scored(labels_of(np.mean([probs[i] for i in subset], 0))))
     means = [("fold0", own[0]), ("ensemble", labels_of(np.mean(probs[:n_own], 0)))]
     if also:
       means.append(("combined", labels_of(np.mean(probs, 0))))
@@ -301,6 +326,8 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
            "postprocessed": paired_difference([rows["fold0+pp"]], rows["ensemble+pp"], n_boot)}
   # Fold 0 may be the best or the worst fold: the ensemble against the average single fold too.
   folds = [_fg(r, range(len(r))) for r in single]
+  sizes = ensemble_sizes({**{(k,): r for k, r in enumerate(single)}, **subsets,
+                          tuple(range(n_own)): rows["ensemble"]})
   over_mean = paired_difference(single, rows["ensemble"], n_boot)
   combined = ({"raw": paired_difference([rows["fold0"]], rows["combined"], n_boot),
                "postprocessed": paired_difference([rows["fold0+pp"]], rows["combined+pp"], n_boot)}
@@ -336,7 +363,13 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
       f"{over_mean['value']:+.4f} [{over_mean['lo']:+.4f}, {over_mean['hi']:+.4f}]", "",
       f"The folds agree with one another at mean Dice {np.nanmean(agreement):.4f} (every pair of "
       f"folds, unprocessed, averaged over pairs and cases) and with the reference at "
-      f"{np.mean(folds):.4f}: where they agree, averaging them changes nothing."]
+      f"{np.mean(folds):.4f}: where they agree, averaging them changes nothing.", "",
+      "Ensembles of k folds, mean Dice (unprocessed, averaged over every choice of k folds): "
+      + ", ".join(f"k={k} {v:.4f}" for k, v in sizes["curve"].items()) + "."]
+  if sizes["projected"] is not None:
+    lines[-1] += (f" Fitting a - b/k to these projects an unlimited ensemble of this recipe at "
+                  f"{sizes['projected']['dice']:.4f} ({sizes['projected']['dice'] - folds[0]:+.4f}"
+                  f" over fold 0), by this fit what more folds of the same recipe could reach.")
   for label, d_ in (("Ensemble", diffs), ("Combined", combined)):
     if d_ is not None:
       lines += ["", f"{label} minus fold 0, mean Dice (paired bootstrap over cases): " + ", ".join(
@@ -347,6 +380,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   result = {**{v: {k: s for k, s in scores[v].items() if k != "table"} for v in variants},
             "ensemble_minus_fold0": diffs, "single_folds": folds,
             "ensemble_minus_mean_fold": over_mean, "fold_agreement": float(np.nanmean(agreement)),
+            "ensemble_sizes": sizes,
             "cases": len(holdout),
             **({"combined_minus_fold0": combined} if also else {}),
             "seconds": time.perf_counter() - t0}

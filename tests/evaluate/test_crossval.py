@@ -94,6 +94,10 @@ def test_the_hold_out_compares_fold0_with_the_ensemble(evaluated):
   assert 0.0 <= held["fold_agreement"] <= 1.0 and "The folds agree with one another" in text
   assert held["ensemble_minus_mean_fold"]["value"] == pytest.approx(
       held["ensemble"]["foreground_dice"] - np.mean(held["single_folds"]))
+  # Two folds: the ensemble sizes are each fold alone (their mean) and both together.
+  assert held["ensemble_sizes"]["curve"] == pytest.approx(
+      {1: np.mean(held["single_folds"]), 2: held["ensemble"]["foreground_dice"]})
+  assert held["ensemble_sizes"]["projected"] is None and "Ensembles of k folds" in text
 
 
 def _class1_everywhere(run: str, case: str) -> dict:
@@ -149,6 +153,26 @@ def test_fold_agreement_is_the_mean_pairwise_dice():
   assert crossval.fold_agreement([a, b, c], [1, 2]) == pytest.approx((2 / 3 * 2) / 6)
   assert crossval.fold_agreement([a, a], [1, 2, 3]) == 1.0  # class 3 in neither: left out
   assert np.isnan(crossval.fold_agreement([c, c], [1]))
+
+
+def _rows(*dice_per_case: float) -> list[dict]:
+  """Per-case rows whose classes 1 and 2 both score ``dice``."""
+  return [{"case": f"c{i}", "metrics": {c: dict.fromkeys(seg_metrics.METRICS, d) for c in (1, 2)}}
+          for i, d in enumerate(dice_per_case)]
+
+
+def test_ensemble_sizes_average_every_choice_of_k_members_and_project_the_limit():
+  # Three members: sizes 1, 2 and 3 scored as a - b/k with a = 0.9, b = 0.06, spread over
+  # the choices of k and over cases so that only the averages follow the law.
+  scored = {(0,): _rows(0.81, 0.83), (1,): _rows(0.85, 0.85), (2,): _rows(0.84, 0.86),
+            (0, 1): _rows(0.85, 0.87), (0, 2): _rows(0.87, 0.87), (1, 2): _rows(0.89, 0.87),
+            (0, 1, 2): _rows(0.88, 0.88)}
+  sizes = crossval.ensemble_sizes(scored)
+  assert sizes["curve"] == pytest.approx({1: 0.84, 2: 0.87, 3: 0.88})
+  assert sizes["projected"]["dice"] == pytest.approx(0.9)
+  assert sizes["projected"]["b"] == pytest.approx(0.06)
+  # Two sizes: a curve, no projection.
+  assert crossval.ensemble_sizes({(0,): _rows(0.8), (0, 1): _rows(0.9)})["projected"] is None
 
 
 def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monkeypatch):
