@@ -3,7 +3,7 @@ r"""Evaluates a finished run on one split, with bootstrap confidence intervals a
   python -m medjax.evaluate --workdir runs/pneumonia --split val [--n_boot 1000 --threshold 0.5
                             --temperature --step N]
   python -m medjax.evaluate --cv runs/hippo_cv [--holdout [--holdout_also runs/hippo_cv2d]]
-  python -m medjax.evaluate --choose runs/hippo_cv,runs/hippo_cv2d [--out runs/choice]
+  python -m medjax.evaluate --choose runs/hippo_cv,runs/hippo_cv2d [--out runs/choice] [--holdout]
 
 Classification runs: the best checkpoint predicts every case of the split (``--split test`` where
 the data file has one), and ``workdir/evaluation/<split>/`` gets ``results.md`` (every figure with
@@ -18,7 +18,8 @@ every training case scored together, and the post-processing decided on them
 (`medjax.evaluate.crossval`); ``--holdout`` adds fold 0 vs the fold ensemble on ``data.holdout``.
 Several cross-validation folders (``--choose``, one per config): each config and each ensemble of
 them scored out of fold, the best chosen and its post-processing decided
-(`medjax.evaluate.choice`), as nnU-Net's ``find_best_configuration``.
+(`medjax.evaluate.choice`), as nnU-Net's ``find_best_configuration``; ``--holdout`` then tests
+every candidate and the chosen one post-processed on ``data.holdout``.
 """
 
 from __future__ import annotations
@@ -139,17 +140,23 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every read at INFO
   if args.holdout_also and not args.holdout:
     raise ValueError("--holdout_also adds to the hold-out comparison: give --holdout too")
+  if args.holdout_also and args.choose:
+    raise ValueError("--holdout_also is for --cv; --choose --holdout scores every folder it names")
   if args.out and not args.choose:
     raise ValueError("--out is where --choose writes: give --choose too")
   if args.choose:
     from medjax.evaluate import choice
 
     result = choice.choose_configuration(args.choose.split(","), args.out, n_boot=args.n_boot,
-                                         mirror=not args.no_mirror)
+                                         mirror=not args.no_mirror, holdout=args.holdout)
     print(f"{result['cases']} cases out of fold, mean foreground Dice: " + ", ".join(
         f"{c['name']} {c['foreground_dice']:.4f}" for c in result["candidates"])
           + f"; chosen: {result['chosen']}, written to "
           + os.path.abspath(args.out or choice.default_out(args.choose.split(","))))
+    if args.holdout:
+      held = result["holdout"]
+      print(f"hold-out ({held['cases']} cases) mean Dice: " + ", ".join(
+          f"{v} {s['foreground_dice']:.4f}" for v, s in held["variants"].items()))
     return
   if args.cv:
     from medjax.evaluate import crossval
@@ -167,7 +174,7 @@ def main(argv):
             + f"; each fold alone {min(held['single_folds']):.4f}–{max(held['single_folds']):.4f}")
     return
   if args.holdout or args.holdout_also:
-    raise ValueError("--holdout evaluates a cross-validation folder: give it with --cv")
+    raise ValueError("--holdout evaluates cross-validation folders: give it with --cv or --choose")
   from medjax.infer.trained import read_run_config
 
   task = read_run_config(args.workdir).get("task")
@@ -194,7 +201,8 @@ if __name__ == "__main__":  # flags defined here only, so importing the module d
                        "the best config or ensemble of them out of fold")
   flags.mark_flags_as_mutual_exclusive(["workdir", "cv", "choose"], required=True)
   flags.DEFINE_string("out", None, "--choose: where to write (default: beside the first folder)")
-  flags.DEFINE_bool("holdout", False, "--cv: also fold 0 vs the fold ensemble on data.holdout")
+  flags.DEFINE_bool("holdout", False, "--cv: also fold 0 vs the fold ensemble on data.holdout; "
+                    "--choose: also every candidate on it")
   flags.DEFINE_multi_string("holdout_also", [], "--holdout: another cross-validation folder "
                             "(e.g. the 2-D folds) whose folds join the ensemble as 'combined'")
   flags.DEFINE_string("split", "val", "train | val | test (classification)")

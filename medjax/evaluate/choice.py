@@ -27,7 +27,13 @@ import numpy as np
 import tqdm
 
 from medjax import planning
-from medjax.evaluate.crossval import dataset_of, paired_difference, read_splits, score_cases
+from medjax.evaluate.crossval import (
+  dataset_of,
+  holdout_cases,
+  paired_difference,
+  read_splits,
+  score_cases,
+)
 from medjax.infer.ensemble import (
   CHOICE_FILENAME,
   Ensemble,
@@ -65,8 +71,24 @@ def default_out(folders: Sequence[str]) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(folders[0])), f"choice_{names}")
 
 
+def _preprocessed(image, plans: Sequence[dict[str, Any]]) -> list[tuple]:
+  """``preprocess(image, None, plan)`` for each plan, run once per distinct preprocessing."""
+  inputs: list[tuple] = []
+  for plan in plans:
+    same = [x for p, x in zip(plans, inputs) if not preprocessing_mismatch(p, plan)]
+    inputs.append(same[0] if same else preprocess(image, None, plan))
+  return inputs
+
+
+def _label_map(probs: np.ndarray, plan: dict[str, Any], inputs: tuple) -> np.ndarray:
+  """The label map of probabilities on ``plan``'s grid, put back on the case's own grid."""
+  regions = planning.plan_regions(plan) is not None
+  return planning.label_map(restore_geometry(probs, inputs[2], regions=regions), plan)
+
+
 def choose_configuration(folders: Sequence[str], out: str | None = None,
-                         n_boot: int = bootstrap.N_BOOT, mirror: bool = True) -> dict[str, Any]:
+                         n_boot: int = bootstrap.N_BOOT, mirror: bool = True,
+                         holdout: bool = False) -> dict[str, Any]:
   """Scores every candidate on the out-of-fold predictions and writes the choice (module
   docstring).
 
@@ -75,15 +97,20 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
     out: where to write (default `default_out`).
     n_boot: bootstrap resamples for the intervals.
     mirror: mirroring at prediction.
+    holdout: then score every candidate, and the chosen one post-processed, on the first
+      folder's ``data.holdout`` cases against its fold 0 alone (`score_holdout`), into
+      ``<out>/holdout/``; the choice is made before and does not change.
 
   Returns:
     The summary written to ``summary.json``: ``{"candidates": [{"name", "folders",
     "foreground_dice", "per_class", "dice_ci95", "best_minus_this"}], "chosen" (name),
-    "postprocessing", "skipped", "cases", "seconds"}``.
+    "postprocessing", "skipped", "cases", "seconds"}``, and with ``holdout`` ``"holdout"``
+    (`score_holdout`'s result).
 
   Raises:
     MedjaxIOError: a folder that is not a cross-validation, or whose folds were split otherwise
-      than the first folder's (naming its ``splits.json``).
+      than the first folder's (naming its ``splits.json``); with ``holdout``, an empty
+      ``data.holdout`` or a folder whose ``data.holdout`` lacks some of the first's cases.
   """
   folders = [os.path.abspath(f) for f in folders]
   if len(folders) < 2:
@@ -100,6 +127,7 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
           f"its folds differ from {os.path.basename(folders[0])}'s; configurations are compared "
           "on the same out-of-fold cases, so their folds must be split alike"))
   plans = [check_same_preprocessing(r) for r in runs]
+  held = holdout_cases(folders[0], runs) if holdout else []  # refused before hours of work
   short = [os.path.basename(f) for f in folders]
   combos, skipped = candidates(plans, short)
   names = ["+".join(short[i] for i in c) for c in combos]
@@ -114,19 +142,13 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
   for fold, case_id in tqdm.tqdm(cases, desc="out of fold", unit="case"):
     image, label = msd.load_msd_case(dataset, dataset.case(case_id))
     refs.append(label.array)
-    inputs = []  # preprocessed once per distinct preprocessing
-    for plan in plans:
-      same = [x for p, x in zip(plans, inputs) if not preprocessing_mismatch(p, plan)]
-      inputs.append(same[0] if same else preprocess(image, None, plan))
+    inputs = _preprocessed(image, plans)
     probs = [m.members[fold].probabilities(x[0], mirror) for m, x in zip(models, inputs)]
     for name, combo in zip(names, combos):
-      plan, props = plans[combo[0]], inputs[combo[0]][2]
-      mean = np.mean([probs[i] for i in combo], 0)
-      seg = planning.label_map(restore_geometry(
-          mean, props, regions=planning.plan_regions(plan) is not None), plan)
+      seg = _label_map(np.mean([probs[i] for i in combo], 0), plans[combo[0]], inputs[combo[0]])
       labels[name].append(seg.astype(np.uint8))
       rows[name].append({"case": case_id, "fold": fold, "metrics": seg_metrics.segmentation_metrics(
-          seg, label.array, label.spacing, classes, plan.get("ignore_label"))})
+          seg, label.array, label.spacing, classes, plans[combo[0]].get("ignore_label"))})
   scores = {n: score_cases(rows[n], classes, n_boot, class_names) for n in names}
   # The first of the best wins a tie: configurations before ensembles, as they cost less.
   chosen = max(names, key=lambda n: (scores[n]["foreground_dice"], -names.index(n)))
@@ -153,6 +175,10 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
                 class_names, plans[0]["class_names"], rows)
   result = {"candidates": table, "chosen": chosen, "postprocessing": decision["keep_largest"],
             "skipped": skipped, "cases": len(cases), "seconds": time.perf_counter() - t0}
+  if holdout:
+    result["holdout"] = score_holdout(
+        os.path.join(out, "holdout"), dataset, held, models, plans, list(zip(names, combos)), chosen,
+        decision, f"{short[0]} fold 0", n_boot, mirror)
   atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)
   return result
 
@@ -193,3 +219,73 @@ def _write_report(out: str, table: list[dict], chosen: str, decision: dict[str, 
     lines += ["", "Not ensembled (they preprocess differently): " + "; ".join(skipped)]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines + [""]))
+
+
+def score_holdout(out: str, dataset: msd.MSDDataset, cases: Sequence[str],
+                  models: Sequence[Ensemble],
+                  plans: Sequence[dict[str, Any]], candidates_: Sequence[tuple[str, tuple]],
+                  chosen: str, decision: dict[str, Any], reference: str, n_boot: int,
+                  mirror: bool) -> dict[str, Any]:
+  """The choice tested on held-out cases: every candidate (all folds of its configurations,
+  their probabilities averaged, as ``predict`` ensembles them), the chosen one post-processed by
+  its decision, and the first configuration's fold 0 alone (``reference``); writes ``out``'s
+  ``results.md``, ``results.csv`` and ``summary.json``.
+
+  Returns:
+    ``{"variants": {name: {"foreground_dice", "per_class", "dice_ci95", "minus_reference"}},
+    "reference", "chosen", "cases", "seconds"}``; ``minus_reference`` is the paired bootstrap
+    interval of the variant's mean Dice minus the reference's (None for the reference).
+  """
+  t0 = time.perf_counter()
+  classes, names = planning.scored_classes(plans[0]), planning.scored_names(plans[0])
+  post = f"{chosen}, post-processed"
+  variants = [reference] + [n for n, _ in candidates_] + [post]
+  rows: dict[str, list[dict]] = {v: [] for v in variants}
+  for case_id in tqdm.tqdm(cases, desc="hold-out", unit="case"):
+    image, label = msd.load_msd_case(dataset, dataset.case(case_id))
+    inputs = _preprocessed(image, plans)
+    probs = [[fold.probabilities(x[0], mirror) for fold in m.members]
+             for m, x in zip(models, inputs)]
+    scored = lambda seg: {"case": case_id, "metrics": seg_metrics.segmentation_metrics(
+        seg, label.array, label.spacing, classes, plans[0].get("ignore_label"))}
+    rows[reference].append(scored(_label_map(probs[0][0], plans[0], inputs[0])))
+    for name, combo in candidates_:
+      seg = _label_map(np.mean([p for i in combo for p in probs[i]], 0), plans[combo[0]],
+                       inputs[combo[0]])
+      rows[name].append(scored(seg))
+      if name == chosen:
+        rows[post].append(scored(pp.apply_postprocessing(seg, decision)))
+  table = {}
+  for v in variants:
+    score = {k: x for k, x in score_cases(rows[v], classes, n_boot, names).items() if k != "table"}
+    score["minus_reference"] = (None if v == reference else
+                                paired_difference([rows[reference]], rows[v], n_boot))
+    table[v] = score
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["case", "variant", "class", *seg_metrics.METRICS])
+    for v in variants:
+      for r in rows[v]:
+        for c in classes:
+          w.writerow([r["case"], v, names[c], *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
+  lines = [f"# The choice on {len(cases)} held-out cases", "",
+           f"Chosen out of fold: **{chosen}**; \"{post}\" applies its post-processing decision. "
+           f"Each candidate averages the probabilities of all folds of its configurations (sliding "
+           f"window{' + mirroring' if mirror else ''}). Intervals: 95% bootstrap over cases, "
+           f"{n_boot} resamples; the last column is the variant's mean Dice minus {reference}'s, "
+           "paired over cases.", "",
+           "| Variant | " + " | ".join(f"{names[c]} Dice" for c in classes)
+           + f" | Mean Dice | − {reference} |", "|---|" + "---:|" * (len(classes) + 2)]
+  for v in variants:
+    ci, d = table[v]["dice_ci95"], table[v]["minus_reference"]
+    gap = "" if d is None else f"{d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+    fg = ci["foreground"]
+    lines.append(f"| {v} | " + " | ".join(f"{ci[names[c]]['value']:.4f}" for c in classes)
+                 + f" | {fg['value']:.4f} [{fg['lo']:.3f}, {fg['hi']:.3f}] | {gap} |")
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines + [""]))
+  result = {"variants": table, "reference": reference, "chosen": chosen, "cases": len(cases),
+            "seconds": time.perf_counter() - t0}
+  atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)
+  return result

@@ -252,6 +252,27 @@ def ensemble_sizes(scored: dict[tuple[int, ...], list[dict]]) -> dict[str, Any]:
   return {"curve": curve, "projected": projected}
 
 
+def holdout_cases(folder: str, runs: Sequence[Sequence[str]]) -> list[str]:
+  """The first folder's ``data.holdout`` (``runs``: each cross-validation folder's fold runs,
+  ``folder`` the first's path, for messages).
+
+  Raises:
+    MedjaxIOError: the list is empty, or another folder's lacks some of its cases (its folds may
+      have trained on them: scoring them would leak), naming that folder's ``config.json``.
+  """
+  holdout = list(read_run_config(runs[0][0])["data"].get("holdout") or ())
+  if not holdout:
+    raise MedjaxIOError(os.path.join(runs[0][0], "config.json"),
+                        "data.holdout is empty: no held-out cases to evaluate")
+  for other_runs in runs[1:]:
+    seen = set(holdout) - set(read_run_config(other_runs[0])["data"].get("holdout") or ())
+    if seen:
+      raise MedjaxIOError(os.path.join(other_runs[0], "config.json"), (
+          f"data.holdout lacks {len(seen)} of {folder}'s held-out cases (e.g. {min(seen)}): its "
+          "folds may have trained on them"))
+  return holdout
+
+
 # The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
 HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", "combined+pp")
 
@@ -276,18 +297,9 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
   n_own = len(runs)
-  config = read_run_config(runs[0])
-  holdout = list(config["data"].get("holdout") or ())
-  if not holdout:
-    raise MedjaxIOError(os.path.join(runs[0], "config.json"),
-                        "data.holdout is empty: no held-out cases to evaluate")
-  for other in also:
-    other_runs = fold_runs(other)
-    seen = set(holdout) - set(read_run_config(other_runs[0])["data"].get("holdout") or ())
-    if seen:  # its folds may have trained on these cases: the comparison would leak
-      raise MedjaxIOError(os.path.join(other_runs[0], "config.json"), (
-          f"data.holdout lacks {len(seen)} of {folder}'s held-out cases (e.g. {min(seen)}): its "
-          "folds may have trained on them"))
+  others = [fold_runs(other) for other in also]
+  holdout = holdout_cases(folder, [runs] + others)
+  for other_runs in others:
     runs += other_runs
   decision = pp.read_decision(os.path.join(folder, pp.FILENAME))
   dataset = dataset_of(runs[0])

@@ -111,6 +111,51 @@ def test_the_best_candidate_is_chosen_and_ensembles_average_probabilities(
   assert "**Chosen: b.**" in text and "| a+b |" in text
 
 
+def test_the_choice_is_tested_on_the_hold_out(two_configs, tmp_path, monkeypatch):
+  a, b = two_configs
+  run = os.path.join(a, "fold0")
+  _truth_says(monkeypatch, b, run)
+  out = str(tmp_path / "choice")
+  result = choice.choose_configuration([a, b], out, n_boot=20, mirror=False, holdout=True)
+  held = result["holdout"]
+  assert result["chosen"] == "b" and held["cases"] == 1 and held["reference"] == "a fold 0"
+  variants = held["variants"]
+  assert list(variants) == ["a fold 0", "a", "b", "a+b", "b, post-processed"]
+  # By hand on case_006: a's fold 0 alone, and a+b as the mean of all four folds' probabilities.
+  plan = json.load(open(os.path.join(run, "plan.json")))
+  dataset = crossval.dataset_of(run)
+  image, label = msd.load_msd_case(dataset, dataset.case("case_006"))
+  array, truth, props = preprocess(image, label, plan)
+  real = [Segmenter(os.path.join(a, f"fold{k}")).probabilities(array, False) for k in range(2)]
+  soft = _soft_truth(truth)
+
+  def dice(probs):
+    seg = planning.label_map(restore_geometry(probs, props), plan)
+    return seg_metrics.summarize([seg_metrics.segmentation_metrics(
+        seg, label.array, label.spacing, [1, 2])]).foreground_dice
+
+  assert variants["a fold 0"]["foreground_dice"] == pytest.approx(dice(real[0]))
+  assert variants["a"]["foreground_dice"] == pytest.approx(dice(np.mean(real, 0)))
+  assert variants["b"]["foreground_dice"] == pytest.approx(dice(soft)) and dice(soft) > 0.9
+  assert variants["a+b"]["foreground_dice"] == pytest.approx(
+      dice(np.mean(real + [soft, soft], 0)))
+  assert variants["b"]["minus_reference"]["value"] == pytest.approx(
+      dice(soft) - dice(real[0]))
+  assert variants["a fold 0"]["minus_reference"] is None
+  text = open(os.path.join(out, "holdout", "results.md")).read()
+  assert "Chosen out of fold: **b**" in text and "| b, post-processed |" in text
+  assert json.load(open(os.path.join(out, "summary.json")))["holdout"]["cases"] == 1
+  # A folder whose folds may have trained on a held-out case is refused before any prediction.
+  for fold in ("fold0", "fold1"):
+    config_path = os.path.join(b, fold, "config.json")
+    config = json.load(open(config_path))
+    config["data"]["holdout"] = []
+    json.dump(config, open(config_path, "w"))
+  with pytest.raises(MedjaxIOError, match=r"b/fold0/config\.json: data\.holdout lacks 1 of"):
+    choice.choose_configuration([a, b], str(tmp_path / "other"), n_boot=20, holdout=True)
+  assert not os.path.exists(tmp_path / "other")
+
+
 def test_folds_split_otherwise_are_refused(two_configs, tmp_path):
   a, b = two_configs
   for fold in ("fold0", "fold1"):
@@ -159,6 +204,16 @@ def test_command_line(two_configs, tmp_path):
   summary = json.load(open(os.path.join(out, "summary.json")))
   assert (f"6 cases out of fold, mean foreground Dice: a {summary['candidates'][0]['foreground_dice']:.4f}"
           in run.stdout and f"chosen: a, written to {out}" in run.stdout)
+  run = subprocess.run(cmd + [f"--choose={a},{b}", f"--out={out}", "--holdout"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  held = json.load(open(os.path.join(out, "holdout", "summary.json")))
+  assert ("hold-out (1 cases) mean Dice: a fold 0 "
+          f"{held['variants']['a fold 0']['foreground_dice']:.4f}, a ") in run.stdout
+  run = subprocess.run(cmd + [f"--choose={a},{b}", "--holdout", f"--holdout_also={a}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+      "error: --holdout_also is for --cv; --choose --holdout scores every folder it names"]
   run = subprocess.run(cmd + [f"--choose={a}"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 2 and run.stderr.strip().splitlines() == [
