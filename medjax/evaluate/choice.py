@@ -1,7 +1,7 @@
 r"""Chooses between segmentation configurations and their ensembles on out-of-fold predictions,
 as nnU-Net's ``find_best_configuration`` does.
 
-  python -m medjax.evaluate --choose runs/hippo_cv,runs/hippo_cv2d [--out runs/choice]
+  python -m medjax.evaluate --choose runs/hippo_cv,runs/hippo_cv2d [--out runs/choice] [--holdout]
 
 Each named folder is one config's cross-validation (`medjax.infer.ensemble.fold_runs`; all split
 alike). Every training case is predicted by each config's fold that did not train on it (sliding
@@ -12,7 +12,8 @@ keep-largest-component post-processing is then decided on its out-of-fold predic
 held-out cases (``data.holdout``) are never looked at. Written to ``--out`` (default: beside the
 first folder, ``choice_<names>``): ``choice.json`` (the chosen folders; ``predict --workdir
 <out>`` predicts with them and the decision), ``postprocessing.json``, ``results.md``,
-``results.csv`` (one row per case × candidate × class), ``summary.json``.
+``results.csv`` (one row per case × candidate × class), ``summary.json``. With ``--holdout``,
+``holdout/`` tests the choice on ``data.holdout`` (`score_holdout`).
 """
 
 from __future__ import annotations
