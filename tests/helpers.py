@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import re
 import subprocess
@@ -225,3 +226,13 @@ def outputs_message(results: Sequence[tuple[int | None, str]], lines=25) -> str:
   """Each process's exit status and output tail, for assertion messages."""
   return "\n".join(f"--- process {i}: returncode {rc} (None: killed) ---\n{tail(out, lines)}"
                    for i, (rc, out) in enumerate(results))
+
+
+def clear_holdout(cv_folder: str, folds: int = 2) -> None:
+  """Empties ``data.holdout`` in the ``config.json`` of ``cv_folder``'s ``fold<k>`` runs: folds
+  that may have trained on the held-out cases."""
+  for k in range(folds):
+    path = os.path.join(cv_folder, f"fold{k}", "config.json")
+    config = json.load(open(path))
+    config["data"]["holdout"] = []
+    json.dump(config, open(path, "w"))

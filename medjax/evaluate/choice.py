@@ -34,6 +34,7 @@ from medjax.evaluate.crossval import (
   paired_difference,
   read_splits,
   score_cases,
+  write_variant_rows,
 )
 from medjax.infer.ensemble import (
   CHOICE_FILENAME,
@@ -263,13 +264,7 @@ def score_holdout(out: str, dataset: msd.MSDDataset, cases: Sequence[str],
                                 paired_difference([rows[reference]], rows[v], n_boot))
     table[v] = score
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["case", "variant", "class", *seg_metrics.METRICS])
-    for v in variants:
-      for r in rows[v]:
-        for c in classes:
-          w.writerow([r["case"], v, names[c], *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
+  write_variant_rows(os.path.join(out, "results.csv"), rows, classes, names)
   lines = [f"# The choice on {len(cases)} held-out cases", "",
            f"Chosen out of fold: **{chosen}**; \"{post}\" applies its post-processing decision. "
            f"Each candidate averages the probabilities of all folds of its configurations (sliding "

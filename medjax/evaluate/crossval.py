@@ -273,6 +273,19 @@ def holdout_cases(folder: str, runs: Sequence[Sequence[str]]) -> list[str]:
   return holdout
 
 
+def write_variant_rows(path: str, rows: dict[str, list[dict]], classes: Sequence[seg_metrics.Class],
+                       names: dict[seg_metrics.Class, str]) -> None:
+  """A hold-out's ``results.csv``: one row per case × variant × class (``rows``: variant → its
+  per-case rows, as `score_cases` takes them)."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["case", "variant", "class", *seg_metrics.METRICS])
+    for v, variant_rows in rows.items():
+      for r in variant_rows:
+        for c in classes:
+          w.writerow([r["case"], v, names[c], *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
+
+
 # The hold-out's rows: fold 0, the fold ensemble, and with ``also`` every fold of both folders.
 HOLDOUT_VARIANTS = ("fold0", "fold0+pp", "ensemble", "ensemble+pp", "combined", "combined+pp")
 
@@ -346,13 +359,7 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
               if also else None)
   out = os.path.join(folder, "crossval", "holdout")
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["case", "variant", "class", *seg_metrics.METRICS])
-    for v in variants:
-      for r in rows[v]:
-        for c in classes:
-          w.writerow([r["case"], v, names[c], *(r["metrics"][c][m] for m in seg_metrics.METRICS)])
+  write_variant_rows(os.path.join(out, "results.csv"), rows, classes, names)
   header = "| Variant | " + " | ".join(f"{names[c]} Dice" for c in classes) + " | Mean Dice |"
   lines = [f"# Hold-out: {len(holdout)} cases kept out of every fold", "",
            f"Sliding window{' + mirroring' if mirror else ''}; post-processing (pp): "

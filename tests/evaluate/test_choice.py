@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers import clear_holdout
 
 from medjax import planning
 from medjax.evaluate import choice, crossval
@@ -146,11 +147,7 @@ def test_the_choice_is_tested_on_the_hold_out(two_configs, tmp_path, monkeypatch
   assert "Chosen out of fold: **b**" in text and "| b, post-processed |" in text
   assert json.load(open(os.path.join(out, "summary.json")))["holdout"]["cases"] == 1
   # A folder whose folds may have trained on a held-out case is refused before any prediction.
-  for fold in ("fold0", "fold1"):
-    config_path = os.path.join(b, fold, "config.json")
-    config = json.load(open(config_path))
-    config["data"]["holdout"] = []
-    json.dump(config, open(config_path, "w"))
+  clear_holdout(b)
   with pytest.raises(MedjaxIOError, match=r"b/fold0/config\.json: data\.holdout lacks 1 of"):
     choice.choose_configuration([a, b], str(tmp_path / "other"), n_boot=20, holdout=True)
   assert not os.path.exists(tmp_path / "other")

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers import run_cli
+from helpers import clear_holdout, run_cli
 from scipy import ndimage
 
 from medjax import planning
@@ -194,11 +194,7 @@ def test_the_hold_out_can_add_another_cv_folders_folds(evaluated, tmp_path, monk
   text = open(os.path.join(here, "crossval", "holdout", "results.md")).read()
   assert "combined: the 2 folds here and the 2 of" in text and "| combined+pp |" in text
   # Folds that may have trained on the held-out case are refused, naming their config.
-  for fold in ("fold0", "fold1"):
-    path = os.path.join(other, fold, "config.json")
-    config = json.load(open(path))
-    config["data"]["holdout"] = []
-    json.dump(config, open(path, "w"))
+  clear_holdout(other)
   with pytest.raises(MedjaxIOError, match=r"lacks 1 of .*\(e\.g\. case_006\)"):
     crossval.evaluate_holdout(here, n_boot=20, mirror=False, also=[other])
 
