@@ -277,7 +277,9 @@ def score_holdout(out: str, dataset: msd.MSDDataset, cases: Sequence[str],
     ci, d = table[v]["dice_ci95"], table[v]["minus_reference"]
     gap = "" if d is None else f"{d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
     fg = ci["foreground"]
-    lines.append(f"| {v} | " + " | ".join(f"{ci[names[c]]['value']:.4f}" for c in classes)
+    cells = [f"{ci[names[c]]['value']:.4f} [{ci[names[c]]['lo']:.3f}, {ci[names[c]]['hi']:.3f}]"
+             for c in classes]
+    lines.append(f"| {v} | " + " | ".join(cells)
                  + f" | {fg['value']:.4f} [{fg['lo']:.3f}, {fg['hi']:.3f}] | {gap} |")
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines + [""]))

@@ -145,6 +145,8 @@ def test_the_choice_is_tested_on_the_hold_out(two_configs, tmp_path, monkeypatch
   assert variants["a fold 0"]["minus_reference"] is None
   text = open(os.path.join(out, "holdout", "results.md")).read()
   assert "Chosen out of fold: **b**" in text and "| b, post-processed |" in text
+  ci = variants["a fold 0"]["dice_ci95"]["outer"]
+  assert f"| a fold 0 | {ci['value']:.4f} [{ci['lo']:.3f}, {ci['hi']:.3f}] |" in text
   assert json.load(open(os.path.join(out, "summary.json")))["holdout"]["cases"] == 1
   # A folder whose folds may have trained on a held-out case is refused before any prediction.
   clear_holdout(b)
