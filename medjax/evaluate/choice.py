@@ -179,8 +179,8 @@ def choose_configuration(folders: Sequence[str], out: str | None = None,
             "skipped": skipped, "cases": len(cases), "seconds": time.perf_counter() - t0}
   if holdout:
     result["holdout"] = score_holdout(
-        os.path.join(out, "holdout"), dataset, held, models, plans, list(zip(names, combos)), chosen,
-        decision, f"{short[0]} fold 0", n_boot, mirror)
+        os.path.join(out, "holdout"), dataset, held, models, plans, list(zip(names, combos)),
+        chosen, decision, f"{short[0]} fold 0", n_boot, mirror)
   atomic_write_json(os.path.join(out, "summary.json"), result, indent=1, default=float)
   return result
 

@@ -305,15 +305,15 @@ def evaluate_holdout(folder: str, n_boot: int = bootstrap.N_BOOT, mirror: bool =
     ``{variant: {"foreground_dice", "per_class", "dice_ci95"}, "ensemble_minus_fold0": {raw,
     postprocessed intervals}, "single_folds" (each fold's mean Dice alone, unprocessed),
     "ensemble_minus_mean_fold" (interval), "fold_agreement" (`fold_agreement`, averaged over
-    cases), "ensemble_sizes" (`ensemble_sizes` of this folder's folds), "combined_minus_fold0" (with ``also``), "cases", "seconds"}``.
+    cases), "ensemble_sizes" (`ensemble_sizes` of this folder's folds), "combined_minus_fold0"
+    (with ``also``), "cases", "seconds"}``.
   """
   folder = os.path.abspath(folder)
   runs = fold_runs(folder)
   n_own = len(runs)
   others = [fold_runs(other) for other in also]
   holdout = holdout_cases(folder, [runs] + others)
-  for other_runs in others:
-    runs += other_runs
+  runs += [run for other_runs in others for run in other_runs]
   decision = pp.read_decision(os.path.join(folder, pp.FILENAME))
   dataset = dataset_of(runs[0])
   ensemble = Ensemble(runs)
